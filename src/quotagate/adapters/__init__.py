@@ -1,0 +1,1 @@
+"""Thin gRPC adapters: each translates protobuf to the service and back, nothing else."""

@@ -1,0 +1,165 @@
+"""envoy.service.auth.v3.Authorization/Check: who is asking, what it may cost, allow or deny."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from quotagate.adapters.openai_errors import (
+    HttpDenial,
+    auth_denial,
+    invalid_request,
+    quota_denial,
+    quota_headers,
+)
+from quotagate.config import Client, Settings
+from quotagate.core.decide import Decision
+from quotagate.core.errors import InvalidRequest, StoreUnavailable
+from quotagate.core.estimate import parse_body
+from quotagate.core.messages import MessageKey
+from quotagate.service import QuotaService, validate_id
+from quotagate.store.ports import NewAccount
+
+log = logging.getLogger("quotagate.ext_authz")
+
+METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+class Rejected(Exception):
+    """A request answered by quotagate itself (401/400), before any quota is looked at."""
+
+    def __init__(self, denial: HttpDenial, state: str) -> None:
+        super().__init__(state)
+        self.denial, self.state = denial, state
+
+
+def bearer(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def identify(settings: Settings, headers: Mapping[str, str]) -> tuple[Client, NewAccount]:
+    """The client from its key and the user it speaks for; Rejected with a 401 otherwise."""
+    key = bearer(headers)
+    client = settings.client_by_key(key) if key else None
+    if client is None:
+        raise Rejected(auth_denial(settings, MessageKey.INVALID_KEY), "unauthenticated")
+    asserted = headers.get("x-user-id", "").strip()
+    if client.trusted:
+        if not asserted:
+            raise Rejected(auth_denial(settings, MessageKey.MISSING_USER), "unauthenticated")
+        user_id = asserted
+    else:
+        if asserted and asserted != client.user_id:
+            raise Rejected(auth_denial(settings, MessageKey.USER_NOT_ALLOWED), "unauthenticated")
+        user_id = client.user_id or ""
+    try:
+        user_id = validate_id("x-user-id", user_id)
+    except InvalidRequest as exc:
+        raise Rejected(invalid_request(settings, str(exc)), "invalid") from None
+    email = headers.get("x-user-email", "")[:320] if client.trusted else ""
+    name = headers.get("x-user-name", "")[:200] if client.trusted else ""
+    return client, NewAccount(user_id=user_id, email=email, name=name)
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE)
+
+
+def denied(denial: HttpDenial, code: int) -> external_auth_pb2.CheckResponse:
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=denial.status),
+            headers=[_header(k, v) for k, v in denial.headers.items()],
+            body=denial.body.decode(),
+        ),
+    )
+
+
+class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, service: QuotaService) -> None:
+        self._service = service
+        self._settings = service.settings
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        started = time.perf_counter()
+        metrics = self._service.metrics
+        try:
+            response, state = await self._check(request)
+        except StoreUnavailable as exc:
+            policy = self._settings.on_store_error
+            metrics.store_errors.labels(policy).inc()
+            metrics.decisions.labels("error").inc()
+            log.error("store unavailable; on_store_error=%s: %s", policy, exc)
+            if policy == "allow":
+                return external_auth_pb2.CheckResponse(
+                    status=status_pb2.Status(code=code_pb2.OK), ok_response=external_auth_pb2.OkHttpResponse()
+                )
+            # UNAVAILABLE lets Envoy's own failure mode decide (status_on_error, fail-open or closed).
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"quota store unavailable: {exc}")
+            raise
+        metrics.decisions.labels(state).inc()
+        metrics.check_seconds.observe(time.perf_counter() - started)
+        return response
+
+    async def _check(self, request: external_auth_pb2.CheckRequest) -> tuple[external_auth_pb2.CheckResponse, str]:
+        http = request.attributes.request.http
+        headers = {k.lower(): v for k, v in http.headers.items()}
+        try:
+            client, user = identify(self._settings, headers)
+            try:
+                completion = parse_body(http.raw_body or http.body.encode())
+            except InvalidRequest as exc:
+                raise Rejected(invalid_request(self._settings, str(exc)), "invalid") from None
+        except Rejected as rejected:
+            code = code_pb2.UNAUTHENTICATED if rejected.denial.status == 401 else code_pb2.INVALID_ARGUMENT
+            return denied(rejected.denial, code), rejected.state
+        request_id = headers.get("x-request-id") or http.id or str(uuid.uuid4())
+        decision = await self._service.check(user, request_id[:256], completion)
+        if not decision.allowed:
+            denial = quota_denial(decision, self._settings, self._service.clock.now())
+            code = code_pb2.PERMISSION_DENIED if denial.status == 403 else code_pb2.RESOURCE_EXHAUSTED
+            return denied(denial, code), decision.state.value
+        return self._allowed(decision, user.user_id, client), decision.state.value
+
+    def _allowed(self, decision: Decision, user_id: str, client: Client) -> external_auth_pb2.CheckResponse:
+        upstream = [_header("x-quota-user", user_id)]
+        if self._settings.upstream_api_key:
+            # The upstream (LiteLLM) gets its own key, never the client's.
+            upstream.append(_header("authorization", f"Bearer {self._settings.upstream_api_key}"))
+        metadata = struct_pb2.Struct()
+        metadata.update(
+            {
+                "user_id": user_id,
+                "client": client.name,
+                "state": decision.state.value,
+                "estimate": decision.estimate,
+                "reserved": decision.reserved,
+            }
+        )
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=upstream,
+                response_headers_to_add=[
+                    _header(k, v) for k, v in quota_headers(decision.balance, decision.state).items()
+                ],
+            ),
+            dynamic_metadata=metadata,
+        )

@@ -1,0 +1,91 @@
+"""OpenAI-style error bodies and the x-quota-* headers, as DESIGN.md's wire contract fixes them.
+
+LibreChat shows `error.message` to the user, so every denial carries one in the configured language.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from quotagate.config import Settings
+from quotagate.core.decide import Decision
+from quotagate.core.messages import MessageKey, format_reset, message
+from quotagate.core.model import Balance, QuotaState
+
+
+@dataclass(frozen=True)
+class HttpDenial:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def rfc3339(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def quota_headers(balance: Balance, state: QuotaState) -> dict[str, str]:
+    headers = {
+        "x-quota-state": state.value,
+        "x-quota-limit": str(balance.allowance),
+        "x-quota-remaining": str(balance.remaining),
+        "x-quota-used-percent": f"{balance.used_percent:.1f}",
+        "x-quota-reset": rfc3339(balance.resets_at),
+    }
+    if state in (QuotaState.WARN, QuotaState.CRITICAL):
+        headers["x-token-warning"] = "true"
+    return headers
+
+
+def error_body(message_text: str, error_type: str, code: str, quota: dict[str, Any] | None = None) -> bytes:
+    error: dict[str, Any] = {"message": message_text, "type": error_type, "code": code, "param": None}
+    if quota is not None:
+        error["quota"] = quota
+    return json.dumps({"error": error}, ensure_ascii=False).encode()
+
+
+def _quota_json(balance: Balance, state: QuotaState, settings: Settings) -> dict[str, Any]:
+    return {
+        "state": state.value,
+        "limit": balance.allowance,
+        "used": balance.allowance_used,
+        "credits": balance.credits,
+        "remaining": balance.remaining,
+        "reset_at": rfc3339(balance.resets_at),
+        "purchase_url": settings.purchase_hint,
+    }
+
+
+def quota_denial(decision: Decision, settings: Settings, now: datetime) -> HttpDenial:
+    balance = decision.balance
+    how = settings.purchase_hint or "-"
+    reset = format_reset(balance.resets_at, settings.timezone, settings.language)
+    if decision.state is QuotaState.SUSPENDED:
+        text = message(settings.language, MessageKey.ACCOUNT_SUSPENDED, how=settings.credits_email or how)
+        body = error_body(text, "permission_denied", "account_suspended")
+        return HttpDenial(403, {"content-type": "application/json"}, body)
+    key = MessageKey.QUOTA_EXHAUSTED if balance.left <= 0 else MessageKey.QUOTA_INSUFFICIENT
+    text = message(settings.language, key, how=how, reset=reset, remaining=balance.remaining)
+    headers = {
+        "content-type": "application/json",
+        "retry-after": str(max(1, math.ceil((balance.resets_at - now).total_seconds()))),
+        **quota_headers(balance, QuotaState.BLOCKED),
+    }
+    body = error_body(text, "insufficient_quota", "quota_exceeded", _quota_json(balance, QuotaState.BLOCKED, settings))
+    return HttpDenial(429, headers, body)
+
+
+def auth_denial(settings: Settings, key: MessageKey) -> HttpDenial:
+    body = error_body(message(settings.language, key), "invalid_request_error", "invalid_api_key")
+    return HttpDenial(401, {"content-type": "application/json"}, body)
+
+
+def invalid_request(settings: Settings, detail: str) -> HttpDenial:
+    text = message(settings.language, MessageKey.INVALID_BODY, detail=detail)
+    return HttpDenial(
+        400, {"content-type": "application/json"}, error_body(text, "invalid_request_error", "invalid_body")
+    )

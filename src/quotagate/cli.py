@@ -1,0 +1,92 @@
+"""The `quotagate` command: up, serve, migrate, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from quotagate.config import ConfigError, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quotagate", description="Monthly token quotas for LLM traffic.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole stack locally: PostgreSQL, Redis, Envoy, quotagate, demo LLM")
+    up.add_argument("--config", type=Path, help="quotagate YAML config (default: the demo config)")
+    up.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
+    up.add_argument("--redis-url", help="use this Redis instead of an embedded one")
+    up.add_argument("--upstream", help="OpenAI-compatible upstream URL (default: a demo upstream)")
+    up.add_argument("--port", type=int, default=10000, help="Envoy listener port (default 10000)")
+    up.add_argument("--state-dir", type=Path, default=Path(".quotagate"), help="where embedded data and logs go")
+
+    serve = sub.add_parser("serve", help="run the quotagate service alone (production)")
+    serve.add_argument("--config", type=Path, help="YAML config (default: $QUOTAGATE_CONFIG)")
+    serve.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
+    serve.add_argument("--log-level", default="INFO")
+
+    migrate = sub.add_parser("migrate", help="apply pending PostgreSQL migrations")
+    migrate.add_argument("--config", type=Path)
+
+    check = sub.add_parser("check-config", help="validate a config file; exits 1 naming the file and key")
+    check.add_argument("file", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            settings = load_settings(args.file, os.environ)
+            print(f"{args.file}: ok ({len(settings.plans)} plans, {len(settings.clients)} clients)")
+            return 0
+        if args.command == "up":
+            from quotagate.up import UpOptions, run_up
+
+            return asyncio.run(
+                run_up(
+                    UpOptions(
+                        config=args.config,
+                        database_url=args.database_url,
+                        redis_url=args.redis_url,
+                        upstream=args.upstream,
+                        port=args.port,
+                        state_dir=args.state_dir,
+                    )
+                )
+            )
+        settings = load_settings(args.config, os.environ)
+        if args.command == "serve":
+            from quotagate.logs import setup_logging
+            from quotagate.server import serve_forever
+
+            setup_logging(args.log_level)
+            asyncio.run(serve_forever(settings, migrate=not args.no_migrate))
+            return 0
+        if args.command == "migrate":
+            from quotagate.store.postgres import PostgresLedger
+
+            async def run_migrations() -> list[str]:
+                ledger = await PostgresLedger.connect(settings.database_url, lambda a: NotImplemented, max_size=1)
+                try:
+                    return await ledger.migrate()
+                finally:
+                    await ledger.close()
+
+            applied = asyncio.run(run_migrations())
+            print("applied: " + ", ".join(applied) if applied else "nothing to apply")
+            return 0
+    except ConfigError as exc:
+        print(f"quotagate: config error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Settings: one YAML file (QUOTAGATE_CONFIG) plus QUOTAGATE_* environment variables for deploy-time values.
+
+Every key is declared here once with its default. Unknown keys and bad values raise ConfigError naming the
+file and the key, so `quotagate check-config` and a starting server say exactly what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from quotagate.core.estimate import EstimateSettings
+from quotagate.core.messages import Language
+from quotagate.core.model import AdmissionMode, ModelWeight, Plan
+
+DEFAULT_ADMIN_TOKEN = "change-me"  # accepted only outside production, so a demo works out of the box
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Client:
+    """A caller of Check, known by the SHA-256 of its bearer key."""
+
+    name: str
+    key_sha256: str
+    trusted: bool  # may assert the user with x-user-id
+    user_id: str | None = None  # the user an untrusted key acts for
+
+
+@dataclass(frozen=True)
+class AdminToken:
+    name: str
+    token_sha256: str
+    role: str = "admin"
+
+
+@dataclass(frozen=True)
+class Settings:
+    timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    language: Language = Language.EN
+    admission_mode: AdmissionMode = AdmissionMode.DEFAULT
+    default_plan: str = "basic"
+    plans: tuple[Plan, ...] = (Plan(id="basic", monthly_allowance=1_000_000),)
+    model_weights: tuple[ModelWeight, ...] = ()
+    estimate: EstimateSettings = field(default_factory=EstimateSettings)
+    reservation_ttl_seconds: int = 600
+    on_store_error: str = "deny"
+    credits_email: str = ""
+    purchase_url: str = ""
+    clients: tuple[Client, ...] = ()
+    upstream_api_key: str = ""
+    admin_tokens: tuple[AdminToken, ...] = ()
+    database_url: str = "postgresql://127.0.0.1:5432/quotagate"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "qg:"
+    grpc_listen: str = "127.0.0.1:50051"
+    http_listen: str = "127.0.0.1:8080"
+    production: bool = False
+    source: str = "<defaults>"
+
+    def plan(self, plan_id: str) -> Plan:
+        for plan in self.plans:
+            if plan.id == plan_id:
+                return plan
+        raise KeyError(plan_id)
+
+    def client_by_key(self, key: str) -> Client | None:
+        digest = sha256_hex(key)
+        for client in self.clients:
+            if client.key_sha256 == digest:
+                return client
+        return None
+
+    @property
+    def purchase_hint(self) -> str:
+        """Where a user gets more tokens: the purchase page, else the credits address."""
+        if self.purchase_url:
+            return self.purchase_url
+        if self.credits_email:
+            return f"mailto:{self.credits_email}"
+        return ""
+
+
+def sha256_hex(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+T = TypeVar("T")
+
+
+class _Section:
+    """A mapping read key by key; whatever is left unread at the end is an unknown key."""
+
+    def __init__(self, source: str, path: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: {path or 'top level'}: expected a mapping")
+        self.source, self.path, self.data = source, path, dict(data)
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.key(name)}: {problem}")
+
+    def take(self, name: str, kind: type[T], default: T) -> T:
+        if name not in self.data:
+            return default
+        value = self.data.pop(name)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise self.fail(name, f"expected {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    def take_choice(self, name: str, parse: Callable[[str], T], default: T, choices: str) -> T:
+        if name not in self.data:
+            return default
+        raw = self.take(name, str, "")
+        try:
+            return parse(raw)
+        except (ValueError, KeyError, ZoneInfoNotFoundError):
+            raise self.fail(name, f"{raw!r} is not one of {choices}") from None
+
+    def items(self, name: str) -> list[_Section]:
+        raw = self.data.pop(name, [])
+        if not isinstance(raw, list):
+            raise self.fail(name, "expected a list")
+        return [_Section(self.source, f"{self.key(name)}[{i}]", item) for i, item in enumerate(raw)]
+
+    def sub(self, name: str) -> _Section:
+        return _Section(self.source, self.key(name), self.data.pop(name, {}) or {})
+
+    def done(self) -> None:
+        for name in self.data:
+            raise self.fail(str(name), "unknown key")
+
+
+def _positive_int(section: _Section, name: str, default: int, minimum: int = 0) -> int:
+    value = section.take(name, int, default)
+    if value < minimum:
+        raise section.fail(name, f"must be at least {minimum}")
+    return value
+
+
+def _fraction(section: _Section, name: str, default: float) -> float:
+    value = section.take(name, float, default)
+    if not 0.0 < value <= 1.0:
+        raise section.fail(name, "must be a fraction in (0, 1]")
+    return value
+
+
+def _weights(section: _Section, name: str) -> tuple[ModelWeight, ...]:
+    weights = []
+    for item in section.items(name):
+        pattern = item.take("pattern", str, "")
+        if not pattern:
+            raise item.fail("pattern", "required")
+        w = ModelWeight(pattern, item.take("input", float, 1.0), item.take("output", float, 1.0))
+        if w.input < 0 or w.output < 0:
+            raise item.fail("input", "weights must not be negative")
+        item.done()
+        weights.append(w)
+    return tuple(weights)
+
+
+def _plan(item: _Section) -> Plan:
+    plan_id = item.take("id", str, "")
+    if not plan_id:
+        raise item.fail("id", "required")
+    plan = Plan(
+        id=plan_id,
+        monthly_allowance=_positive_int(item, "monthly_allowance", 1_000_000),
+        warn_threshold=_fraction(item, "warn_threshold", 0.80),
+        critical_threshold=_fraction(item, "critical_threshold", 0.95),
+        weights=_weights(item, "model_weights"),
+    )
+    if plan.warn_threshold > plan.critical_threshold:
+        raise item.fail("warn_threshold", "must not be above critical_threshold")
+    item.done()
+    return plan
+
+
+def _client(item: _Section) -> Client:
+    name = item.take("name", str, "")
+    digest = item.take("key_sha256", str, "").lower()
+    plain = item.take("key", str, "")
+    if plain and digest:
+        raise item.fail("key", "give key or key_sha256, not both")
+    if plain:
+        digest = sha256_hex(plain)
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise item.fail("key_sha256", "required: the SHA-256 hex digest of the client key")
+    trusted = item.take("trusted", bool, False)
+    user_id = item.take("user_id", str, "") or None
+    if not trusted and not user_id:
+        raise item.fail("user_id", "an untrusted client needs the user_id it acts for")
+    item.done()
+    return Client(name=name or digest[:8], key_sha256=digest, trusted=trusted, user_id=user_id)
+
+
+def _admin_token(item: _Section) -> AdminToken:
+    name = item.take("name", str, "")
+    if not name:
+        raise item.fail("name", "required")
+    digest = item.take("token_sha256", str, "").lower()
+    if len(digest) != 64:
+        raise item.fail("token_sha256", "required: the SHA-256 hex digest of the token")
+    role = item.take("role", str, "admin")
+    if role not in ("viewer", "operator", "admin"):
+        raise item.fail("role", "must be viewer, operator or admin")
+    item.done()
+    return AdminToken(name, digest, role)
+
+
+def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
+    top = _Section(source, "", data if data is not None else {})
+    defaults = Settings()
+    est = top.sub("estimate")
+    estimate = EstimateSettings(
+        chars_per_token=est.take("chars_per_token", float, 4.0),
+        prompt_margin=est.take("prompt_margin", float, 1.2),
+        default_completion_tokens=_positive_int(est, "default_completion_tokens", 1024, 1),
+        minimum=_positive_int(est, "minimum", 100),
+    )
+    if estimate.chars_per_token <= 0:
+        raise est.fail("chars_per_token", "must be positive")
+    est.done()
+    plans = tuple(_plan(item) for item in top.items("plans")) or defaults.plans
+    upstream = top.sub("upstream")
+    upstream_key = upstream.take("api_key", str, "")
+    upstream.done()
+    settings = Settings(
+        timezone=top.take_choice("timezone", ZoneInfo, defaults.timezone, "IANA time zone names"),
+        language=top.take_choice("language", Language, defaults.language, "pt-BR, en"),
+        admission_mode=top.take_choice("admission_mode", AdmissionMode, defaults.admission_mode, "default, strict"),
+        default_plan=top.take("default_plan", str, plans[0].id),
+        plans=plans,
+        model_weights=_weights(top, "model_weights"),
+        estimate=estimate,
+        reservation_ttl_seconds=_positive_int(top, "reservation_ttl_seconds", 600, 1),
+        on_store_error=top.take_choice("on_store_error", _deny_or_allow, "deny", "deny, allow"),
+        credits_email=top.take("credits_email", str, ""),
+        purchase_url=top.take("purchase_url", str, ""),
+        clients=tuple(_client(item) for item in top.items("clients")),
+        upstream_api_key=env.get("QUOTAGATE_UPSTREAM_API_KEY", upstream_key),
+        admin_tokens=tuple(_admin_token(item) for item in top.items("admin_tokens")),
+        database_url=env.get("QUOTAGATE_DATABASE_URL", top.take("database_url", str, defaults.database_url)),
+        redis_url=env.get("QUOTAGATE_REDIS_URL", top.take("redis_url", str, defaults.redis_url)),
+        redis_prefix=top.take("redis_prefix", str, defaults.redis_prefix),
+        grpc_listen=env.get("QUOTAGATE_GRPC_LISTEN", top.take("grpc_listen", str, defaults.grpc_listen)),
+        http_listen=env.get("QUOTAGATE_HTTP_LISTEN", top.take("http_listen", str, defaults.http_listen)),
+        production=env.get("QUOTAGATE_ENV", "") == "production" or top.take("production", bool, False),
+        source=source,
+    )
+    top.done()
+    if not any(p.id == settings.default_plan for p in settings.plans):
+        raise ConfigError(f"{source}: default_plan: no plan named {settings.default_plan!r}")
+    env_token = env.get("QUOTAGATE_ADMIN_TOKEN")
+    if env_token:
+        settings = _with_admin(settings, AdminToken("env", sha256_hex(env_token), "admin"))
+    if settings.production and any(t.token_sha256 == sha256_hex(DEFAULT_ADMIN_TOKEN) for t in settings.admin_tokens):
+        raise ConfigError(f"{source}: admin_tokens: production refuses the default admin token")
+    if settings.production and not settings.admin_tokens:
+        raise ConfigError(f"{source}: admin_tokens: production needs an admin token (QUOTAGATE_ADMIN_TOKEN)")
+    return settings
+
+
+def _deny_or_allow(value: str) -> str:
+    if value not in ("deny", "allow"):
+        raise ValueError(value)
+    return value
+
+
+def _with_admin(settings: Settings, token: AdminToken) -> Settings:
+    from dataclasses import replace
+
+    return replace(settings, admin_tokens=(*settings.admin_tokens, token))
+
+
+def load_settings(path: Path | None, env: Mapping[str, str]) -> Settings:
+    if path is None:
+        configured = env.get("QUOTAGATE_CONFIG")
+        path = Path(configured) if configured else None
+    if path is None:
+        return parse_settings({}, "<environment>", env)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_settings(data, str(path), env)

@@ -1,0 +1,72 @@
+"""What a denied user reads. LibreChat shows `error.message` as is, so it is short, one line, and says what
+to do next. Keep every text under 240 characters once filled in (tests/test_messages.py checks)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from zoneinfo import ZoneInfo
+
+
+class Language(StrEnum):
+    PT_BR = "pt-BR"
+    EN = "en"
+
+
+class MessageKey(StrEnum):
+    QUOTA_EXHAUSTED = "quota_exhausted"
+    QUOTA_INSUFFICIENT = "quota_insufficient"
+    ACCOUNT_SUSPENDED = "account_suspended"
+    INVALID_KEY = "invalid_key"
+    MISSING_USER = "missing_user"
+    USER_NOT_ALLOWED = "user_not_allowed"
+    INVALID_BODY = "invalid_body"
+
+
+_TEXTS: dict[Language, dict[MessageKey, str]] = {
+    Language.PT_BR: {
+        MessageKey.QUOTA_EXHAUSTED: (
+            "Seus tokens deste mês acabaram. Compre mais créditos ({how}) ou aguarde a renovação em {reset}."
+        ),
+        MessageKey.QUOTA_INSUFFICIENT: (
+            "Saldo insuficiente para este pedido ({remaining} tokens restantes). "
+            "Reduza o pedido, compre créditos ({how}) ou aguarde {reset}."
+        ),
+        MessageKey.ACCOUNT_SUSPENDED: "Sua conta está suspensa. Fale com o suporte ({how}).",
+        MessageKey.INVALID_KEY: "Chave de API ausente ou inválida.",
+        MessageKey.MISSING_USER: "Usuário não informado: envie o cabeçalho x-user-id.",
+        MessageKey.USER_NOT_ALLOWED: "Esta chave de API não pode agir em nome de outro usuário.",
+        MessageKey.INVALID_BODY: "Pedido inválido: {detail}",
+    },
+    Language.EN: {
+        MessageKey.QUOTA_EXHAUSTED: (
+            "You have used all your tokens for this month. Buy more credits ({how}) or wait for the reset on {reset}."
+        ),
+        MessageKey.QUOTA_INSUFFICIENT: (
+            "Not enough tokens left for this request ({remaining} left). Ask for less, buy credits ({how}) "
+            "or wait until {reset}."
+        ),
+        MessageKey.ACCOUNT_SUSPENDED: "Your account is suspended. Contact support ({how}).",
+        MessageKey.INVALID_KEY: "Missing or invalid API key.",
+        MessageKey.MISSING_USER: "No user given: send the x-user-id header.",
+        MessageKey.USER_NOT_ALLOWED: "This API key may not act for another user.",
+        MessageKey.INVALID_BODY: "Invalid request: {detail}",
+    },
+}
+
+MAX_MESSAGE_CHARS = 240
+
+
+def format_reset(at: datetime, tz: ZoneInfo, language: Language) -> str:
+    local = at.astimezone(tz)
+    if language is Language.PT_BR:
+        return local.strftime("%d/%m/%Y %H:%M")
+    return local.strftime("%Y-%m-%d %H:%M")
+
+
+def message(language: Language, key: MessageKey, **values: object) -> str:
+    text = _TEXTS[language][key].format(**values)
+    text = " ".join(text.split())  # one line, whatever was substituted
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 1] + "…"
+    return text

@@ -1,0 +1,338 @@
+"""Envoy v3 bootstrap config for quotagate: one listener, ext_authz → quotagate, router → the LLM upstream.
+
+The config is built as a plain dict and dumped with ``yaml.safe_dump`` so every value is quoted correctly.
+Header rewriting (dropping the client key, adding the upstream key) is done by quotagate through the
+ext_authz OkHttpResponse, so nothing here touches headers.
+
+``python -m quotagate.envoyconf --production > envoy/envoy.yaml`` regenerates the docker-compose config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import pathlib
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from envoy.type.v3 import http_status_pb2
+
+_ENVOY_STATUS_CODES: frozenset[int] = frozenset(v for v in http_status_pb2.StatusCode.values() if v >= 100)
+
+__all__ = [
+    "AUTHZ_CLUSTER",
+    "PRODUCTION_OPTIONS",
+    "UPSTREAM_CLUSTER",
+    "EnvoyOptions",
+    "build_envoy_config",
+    "main",
+    "render_envoy_config",
+    "write_envoy_config",
+]
+
+AUTHZ_CLUSTER = "quotagate_authz"
+UPSTREAM_CLUSTER = "upstream"
+
+_TYPE_URL = "type.googleapis.com/"
+_HCM_TYPE = _TYPE_URL + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_EXT_AUTHZ_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+_ROUTER_TYPE = _TYPE_URL + "envoy.extensions.filters.http.router.v3.Router"
+_HTTP_OPTIONS_TYPE = _TYPE_URL + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_TLS_TYPE = _TYPE_URL + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+# Streamed completions can run for minutes; the route timeout covers the whole response.
+_ROUTE_TIMEOUT = "300s"
+# Envoy's default circuit breakers (1,024 requests) cause overflow 503s on the authz cluster under load.
+_AUTHZ_CIRCUIT_LIMIT = 100_000
+
+
+@dataclass(frozen=True)
+class EnvoyOptions:
+    """Everything that varies between the test, `quotagate up` and docker-compose Envoy configs."""
+
+    upstream_host: str
+    upstream_port: int
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 10000
+    admin_port: int = 9901
+    authz_host: str = "127.0.0.1"
+    authz_port: int = 50051
+    upstream_tls: bool = False
+    failure_mode_allow: bool = False
+    status_on_error: int = 503
+    max_request_bytes: int = 1048576
+    authz_timeout_ms: int = 2000
+    # PEM bundle for verifying the upstream's certificate; without it Envoy encrypts but does not verify.
+    upstream_ca_file: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("listen_port", "admin_port", "authz_port", "upstream_port"):
+            port: int = getattr(self, name)
+            if not 0 < port < 65536:
+                raise ValueError(f"{name} must be a TCP port (1-65535), got {port}")
+        # Envoy only accepts the codes listed in envoy.type.v3.StatusCode (e.g. 503, but not 599).
+        if self.status_on_error not in _ENVOY_STATUS_CODES:
+            raise ValueError(f"status_on_error {self.status_on_error} is not a code Envoy accepts")
+        if self.max_request_bytes <= 0:
+            raise ValueError("max_request_bytes must be positive")
+        if self.authz_timeout_ms <= 0:
+            raise ValueError("authz_timeout_ms must be positive")
+
+
+# docker-compose: quotagate and LiteLLM are reached by their service names.
+PRODUCTION_OPTIONS = EnvoyOptions(
+    listen_host="0.0.0.0",
+    listen_port=10000,
+    admin_port=9901,
+    authz_host="quotagate",
+    authz_port=50051,
+    upstream_host="litellm",
+    upstream_port=4000,
+)
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _duration_ms(ms: int) -> str:
+    # Envoy's JSON mapping of Duration wants seconds with a fractional part, e.g. "0.250s".
+    return f"{ms // 1000}.{ms % 1000:03d}s"
+
+
+def _cluster(name: str, host: str, port: int, connect_timeout: str) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        # STATIC needs an IP; STRICT_DNS re-resolves names such as docker-compose service hosts.
+        "type": "STATIC" if _is_ip_literal(host) else "STRICT_DNS",
+        "connect_timeout": connect_timeout,
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}],
+        },
+    }
+    if not _is_ip_literal(host):
+        # "localhost" may resolve to ::1 first while the service only listens on IPv4.
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    return cluster
+
+
+def _authz_cluster(opts: EnvoyOptions) -> dict[str, Any]:
+    cluster = _cluster(AUTHZ_CLUSTER, opts.authz_host, opts.authz_port, "1s")
+    cluster["typed_extension_protocol_options"] = {
+        _HTTP_OPTIONS_KEY: {
+            "@type": _HTTP_OPTIONS_TYPE,
+            # gRPC needs HTTP/2 to the service.
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+    cluster["circuit_breakers"] = {
+        "thresholds": [
+            {
+                "priority": "DEFAULT",
+                "max_connections": _AUTHZ_CIRCUIT_LIMIT,
+                "max_pending_requests": _AUTHZ_CIRCUIT_LIMIT,
+                "max_requests": _AUTHZ_CIRCUIT_LIMIT,
+            }
+        ]
+    }
+    return cluster
+
+
+def _upstream_cluster(opts: EnvoyOptions) -> dict[str, Any]:
+    cluster = _cluster(UPSTREAM_CLUSTER, opts.upstream_host, opts.upstream_port, "2s")
+    cluster["typed_extension_protocol_options"] = {
+        _HTTP_OPTIONS_KEY: {
+            "@type": _HTTP_OPTIONS_TYPE,
+            # LiteLLM and the demo server speak HTTP/1.1 only.
+            "explicit_http_config": {"http_protocol_options": {}},
+        }
+    }
+    if opts.upstream_tls:
+        tls: dict[str, Any] = {"@type": _TLS_TYPE}
+        hostname = not _is_ip_literal(opts.upstream_host)
+        if hostname:
+            tls["sni"] = opts.upstream_host
+        if opts.upstream_ca_file is not None:
+            validation: dict[str, Any] = {"trusted_ca": {"filename": opts.upstream_ca_file}}
+            if hostname:
+                # A trusted CA alone accepts any name it signed; pin the certificate to the upstream host.
+                validation["match_typed_subject_alt_names"] = [
+                    {"san_type": "DNS", "matcher": {"exact": opts.upstream_host}}
+                ]
+            tls["common_tls_context"] = {"validation_context": validation}
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+    return cluster
+
+
+def _ext_authz_filter(opts: EnvoyOptions) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": _EXT_AUTHZ_TYPE,
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": AUTHZ_CLUSTER},
+                "timeout": _duration_ms(opts.authz_timeout_ms),
+            },
+            "transport_api_version": "V3",
+            # quotagate reads the model and max_tokens from the JSON body; a partial body is useless to it,
+            # so a larger request is refused with 413 instead.
+            "with_request_body": {
+                "max_request_bytes": opts.max_request_bytes,
+                "allow_partial_message": False,
+                "pack_as_bytes": True,
+            },
+            "failure_mode_allow": opts.failure_mode_allow,
+            # Without this Envoy answers 403 when quotagate is unreachable, which looks like a quota denial.
+            "status_on_error": {"code": opts.status_on_error},
+            "include_peer_certificate": False,
+        },
+    }
+
+
+def _listener(opts: EnvoyOptions) -> dict[str, Any]:
+    hcm: dict[str, Any] = {
+        "@type": _HCM_TYPE,
+        "stat_prefix": "ingress",
+        "codec_type": "AUTO",
+        # x-request-id is the correlation key shared by Check and the logs.
+        "generate_request_id": True,
+        "route_config": {
+            "name": "local_route",
+            "virtual_hosts": [
+                {
+                    "name": "llm",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "route": {"cluster": UPSTREAM_CLUSTER, "timeout": _ROUTE_TIMEOUT},
+                        }
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            _ext_authz_filter(opts),
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": _ROUTER_TYPE},
+            },
+        ],
+    }
+    return {
+        "name": "ingress",
+        "address": _socket_address(opts.listen_host, opts.listen_port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm},
+                ]
+            }
+        ],
+    }
+
+
+def build_envoy_config(opts: EnvoyOptions) -> dict[str, Any]:
+    """The bootstrap as a dict (handy for tests that want to inspect or tweak it)."""
+    return {
+        "admin": {"address": _socket_address("127.0.0.1", opts.admin_port)},
+        "static_resources": {
+            "listeners": [_listener(opts)],
+            "clusters": [_authz_cluster(opts), _upstream_cluster(opts)],
+        },
+    }
+
+
+def render_envoy_config(opts: EnvoyOptions) -> str:
+    """The bootstrap as YAML text for ``envoy -c``."""
+    return yaml.safe_dump(build_envoy_config(opts), sort_keys=False, default_flow_style=False)
+
+
+def write_envoy_config(opts: EnvoyOptions, path: pathlib.Path) -> pathlib.Path:
+    """Render the config to ``path`` (parents created) and return the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_envoy_config(opts), encoding="utf-8")
+    return path
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m quotagate.envoyconf",
+        description="Print an Envoy bootstrap config that puts quotagate (ext_authz) in front of an LLM API.",
+    )
+    parser.add_argument(
+        "--production",
+        action="store_true",
+        help="start from the docker-compose settings (quotagate:50051, litellm:4000, listener 0.0.0.0:10000)",
+    )
+    parser.add_argument("-o", "--output", type=pathlib.Path, help="write to this file instead of stdout")
+    # default=None everywhere so that only flags given on the command line override the base options.
+    parser.add_argument("--listen-host")
+    parser.add_argument("--listen-port", type=int)
+    parser.add_argument("--admin-port", type=int)
+    parser.add_argument("--authz-host")
+    parser.add_argument("--authz-port", type=int)
+    parser.add_argument("--upstream-host")
+    parser.add_argument("--upstream-port", type=int)
+    parser.add_argument("--upstream-tls", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--failure-mode-allow", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--status-on-error", type=int)
+    parser.add_argument("--max-request-bytes", type=int)
+    parser.add_argument("--authz-timeout-ms", type=int)
+    parser.add_argument("--upstream-ca-file", help="CA bundle to verify the upstream's TLS certificate")
+    args = parser.parse_args(argv)
+    if not args.production and (args.upstream_host is None or args.upstream_port is None):
+        parser.error("--upstream-host and --upstream-port are required without --production")
+    return args
+
+
+def _options_from_args(args: argparse.Namespace) -> EnvoyOptions:
+    overrides: dict[str, Any] = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(EnvoyOptions)
+        if getattr(args, field.name) is not None
+    }
+    if args.production:
+        return dataclasses.replace(PRODUCTION_OPTIONS, **overrides)
+    return EnvoyOptions(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        opts = _options_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    shown_args = shlex.join(sys.argv[1:] if argv is None else list(argv))
+    header = (
+        f"# Generated by `python -m quotagate.envoyconf {shown_args}`.\n"
+        "# Do not edit by hand: change quotagate/envoyconf.py and regenerate.\n"
+    )
+    text = header + render_envoy_config(opts)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

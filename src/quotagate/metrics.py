@@ -1,0 +1,43 @@
+"""Prometheus metrics, created once per process (listed in the README)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.decisions = Counter(
+            "quotagate_decisions_total",
+            "Check decisions by quota state (normal, warn, critical, blocked, suspended, unauthenticated, "
+            "invalid, error).",
+            ["state"],
+            registry=self.registry,
+        )
+        self.check_seconds = Histogram(
+            "quotagate_check_duration_seconds",
+            "Time to answer one Check.",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+        self.usage_reports = Counter(
+            "quotagate_usage_reports_total",
+            "Usage settlements by outcome (charged, duplicate, failed, invalid).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.tokens_charged = Counter(
+            "quotagate_tokens_charged_total", "Weighted tokens charged to accounts.", registry=self.registry
+        )
+        self.reservations_expired = Counter(
+            "quotagate_reservations_expired_total",
+            "Reservations never settled and charged at their estimate.",
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "quotagate_store_errors_total",
+            "Decisions taken without the store, by the on_store_error policy applied (deny, allow).",
+            ["policy"],
+            registry=self.registry,
+        )

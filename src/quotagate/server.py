@@ -1,0 +1,124 @@
+"""The composition root: settings in, stores and servers up, and down again in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from quotagate.adapters.admin import AdminService
+from quotagate.adapters.ext_authz import AuthorizationService
+from quotagate.adapters.usage import UsageService
+from quotagate.config import Settings
+from quotagate.core.clock import Clock, SystemClock
+from quotagate.http import build_http_app
+from quotagate.metrics import Metrics
+from quotagate.service import QuotaService
+from quotagate.store.postgres import PostgresLedger
+from quotagate.store.redis import RedisHotState
+from quotagate.v1 import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb2_grpc
+
+log = logging.getLogger("quotagate.server")
+
+SERVICE_NAMES = (
+    external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["Usage"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+SWEEP_INTERVAL_SECONDS = 5.0
+
+
+def split_listen(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass
+class Running:
+    """A started quotagate: what tests and `up` need to reach and stop it."""
+
+    service: QuotaService
+    grpc_port: int
+    http_port: int
+    stop: Callable[[], Awaitable[None]]
+
+
+async def start(settings: Settings, clock: Clock | None = None, migrate: bool = True) -> Running:
+    metrics = Metrics()
+    service_box: list[QuotaService] = []
+    ledger = await PostgresLedger.connect(settings.database_url, lambda a: service_box[0].limits_of(a))
+    hot = RedisHotState.from_url(settings.redis_url, settings.redis_prefix)
+    service = QuotaService(settings, ledger, hot, clock or SystemClock(), metrics)
+    service_box.append(service)
+    if migrate:
+        applied = await ledger.migrate()
+        if applied:
+            log.info("migrations applied: %s", ", ".join(applied))
+    await ledger.sync_plans(settings.plans)
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 8 << 20)])
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(service), server)
+    usage_pb2_grpc.add_UsageServicer_to_server(UsageService(service), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    grpc_port = server.add_insecure_port(settings.grpc_listen)
+    if grpc_port == 0:
+        raise OSError(f"cannot listen for gRPC on {settings.grpc_listen}")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    http_app = build_http_app(metrics, {"postgres": ledger.ping, "redis": hot.ping})
+    runner = web.AppRunner(http_app, access_log=None)
+    await runner.setup()
+    http_host, http_port = split_listen(settings.http_listen)
+    site = web.TCPSite(runner, http_host, http_port, reuse_port=True)
+    await site.start()
+    http_port = runner.addresses[0][1] if runner.addresses else http_port
+
+    sweeper = asyncio.create_task(_sweep(service), name="reservation-sweeper")
+
+    async def stop() -> None:
+        # Health turns NOT_SERVING first so balancers stop sending, then in-flight calls get time to finish.
+        await health_servicer.enter_graceful_shutdown()
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await server.stop(grace=5)
+        await runner.cleanup()
+        await hot.close()
+        await ledger.close()
+
+    log.info("quotagate serving gRPC on %s (port %d), HTTP on port %d", settings.grpc_listen, grpc_port, http_port)
+    return Running(service=service, grpc_port=grpc_port, http_port=http_port, stop=stop)
+
+
+async def _sweep(service: QuotaService) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
+        try:
+            await service.expire_due()
+        except Exception:  # the sweeper must outlive a store hiccup; it retries next round
+            log.exception("expiring reservations failed")
+
+
+async def serve_forever(settings: Settings, migrate: bool = True) -> None:
+    running = await start(settings, migrate=migrate)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await stop_requested.wait()
+    log.info("stopping")
+    await running.stop()

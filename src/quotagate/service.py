@@ -1,0 +1,306 @@
+"""The application layer: Check, usage settlement and balance changes, over the two stores.
+
+No grpc or protobuf here: adapters/ translate the wire formats and call these methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+
+from quotagate.config import Settings
+from quotagate.core.clock import Clock
+from quotagate.core.cycles import Cycle, cycle_at
+from quotagate.core.decide import Decision, Verdict
+from quotagate.core.errors import InvalidRequest, NotFound
+from quotagate.core.estimate import CompletionRequest, estimate_cost
+from quotagate.core.model import (
+    AccountLimits,
+    AccountStatus,
+    Balance,
+    LedgerSnapshot,
+    ModelWeight,
+    Reservation,
+)
+from quotagate.core.weights import weight_for, weighted_cost
+from quotagate.metrics import Metrics
+from quotagate.store.ports import (
+    AccountRecord,
+    HotState,
+    HotView,
+    Ledger,
+    NewAccount,
+    SettleOutcome,
+    UsageRecord,
+)
+
+log = logging.getLogger("quotagate.service")
+
+# Token counts above this are refused as absurd rather than charged.
+MAX_REPORTED_TOKENS = 1_000_000_000
+MAX_ID_CHARS = 256
+MAX_GRANT = 1_000_000_000_000
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    request_id: str
+    user_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    succeeded: bool = True
+    occurred_at: datetime | None = None
+    estimated: bool = False
+    source: str = ""
+
+
+def validate_id(kind: str, value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise InvalidRequest(f"{kind} is required")
+    if len(value) > MAX_ID_CHARS or not value.isprintable():
+        raise InvalidRequest(f"{kind} must be at most {MAX_ID_CHARS} printable characters")
+    return value
+
+
+class QuotaService:
+    def __init__(self, settings: Settings, ledger: Ledger, hot: HotState, clock: Clock, metrics: Metrics) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.hot = hot
+        self.clock = clock
+        self.metrics = metrics
+        # user -> plan id, so Check weighs its estimate without a second store round trip. A stale entry
+        # only skews one estimate; the charge uses the plan the ledger knows.
+        self._plan_of: OrderedDict[str, str] = OrderedDict()
+
+    # -- pure helpers -------------------------------------------------------------------------------
+
+    def cycle(self, now: datetime) -> Cycle:
+        return cycle_at(now, self.settings.timezone)
+
+    def limits_of(self, account: AccountRecord) -> AccountLimits:
+        plan = self.settings.plan(account.plan_id)
+        return AccountLimits(
+            status=account.status,
+            plan_id=plan.id,
+            allowance=account.allowance_override if account.allowance_override is not None else plan.monthly_allowance,
+            warn_threshold=account.warn_threshold or plan.warn_threshold,
+            critical_threshold=account.critical_threshold or plan.critical_threshold,
+        )
+
+    def weight(self, plan_id: str, model: str) -> ModelWeight:
+        try:
+            plan_weights = self.settings.plan(plan_id).weights
+        except KeyError:
+            plan_weights = ()
+        return weight_for(model, plan_weights, self.settings.model_weights)
+
+    def estimate(self, user_id: str, request: CompletionRequest) -> int:
+        plan_id = self._plan_of.get(user_id, self.settings.default_plan)
+        return estimate_cost(request, self.weight(plan_id, request.model), self.settings.estimate)
+
+    def _remember_plan(self, user_id: str, plan_id: str) -> None:
+        self._plan_of[user_id] = plan_id
+        self._plan_of.move_to_end(user_id)
+        if len(self._plan_of) > 100_000:
+            self._plan_of.popitem(last=False)
+
+    # -- Check ----------------------------------------------------------------------------------------
+
+    async def check(self, user: NewAccount, request_id: str, request: CompletionRequest | None) -> Decision:
+        now = self.clock.now()
+        cycle = self.cycle(now)
+        estimate = self.estimate(user.user_id, request) if request else 0
+        reservation = Reservation(
+            request_id=request_id,
+            user_id=user.user_id,
+            cycle=cycle.key,
+            estimate=estimate,
+            model=request.model if request else "",
+            expires_at=now.timestamp() + self.settings.reservation_ttl_seconds,
+        )
+        for _ in range(3):
+            result = await self.hot.reserve(
+                user.user_id, cycle.key, reservation, self.settings.admission_mode, now.timestamp()
+            )
+            if result is not None:
+                break
+            await self.hot.load(await self._snapshot(user, cycle, now))
+        else:
+            raise RuntimeError(f"hot state for {user.user_id!r} could not be loaded")
+        self._remember_plan(user.user_id, result.view.limits.plan_id)
+        if result.admitted:
+            verdict = Verdict.ALLOW
+        elif result.view.limits.status is AccountStatus.SUSPENDED:
+            verdict = Verdict.DENY_SUSPENDED
+        else:
+            verdict = Verdict.DENY_QUOTA
+        balance = self._balance(user.user_id, cycle, result.view)
+        return Decision(verdict, balance, estimate, reserved=result.admitted and estimate > 0)
+
+    async def _snapshot(self, user: NewAccount, cycle: Cycle, now: datetime) -> LedgerSnapshot:
+        try:
+            return await self.ledger.snapshot(user.user_id, cycle.key, now)
+        except NotFound:
+            await self.ledger.ensure_account(user, self.settings.default_plan)
+            log.info("account created", extra={"user_id": user.user_id})
+            return await self.ledger.snapshot(user.user_id, cycle.key, now)
+
+    @staticmethod
+    def _balance(user_id: str, cycle: Cycle, view: HotView) -> Balance:
+        return Balance(
+            user_id=user_id,
+            cycle=cycle.key,
+            resets_at=cycle.resets_at,
+            limits=view.limits,
+            allowance_used=view.allowance_used,
+            credits=view.credits,
+            reserved=view.reserved,
+        )
+
+    # -- usage ----------------------------------------------------------------------------------------
+
+    async def report_usage(self, report: UsageReport) -> tuple[SettleOutcome, Balance]:
+        request_id = validate_id("request_id", report.request_id)
+        for name, value in (
+            ("prompt_tokens", report.prompt_tokens),
+            ("completion_tokens", report.completion_tokens),
+        ):
+            if value < 0:
+                raise InvalidRequest(f"{name} must not be negative")
+            if value > MAX_REPORTED_TOKENS:
+                raise InvalidRequest(f"{name} must be at most {MAX_REPORTED_TOKENS}")
+        reservation = await self.hot.peek_reservation(request_id)
+        if reservation is not None:
+            if report.user_id and report.user_id != reservation.user_id:
+                raise InvalidRequest(f"request_id {request_id!r} was reserved for another user than {report.user_id!r}")
+            user_id = reservation.user_id
+        else:
+            user_id = validate_id("user_id (no reservation exists for this request_id)", report.user_id)
+        now = self.clock.now()
+        account = await self.ledger.get_account(user_id)
+        if account is None:
+            account = await self.ledger.ensure_account(NewAccount(user_id), self.settings.default_plan)
+        model = report.model or (reservation.model if reservation else "")
+        cost = weighted_cost(report.prompt_tokens, report.completion_tokens, self.weight(account.plan_id, model))
+        usage = UsageRecord(
+            request_id=request_id,
+            user_id=user_id,
+            model=model,
+            prompt_tokens=report.prompt_tokens,
+            completion_tokens=report.completion_tokens,
+            cost=cost,
+            occurred_at=report.occurred_at or now,
+            estimated=report.estimated,
+            source=report.source,
+            succeeded=report.succeeded,
+        )
+        return await self._settle(usage, now)
+
+    async def _settle(self, usage: UsageRecord, now: datetime) -> tuple[SettleOutcome, Balance]:
+        cycle = self.cycle(now)
+        outcome, snapshot = await self.ledger.record_usage(usage, cycle.key, now)
+        await self.hot.settle(usage.request_id, snapshot)
+        if not outcome.charged:
+            self.metrics.usage_reports.labels("duplicate" if usage.succeeded else "failed").inc()
+        else:
+            self.metrics.usage_reports.labels("charged").inc()
+            self.metrics.tokens_charged.inc(outcome.cost)
+        return outcome, await self._live_balance(snapshot, cycle, now)
+
+    async def expire_due(self, limit: int = 200) -> int:
+        """Charges reservations whose TTL passed unsettled at their estimate; returns how many."""
+        now = self.clock.now()
+        charged = 0
+        for request_id in await self.hot.due_reservations(now.timestamp(), limit):
+            reservation = await self.hot.peek_reservation(request_id)
+            if reservation is None:
+                await self.hot.settle(request_id, None)  # drops the stray index entry
+                continue
+            usage = UsageRecord(
+                request_id=request_id,
+                user_id=reservation.user_id,
+                model=reservation.model,
+                prompt_tokens=0,
+                completion_tokens=0,
+                cost=reservation.estimate,
+                occurred_at=datetime.fromtimestamp(reservation.expires_at, now.tzinfo),
+                estimated=True,
+                source="expired",
+            )
+            outcome, _ = await self._settle(usage, now)
+            if outcome.charged:
+                charged += 1
+                self.metrics.reservations_expired.inc()
+                log.warning(
+                    "reservation expired unsettled; charged its estimate",
+                    extra={
+                        "request_id": request_id,
+                        "user_id": reservation.user_id,
+                        "cost": reservation.estimate,
+                    },
+                )
+        return charged
+
+    # -- balances -------------------------------------------------------------------------------------
+
+    async def _live_balance(self, snapshot: LedgerSnapshot, cycle: Cycle, now: datetime) -> Balance:
+        view = await self.hot.view(snapshot.user_id, cycle.key, now.timestamp())
+        reserved = view.reserved if view is not None else 0
+        return Balance(
+            user_id=snapshot.user_id,
+            cycle=cycle.key,
+            resets_at=cycle.resets_at,
+            limits=snapshot.limits,
+            allowance_used=snapshot.allowance_used,
+            credits=snapshot.credits,
+            reserved=reserved,
+        )
+
+    async def account(self, user_id: str) -> tuple[AccountRecord, Balance]:
+        user_id = validate_id("user_id", user_id)
+        account = await self.ledger.get_account(user_id)
+        if account is None:
+            raise NotFound(f"no account {user_id!r}")
+        now = self.clock.now()
+        cycle = self.cycle(now)
+        snapshot = await self.ledger.snapshot(user_id, cycle.key, now)
+        return account, await self._live_balance(snapshot, cycle, now)
+
+    async def grant(
+        self,
+        user_id: str,
+        amount: int,
+        reason: str,
+        expires_at: datetime | None,
+        source: str,
+        actor: str,
+    ) -> tuple[int, Balance]:
+        user_id = validate_id("user_id", user_id)
+        if amount <= 0 or amount > MAX_GRANT:
+            raise InvalidRequest(f"amount must be between 1 and {MAX_GRANT}")
+        if len(reason.strip()) < 3:
+            raise InvalidRequest("reason is required: say why the credits are granted")
+        if await self.ledger.get_account(user_id) is None:
+            raise NotFound(f"no account {user_id!r}")
+        now = self.clock.now()
+        cycle = self.cycle(now)
+        grant_id, snapshot = await self.ledger.grant(
+            user_id, amount, reason.strip(), expires_at, source or "admin", actor, cycle.key, now
+        )
+        await self.hot.load(snapshot)
+        return grant_id, await self._live_balance(snapshot, cycle, now)
+
+    async def set_status(self, user_id: str, status: AccountStatus, reason: str, actor: str) -> Balance:
+        user_id = validate_id("user_id", user_id)
+        if await self.ledger.get_account(user_id) is None:
+            raise NotFound(f"no account {user_id!r}")
+        now = self.clock.now()
+        cycle = self.cycle(now)
+        snapshot = await self.ledger.set_status(user_id, status, reason, actor, cycle.key, now)
+        await self.hot.load(snapshot)
+        return await self._live_balance(snapshot, cycle, now)

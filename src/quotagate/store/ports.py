@@ -1,0 +1,144 @@
+"""The store ports. The ledger (PostgreSQL) is the record; the hot state (Redis) serves Check.
+
+Both have an in-memory reference implementation (store/memory.py) and one behaviour suite runs against all
+of them (tests/test_stores.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from quotagate.core.model import (
+    AccountLimits,
+    AccountStatus,
+    AdmissionMode,
+    LedgerSnapshot,
+    Reservation,
+)
+
+
+@dataclass(frozen=True)
+class AccountRecord:
+    user_id: str
+    email: str
+    name: str
+    plan_id: str
+    status: AccountStatus
+    status_reason: str
+    allowance_override: int | None
+    warn_threshold: float | None
+    critical_threshold: float | None
+    created_at: datetime
+
+
+# Resolves an account's plan, override and thresholds into the numbers the decision uses.
+LimitsOf = Callable[[AccountRecord], AccountLimits]
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    request_id: str
+    user_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int
+    occurred_at: datetime
+    estimated: bool = False
+    source: str = ""
+    succeeded: bool = True
+
+
+@dataclass(frozen=True)
+class SettleOutcome:
+    charged: bool  # False: this request id was settled before
+    cost: int  # the cost recorded for the request id (the first one, on repeats)
+    user_id: str
+
+
+@dataclass(frozen=True)
+class NewAccount:
+    user_id: str
+    email: str = ""
+    name: str = ""
+
+
+class Ledger(Protocol):
+    async def ensure_account(self, account: NewAccount, plan_id: str) -> AccountRecord: ...
+
+    async def get_account(self, user_id: str) -> AccountRecord | None: ...
+
+    async def snapshot(self, user_id: str, cycle: str, now: datetime) -> LedgerSnapshot:
+        """Raises NotFound for an unknown account."""
+        ...
+
+    async def record_usage(self, usage: UsageRecord, cycle: str, now: datetime) -> tuple[SettleOutcome, LedgerSnapshot]:
+        """Charges usage.cost once per request id (allowance, then credits, then overdraft), in one
+        transaction; returns the account's snapshot for `cycle` afterwards."""
+        ...
+
+    async def grant(
+        self,
+        user_id: str,
+        amount: int,
+        reason: str,
+        expires_at: datetime | None,
+        source: str,
+        actor: str,
+        cycle: str,
+        now: datetime,
+    ) -> tuple[int, LedgerSnapshot]: ...
+
+    async def set_status(
+        self, user_id: str, status: AccountStatus, reason: str, actor: str, cycle: str, now: datetime
+    ) -> LedgerSnapshot: ...
+
+
+@dataclass(frozen=True)
+class HotView:
+    """The hot state of one account in one cycle, as Check sees it."""
+
+    limits: AccountLimits
+    allowance_used: int
+    credits: int
+    reserved: int
+
+
+@dataclass(frozen=True)
+class ReserveResult:
+    admitted: bool
+    view: HotView  # before this request's reservation
+    duplicate: bool = False  # a reservation under this request id already existed
+
+
+class HotState(Protocol):
+    async def reserve(
+        self,
+        user_id: str,
+        cycle: str,
+        reservation: Reservation,
+        mode: AdmissionMode,
+        now: float,
+    ) -> ReserveResult | None:
+        """Decides and, when admitted with a positive estimate, holds the estimate — atomically.
+        None when the account's hot state is missing or stale and must be loaded from the ledger."""
+        ...
+
+    async def view(self, user_id: str, cycle: str, now: float) -> HotView | None: ...
+
+    async def load(self, snapshot: LedgerSnapshot) -> None:
+        """Writes the snapshot unless a newer one is already there; keeps the reserved sum."""
+        ...
+
+    async def peek_reservation(self, request_id: str) -> Reservation | None: ...
+
+    async def settle(self, request_id: str, snapshot: LedgerSnapshot | None) -> Reservation | None:
+        """Releases the reservation (if still held) and applies the snapshot, in one step."""
+        ...
+
+    async def due_reservations(self, now: float, limit: int) -> list[str]: ...
+
+    async def forget(self, user_id: str, cycle: str) -> None: ...

@@ -1,0 +1,381 @@
+"""The ledger of record in PostgreSQL (asyncpg). Every write is one transaction."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from quotagate.core.charge import OpenGrant, allowance_used_after, split_charge
+from quotagate.core.errors import InvalidRequest, NotFound
+from quotagate.core.model import AccountStatus, LedgerSnapshot, Plan
+from quotagate.store.ports import AccountRecord, LimitsOf, NewAccount, SettleOutcome, UsageRecord
+
+_ACCOUNT_COLUMNS = """a.user_id, a.email, a.name, a.plan_id, a.status, a.status_reason, a.allowance_override,
+    a.warn_threshold, a.critical_threshold, a.created_at"""
+
+# A fixed key for pg_advisory_xact_lock, so two processes never migrate at once.
+_MIGRATION_LOCK = 0x71676D6967
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every file in store/migrations, in order."""
+    found = []
+    for entry in resources.files("quotagate.store").joinpath("migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append((version, entry.name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Applies the migrations not yet applied; returns their names."""
+    applied_now: list[str] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version integer PRIMARY KEY, name text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, name, sql in migrations():
+            if version in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
+            applied_now.append(name)
+    return applied_now
+
+
+def _account(row: asyncpg.Record) -> AccountRecord:
+    return AccountRecord(
+        user_id=row["user_id"],
+        email=row["email"],
+        name=row["name"],
+        plan_id=row["plan_id"],
+        status=AccountStatus(row["status"]),
+        status_reason=row["status_reason"],
+        allowance_override=row["allowance_override"],
+        warn_threshold=row["warn_threshold"],
+        critical_threshold=row["critical_threshold"],
+        created_at=row["created_at"],
+    )
+
+
+class PostgresLedger:
+    def __init__(self, pool: asyncpg.Pool, limits_of: LimitsOf) -> None:
+        self._pool = pool
+        self._limits_of = limits_of
+
+    @classmethod
+    async def connect(cls, dsn: str, limits_of: LimitsOf, max_size: int = 10) -> PostgresLedger:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, command_timeout=10)
+        return cls(pool, limits_of)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def ping(self) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def migrate(self) -> list[str]:
+        async with self._pool.acquire() as conn:
+            return await migrate(conn)
+
+    async def sync_plans(self, plans: Sequence[Plan]) -> None:
+        """Makes the plans table match the configured plans (plans are referenced by accounts)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            for plan in plans:
+                weights = json.dumps(
+                    [{"pattern": w.pattern, "input": w.input, "output": w.output} for w in plan.weights]
+                )
+                await conn.execute(
+                    """INSERT INTO plans (id, monthly_allowance, warn_threshold, critical_threshold, model_weights)
+                       VALUES ($1, $2, $3, $4, $5::jsonb)
+                       ON CONFLICT (id) DO UPDATE SET monthly_allowance = $2, warn_threshold = $3,
+                           critical_threshold = $4, model_weights = $5::jsonb, updated_at = now()""",
+                    plan.id,
+                    plan.monthly_allowance,
+                    plan.warn_threshold,
+                    plan.critical_threshold,
+                    weights,
+                )
+
+    async def ensure_account(self, account: NewAccount, plan_id: str) -> AccountRecord:
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"""INSERT INTO accounts AS a (user_id, email, name, plan_id) VALUES ($1, $2, $3, $4)
+                    ON CONFLICT (user_id) DO NOTHING RETURNING {_ACCOUNT_COLUMNS}""",
+                account.user_id,
+                account.email,
+                account.name,
+                plan_id,
+            )
+            if row is not None:
+                await _audit(conn, "quotagate", "account.create", account.user_id, None, _account_json(row), "")
+                return _account(row)
+            existing = await conn.fetchrow(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts a WHERE a.user_id = $1", account.user_id
+            )
+            return _account(existing)
+
+    async def get_account(self, user_id: str) -> AccountRecord | None:
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts a WHERE a.user_id = $1", user_id)
+        return None if row is None else _account(row)
+
+    async def snapshot(self, user_id: str, cycle: str, now: datetime) -> LedgerSnapshot:
+        async with self._pool.acquire() as conn:
+            return await self._snapshot(conn, user_id, cycle, now)
+
+    async def _snapshot(self, conn: asyncpg.Connection, user_id: str, cycle: str, now: datetime) -> LedgerSnapshot:
+        row = await conn.fetchrow(
+            f"""SELECT {_ACCOUNT_COLUMNS}, a.version,
+                   coalesce(ac.allowance_used, 0) AS allowance_used,
+                   coalesce((SELECT sum(g.remaining) FROM credit_grants g
+                             WHERE g.user_id = a.user_id AND g.remaining > 0
+                               AND (g.expires_at IS NULL OR g.expires_at > $3)), 0)::bigint AS credits,
+                   (SELECT min(g.expires_at) FROM credit_grants g
+                     WHERE g.user_id = a.user_id AND g.remaining > 0 AND g.expires_at > $3) AS next_expiry
+                FROM accounts a
+                LEFT JOIN account_cycles ac ON ac.user_id = a.user_id AND ac.cycle = $2
+                WHERE a.user_id = $1""",
+            user_id,
+            cycle,
+            now,
+        )
+        if row is None:
+            raise NotFound(f"no account {user_id!r}")
+        return LedgerSnapshot(
+            user_id=user_id,
+            cycle=cycle,
+            limits=self._limits_of(_account(row)),
+            allowance_used=row["allowance_used"],
+            credits=row["credits"],
+            next_credit_expiry=row["next_expiry"],
+            version=row["version"],
+        )
+
+    async def _lock_account(self, conn: asyncpg.Connection, user_id: str) -> AccountRecord:
+        # The row lock serialises every balance change of one account, so grant draws never race.
+        row = await conn.fetchrow(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts a WHERE a.user_id = $1 FOR UPDATE", user_id)
+        if row is None:
+            raise NotFound(f"no account {user_id!r}")
+        return _account(row)
+
+    async def record_usage(self, usage: UsageRecord, cycle: str, now: datetime) -> tuple[SettleOutcome, LedgerSnapshot]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            account = await self._lock_account(conn, usage.user_id)
+            inserted = await conn.fetchval(
+                """INSERT INTO usage_events (request_id, user_id, model, prompt_tokens, completion_tokens,
+                       cost, cycle, status, estimated, source, occurred_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                   ON CONFLICT (request_id) DO NOTHING RETURNING true""",
+                usage.request_id,
+                usage.user_id,
+                usage.model,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.cost if usage.succeeded else 0,
+                cycle,
+                "succeeded" if usage.succeeded else "failed",
+                usage.estimated,
+                usage.source,
+                usage.occurred_at,
+            )
+            if not inserted:
+                first = await conn.fetchrow(
+                    "SELECT user_id, cost FROM usage_events WHERE request_id = $1", usage.request_id
+                )
+                outcome = SettleOutcome(charged=False, cost=first["cost"], user_id=first["user_id"])
+                return outcome, await self._snapshot(conn, first["user_id"], cycle, now)
+            if usage.succeeded and usage.cost > 0:
+                await self._charge(conn, account, usage, cycle, now)
+            snapshot = await self._snapshot(conn, usage.user_id, cycle, now)
+        cost = usage.cost if usage.succeeded else 0
+        return SettleOutcome(charged=usage.succeeded, cost=cost, user_id=usage.user_id), snapshot
+
+    async def _charge(
+        self, conn: asyncpg.Connection, account: AccountRecord, usage: UsageRecord, cycle: str, now: datetime
+    ) -> None:
+        limits = self._limits_of(account)
+        used = await conn.fetchval(
+            "SELECT allowance_used FROM account_cycles WHERE user_id = $1 AND cycle = $2",
+            account.user_id,
+            cycle,
+        )
+        rows = await conn.fetch(
+            """SELECT id, remaining, expires_at, created_at FROM credit_grants
+               WHERE user_id = $1 AND remaining > 0 AND (expires_at IS NULL OR expires_at > $2)
+               FOR UPDATE""",
+            account.user_id,
+            now,
+        )
+        grants = [OpenGrant(r["id"], r["remaining"], r["expires_at"], r["created_at"]) for r in rows]
+        split = split_charge(usage.cost, limits.allowance, used or 0, grants, now)
+        if split.credits:
+            await conn.executemany(
+                "UPDATE credit_grants SET remaining = remaining - $2 WHERE id = $1",
+                [(d.grant_id, d.amount) for d in split.credits],
+            )
+        await conn.execute(
+            """INSERT INTO account_cycles (user_id, cycle, allowance_used, tokens_charged, requests)
+               VALUES ($1, $2, $3, $4, 1)
+               ON CONFLICT (user_id, cycle) DO UPDATE SET allowance_used = $3,
+                   tokens_charged = account_cycles.tokens_charged + $4, requests = account_cycles.requests + 1""",
+            account.user_id,
+            cycle,
+            allowance_used_after(used or 0, split),
+            usage.cost,
+        )
+        entries: list[tuple[Any, ...]] = []
+        if split.allowance:
+            entries.append(("allowance", -split.allowance, None))
+        entries.extend(("credit", -d.amount, d.grant_id) for d in split.credits)
+        if split.overdraft:
+            entries.append(("overdraft", -split.overdraft, None))
+        await conn.executemany(
+            """INSERT INTO ledger_entries (user_id, cycle, kind, draws_from, amount, grant_id, request_id, reason)
+               VALUES ($1, $2, 'usage', $3, $4, $5, $6, $7)""",
+            [
+                (account.user_id, cycle, source, amount, grant_id, usage.request_id, _usage_reason(usage))
+                for source, amount, grant_id in entries
+            ],
+        )
+        await _bump_version(conn, account.user_id)
+
+    async def grant(
+        self,
+        user_id: str,
+        amount: int,
+        reason: str,
+        expires_at: datetime | None,
+        source: str,
+        actor: str,
+        cycle: str,
+        now: datetime,
+    ) -> tuple[int, LedgerSnapshot]:
+        if amount <= 0:
+            raise InvalidRequest("amount must be positive")
+        if expires_at is not None and expires_at <= now:
+            raise InvalidRequest("expires_at must be in the future")
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._lock_account(conn, user_id)
+            before = await self._snapshot(conn, user_id, cycle, now)
+            grant_id: int = await conn.fetchval(
+                """INSERT INTO credit_grants (user_id, amount, remaining, reason, source, expires_at, created_by)
+                   VALUES ($1, $2, $2, $3, $4, $5, $6) RETURNING id""",
+                user_id,
+                amount,
+                reason,
+                source,
+                expires_at,
+                actor,
+            )
+            await conn.execute(
+                """INSERT INTO ledger_entries (user_id, cycle, kind, draws_from, amount, grant_id, reason, actor)
+                   VALUES ($1, $2, 'grant', 'grant', $3, $4, $5, $6)""",
+                user_id,
+                cycle,
+                amount,
+                grant_id,
+                reason,
+                actor,
+            )
+            await _bump_version(conn, user_id)
+            after = await self._snapshot(conn, user_id, cycle, now)
+            await _audit(
+                conn,
+                actor,
+                "credits.grant",
+                user_id,
+                {"credits": before.credits},
+                {
+                    "credits": after.credits,
+                    "grant_id": grant_id,
+                    "amount": amount,
+                    "source": source,
+                    "expires_at": expires_at.isoformat() if expires_at else None,
+                },
+                reason,
+            )
+        return grant_id, after
+
+    async def set_status(
+        self, user_id: str, status: AccountStatus, reason: str, actor: str, cycle: str, now: datetime
+    ) -> LedgerSnapshot:
+        async with self._pool.acquire() as conn, conn.transaction():
+            account = await self._lock_account(conn, user_id)
+            await conn.execute(
+                """UPDATE accounts SET status = $2, status_reason = $3, updated_at = now() WHERE user_id = $1""",
+                user_id,
+                status.value,
+                reason,
+            )
+            await _bump_version(conn, user_id)
+            await _audit(
+                conn,
+                actor,
+                f"account.{'suspend' if status is AccountStatus.SUSPENDED else 'activate'}",
+                user_id,
+                {"status": account.status.value},
+                {"status": status.value},
+                reason,
+            )
+            return await self._snapshot(conn, user_id, cycle, now)
+
+    async def usage_events(self, user_id: str) -> list[dict[str, Any]]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM usage_events WHERE user_id = $1 ORDER BY recorded_at, request_id", user_id
+            )
+        return [dict(r) for r in rows]
+
+    async def audit_entries(self, target: str) -> list[dict[str, Any]]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch("SELECT * FROM audit_log WHERE target = $1 ORDER BY id", target)
+        return [dict(r) for r in rows]
+
+
+def _usage_reason(usage: UsageRecord) -> str:
+    kind = "estimated" if usage.estimated else "reported"
+    return f"{usage.model or 'unknown model'}: {kind} by {usage.source or 'api'}"
+
+
+async def _bump_version(conn: asyncpg.Connection, user_id: str) -> None:
+    await conn.execute("UPDATE accounts SET version = version + 1 WHERE user_id = $1", user_id)
+
+
+def _account_json(row: asyncpg.Record) -> dict[str, Any]:
+    return {"plan": row["plan_id"], "status": row["status"], "email": row["email"], "name": row["name"]}
+
+
+async def _audit(
+    conn: asyncpg.Connection,
+    actor: str,
+    action: str,
+    target: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    reason: str,
+) -> None:
+    await conn.execute(
+        """INSERT INTO audit_log (actor, action, target, before, after, reason)
+           VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6)""",
+        actor,
+        action,
+        target,
+        None if before is None else json.dumps(before),
+        None if after is None else json.dumps(after),
+        reason,
+    )

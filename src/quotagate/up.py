@@ -1,0 +1,189 @@
+"""`quotagate up`: the whole stack on one machine for a first run, stopped together with Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from quotagate.config import load_settings
+from quotagate.demo_upstream import start_demo_upstream
+from quotagate.envoyconf import EnvoyOptions, write_envoy_config
+from quotagate.procs import (
+    ManagedProcess,
+    free_port,
+    start_embedded_postgres,
+    start_envoy,
+    start_redis,
+    wait_envoy_ready,
+    wait_for_port,
+)
+from quotagate.server import Running, start
+from quotagate.service import UsageReport
+
+DEMO_ADMIN_TOKEN = "demo-admin-token"
+log = logging.getLogger("quotagate.up")
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    config: Path | None
+    database_url: str | None
+    redis_url: str | None
+    upstream: str | None
+    port: int
+    state_dir: Path
+
+
+def demo_config_path(state_dir: Path) -> Path:
+    path = state_dir / "demo.yaml"
+    path.write_text(resources.files("quotagate").joinpath("templates", "demo.yaml").read_text("utf-8"))
+    return path
+
+
+async def run_up(opts: UpOptions) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    state = opts.state_dir.resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    cleanups: list[tuple[str, object]] = []
+    lines: list[str] = []
+    try:
+        database_url = opts.database_url
+        if database_url is None:
+            database_url, stop_pg = start_embedded_postgres(state / "postgres")
+            cleanups.append(("postgres", stop_pg))
+            lines.append("PostgreSQL  embedded, data in " + str(state / "postgres"))
+        else:
+            lines.append(f"PostgreSQL  {database_url}")
+        redis_url = opts.redis_url
+        if redis_url is None:
+            redis_port = free_port()
+            redis_proc = start_redis(state / "redis", redis_port)
+            cleanups.append(("redis", redis_proc))
+            await wait_for_port("127.0.0.1", redis_port, process=redis_proc)
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        lines.append(f"Redis       {redis_url}")
+
+        config_path = opts.config or demo_config_path(state)
+        env: Mapping[str, str] = {
+            **os.environ,
+            "QUOTAGATE_DATABASE_URL": database_url,
+            "QUOTAGATE_REDIS_URL": redis_url,
+            "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
+            "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
+            "QUOTAGATE_ADMIN_TOKEN": os.environ.get("QUOTAGATE_ADMIN_TOKEN", DEMO_ADMIN_TOKEN),
+        }
+        settings = load_settings(config_path, env)
+        running = await start(settings)
+        cleanups.append(("quotagate", running))
+        lines.append(f"quotagate   gRPC 127.0.0.1:{running.grpc_port}  HTTP http://127.0.0.1:{running.http_port}")
+        lines.append(f"            config {config_path}")
+
+        if opts.upstream:
+            parts = urlsplit(opts.upstream)
+            upstream_host = parts.hostname or "127.0.0.1"
+            upstream_tls = parts.scheme == "https"
+            upstream_port = parts.port or (443 if upstream_tls else 80)
+            lines.append(f"upstream    {opts.upstream}")
+        else:
+            demo_runner, upstream_port = await start_demo_upstream(on_usage=_reporter(running))
+            cleanups.append(("demo upstream", demo_runner))
+            upstream_host, upstream_tls = "127.0.0.1", False
+            lines.append(f"upstream    demo OpenAI-compatible server http://127.0.0.1:{upstream_port}")
+            lines.append("            (reports each completion's usage to quotagate, as a LiteLLM callback would)")
+
+        admin_port = free_port()
+        envoy_config = write_envoy_config(
+            EnvoyOptions(
+                upstream_host=upstream_host,
+                upstream_port=upstream_port,
+                upstream_tls=upstream_tls,
+                listen_port=opts.port,
+                admin_port=admin_port,
+                authz_port=running.grpc_port,
+            ),
+            state / "envoy.yaml",
+        )
+        envoy = start_envoy(envoy_config, state / "envoy.log")
+        cleanups.append(("envoy", envoy))
+        await wait_envoy_ready(admin_port, process=envoy)
+        lines.append(f"Envoy       http://127.0.0.1:{opts.port}  (admin http://127.0.0.1:{admin_port})")
+
+        _print_banner(lines, opts.port, running, env["QUOTAGATE_ADMIN_TOKEN"], opts.config is None)
+        await _wait_for_interrupt()
+        print("\nstopping ...")
+        return 0
+    finally:
+        for name, item in reversed(cleanups):
+            with contextlib.suppress(Exception):
+                await _stop(item)
+            log.info("%s stopped", name)
+
+
+def _reporter(running: Running):  # type: ignore[no-untyped-def]
+    async def report(headers: Mapping[str, str], model: str, usage: dict[str, int]) -> None:
+        request_id = headers.get("x-request-id", "")
+        user_id = headers.get("x-quota-user", "")
+        if not request_id or not user_id:
+            return
+        await running.service.report_usage(
+            UsageReport(
+                request_id=request_id,
+                user_id=user_id,
+                model=model,
+                prompt_tokens=usage["prompt_tokens"],
+                completion_tokens=usage["completion_tokens"],
+                source="demo-upstream",
+            )
+        )
+
+    return report
+
+
+async def _stop(item: object) -> None:
+    if isinstance(item, ManagedProcess):
+        item.stop()
+    elif isinstance(item, Running):
+        await item.stop()
+    elif hasattr(item, "cleanup"):
+        await item.cleanup()
+    elif callable(item):
+        item()
+
+
+async def _wait_for_interrupt() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _print_banner(lines: list[str], port: int, running: Running, admin_token: str, demo: bool) -> None:
+    print("\nquotagate is up:\n")
+    for line in lines:
+        print("  " + line)
+    print(f"\n  admin token: {admin_token}")
+    if demo:
+        print("  client key:  demo-key (trusted: asserts users with x-user-id)")
+        print("  allowance:   300 tokens a month on the demo plan; warn at 80%, critical at 95%\n")
+        print("Try (repeat it: the headers go normal -> warn -> critical, then 429):\n")
+        print(
+            f"  curl -i http://127.0.0.1:{port}/v1/chat/completions -H 'authorization: Bearer demo-key' \\\n"
+            "    -H 'x-user-id: alice@example.com' -H 'content-type: application/json' \\\n"
+            '    -d \'{"model":"demo-small","max_tokens":50,"messages":[{"role":"user","content":"hello"}]}\'\n'
+        )
+        print("Add credits (grpcurl ships in the venv):\n")
+        print(
+            f'  grpcurl -plaintext -H \'authorization: Bearer {admin_token}\' -d \'{{"user_id":"alice@example.com",'
+            f'"amount":500,"reason":"Asked by e-mail for more tokens."}}\' \\\n'
+            f"    127.0.0.1:{running.grpc_port} quotagate.v1.Admin/GrantCredits\n"
+        )
+    print("Ctrl-C stops everything.")

@@ -1,0 +1,194 @@
+"""The rendered Envoy configs (and the committed envoy/envoy.yaml) pass the real `envoy --mode validate`."""
+
+from __future__ import annotations
+
+import pathlib
+import ssl
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+
+from quotagate.envoyconf import (
+    AUTHZ_CLUSTER,
+    PRODUCTION_OPTIONS,
+    UPSTREAM_CLUSTER,
+    EnvoyOptions,
+    main,
+    render_envoy_config,
+    write_envoy_config,
+)
+from quotagate.procs import envoy_binary
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+PRODUCTION_YAML = REPO_ROOT / "envoy" / "envoy.yaml"
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# Envoy's validate mode opens trusted_ca files, so point at a bundle that exists on this machine.
+_paths = ssl.get_default_verify_paths()
+CA_BUNDLE = next(
+    (p for p in (_paths.cafile, _paths.openssl_cafile) if p and pathlib.Path(p).is_file()),
+    "/etc/ssl/certs/ca-certificates.crt",
+)
+
+OPTION_SETS: dict[str, EnvoyOptions] = {
+    "defaults": EnvoyOptions(upstream_host="127.0.0.1", upstream_port=8000),
+    "production": PRODUCTION_OPTIONS,
+    "fail-open-tls-hostname": EnvoyOptions(
+        upstream_host="api.example.com",
+        upstream_port=443,
+        upstream_tls=True,
+        authz_host="localhost",
+        failure_mode_allow=True,
+        status_on_error=500,
+        max_request_bytes=4 * 1024 * 1024,
+        authz_timeout_ms=250,
+    ),
+    "ipv6-verified-tls": EnvoyOptions(
+        listen_host="::1",
+        upstream_host="::1",
+        upstream_port=8443,
+        upstream_tls=True,
+        upstream_ca_file=CA_BUNDLE,
+    ),
+}
+
+
+def envoy_validate(path: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart", "-l", "warn"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def assert_valid(path: pathlib.Path) -> None:
+    result = envoy_validate(path)
+    assert result.returncode == 0, f"envoy rejected {path}:\n{result.stdout}\n{result.stderr}"
+
+
+def cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
+    clusters: list[dict[str, Any]] = config["static_resources"]["clusters"]
+    return next(c for c in clusters if c["name"] == name)
+
+
+def endpoint(c: dict[str, Any]) -> dict[str, Any]:
+    (lb_endpoint,) = c["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    address: dict[str, Any] = lb_endpoint["endpoint"]["address"]["socket_address"]
+    return address
+
+
+def http_filters(config: dict[str, Any]) -> list[dict[str, Any]]:
+    listener = config["static_resources"]["listeners"][0]
+    hcm: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    filters: list[dict[str, Any]] = hcm["http_filters"]
+    return filters
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_SETS))
+def test_rendered_config_validates(name: str, tmp_path: pathlib.Path) -> None:
+    opts = OPTION_SETS[name]
+    if opts.upstream_ca_file is not None and not pathlib.Path(opts.upstream_ca_file).is_file():
+        pytest.skip(f"no CA bundle at {opts.upstream_ca_file}")
+    path = write_envoy_config(opts, tmp_path / "conf" / "envoy.yaml")
+    assert path.is_file()
+    assert_valid(path)
+
+    config = yaml.safe_load(path.read_text())
+    admin = config["admin"]["address"]["socket_address"]
+    assert admin == {"address": "127.0.0.1", "port_value": opts.admin_port}
+    listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener == {"address": opts.listen_host, "port_value": opts.listen_port}
+
+    filters = http_filters(config)
+    assert [f["name"] for f in filters] == ["envoy.filters.http.ext_authz", "envoy.filters.http.router"]
+    authz = filters[0]["typed_config"]
+    assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == AUTHZ_CLUSTER
+    assert authz["transport_api_version"] == "V3"
+    assert authz["with_request_body"] == {
+        "max_request_bytes": opts.max_request_bytes,
+        "allow_partial_message": False,
+        "pack_as_bytes": True,
+    }
+    assert authz["failure_mode_allow"] is opts.failure_mode_allow
+    assert authz["status_on_error"] == {"code": opts.status_on_error}
+    assert authz["include_peer_certificate"] is False
+
+    authz_cluster = cluster(config, AUTHZ_CLUSTER)
+    protocol = authz_cluster["typed_extension_protocol_options"][HTTP_OPTIONS]
+    assert protocol["explicit_http_config"] == {"http2_protocol_options": {}}
+    assert authz_cluster["circuit_breakers"]["thresholds"][0]["max_requests"] == 100_000
+
+    upstream = cluster(config, UPSTREAM_CLUSTER)
+    up_protocol = upstream["typed_extension_protocol_options"][HTTP_OPTIONS]
+    assert "http2_protocol_options" not in up_protocol["explicit_http_config"]
+    assert ("transport_socket" in upstream) is opts.upstream_tls
+
+
+def test_cluster_type_follows_host_kind() -> None:
+    config = yaml.safe_load(render_envoy_config(OPTION_SETS["fail-open-tls-hostname"]))
+    assert cluster(config, UPSTREAM_CLUSTER)["type"] == "STRICT_DNS"
+    assert cluster(config, AUTHZ_CLUSTER)["type"] == "STRICT_DNS"
+    tls = cluster(config, UPSTREAM_CLUSTER)["transport_socket"]["typed_config"]
+    assert tls["sni"] == "api.example.com"
+
+    config = yaml.safe_load(render_envoy_config(OPTION_SETS["defaults"]))
+    assert cluster(config, UPSTREAM_CLUSTER)["type"] == "STATIC"
+    assert cluster(config, AUTHZ_CLUSTER)["type"] == "STATIC"
+
+
+def test_route_sends_everything_upstream_with_long_timeout() -> None:
+    config = yaml.safe_load(render_envoy_config(OPTION_SETS["defaults"]))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["codec_type"] == "AUTO"
+    assert hcm["generate_request_id"] is True
+    (vhost,) = hcm["route_config"]["virtual_hosts"]
+    (route,) = vhost["routes"]
+    assert route["match"] == {"prefix": "/"}
+    assert route["route"] == {"cluster": UPSTREAM_CLUSTER, "timeout": "300s"}
+
+
+def test_authz_timeout_rendered_as_duration() -> None:
+    config = yaml.safe_load(render_envoy_config(OPTION_SETS["fail-open-tls-hostname"]))
+    assert http_filters(config)[0]["typed_config"]["grpc_service"]["timeout"] == "0.250s"
+
+
+def test_invalid_options_rejected() -> None:
+    with pytest.raises(ValueError, match="status_on_error"):
+        EnvoyOptions(upstream_host="x", upstream_port=1, status_on_error=599)
+    with pytest.raises(ValueError, match="upstream_port"):
+        EnvoyOptions(upstream_host="x", upstream_port=0)
+
+
+def test_production_yaml_validates() -> None:
+    assert PRODUCTION_YAML.is_file()
+    assert_valid(PRODUCTION_YAML)
+
+
+def test_production_yaml_is_up_to_date(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--production"]) == 0
+    generated = capsys.readouterr().out
+    assert generated.startswith("# Generated by `python -m quotagate.envoyconf --production`")
+    assert yaml.safe_load(PRODUCTION_YAML.read_text()) == yaml.safe_load(generated)
+    config = yaml.safe_load(generated)
+    assert endpoint(cluster(config, AUTHZ_CLUSTER)) == {"address": "quotagate", "port_value": 50051}
+    assert endpoint(cluster(config, UPSTREAM_CLUSTER)) == {"address": "litellm", "port_value": 4000}
+
+
+def test_cli_overrides_and_output_file(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "e.yaml"
+    assert main(["--production", "--failure-mode-allow", "--status-on-error", "500", "-o", str(out)]) == 0
+    assert_valid(out)
+    authz = http_filters(yaml.safe_load(out.read_text()))[0]["typed_config"]
+    assert authz["failure_mode_allow"] is True
+    assert authz["status_on_error"] == {"code": 500}
+
+
+def test_envoy_validate_catches_bad_config(tmp_path: pathlib.Path) -> None:
+    # Guard against a validate step that accepts anything.
+    text = render_envoy_config(OPTION_SETS["defaults"]).replace("pack_as_bytes", "pack_as_bytez")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert envoy_validate(bad).returncode != 0
