@@ -1,0 +1,158 @@
+"""Starts the real parts for end-to-end tests: quotagate (in this process), the demo upstream and Envoy."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+from quotagate.config import Settings, parse_settings
+from quotagate.core.clock import Clock
+from quotagate.demo_upstream import start_demo_upstream
+from quotagate.envoyconf import EnvoyOptions, write_envoy_config
+from quotagate.procs import ManagedProcess, free_port, start_envoy, wait_envoy_ready
+from quotagate.server import Running, start
+from quotagate.v1 import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb2_grpc
+
+CLIENT_KEY = "test-chat-key"
+PERSONAL_KEY = "test-personal-key"
+ADMIN_TOKEN = "test-admin-token"
+
+
+def make_settings(database_url: str, redis_url: str, prefix: str, **overrides: Any) -> Settings:
+    """Settings for a test: a small plan, a trusted client and an untrusted personal key."""
+    data: dict[str, Any] = {
+        "timezone": "America/Sao_Paulo",
+        "language": "en",
+        "default_plan": "small",
+        "credits_email": "creditos@example.com",
+        "estimate": {"minimum": 10, "default_completion_tokens": 50},
+        "plans": [{"id": "small", "monthly_allowance": 1000}],
+        "clients": [
+            {"name": "chat", "key": CLIENT_KEY, "trusted": True},
+            {"name": "personal", "key": PERSONAL_KEY, "trusted": False, "user_id": "personal-user"},
+        ],
+        "redis_prefix": prefix,
+    }
+    data.update(overrides)
+    env = {
+        "QUOTAGATE_DATABASE_URL": database_url,
+        "QUOTAGATE_REDIS_URL": redis_url,
+        "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
+        "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
+        "QUOTAGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+    }
+    return parse_settings(data, "<test>", env)
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    tmp: Path
+    clock: Clock | None = None
+    quotagate: Running | None = None
+    envoy: ManagedProcess | None = None
+    envoy_port: int = 0
+    upstream_port: int = 0
+    _cleanups: list[Any] = field(default_factory=list)
+
+    async def __aenter__(self) -> Stack:
+        await self.start_quotagate()
+        runner, self.upstream_port = await start_demo_upstream()
+        self._cleanups.append(runner)
+        self.envoy_port, admin_port = free_port(), free_port()
+        config = write_envoy_config(
+            EnvoyOptions(
+                upstream_host="127.0.0.1",
+                upstream_port=self.upstream_port,
+                listen_port=self.envoy_port,
+                admin_port=admin_port,
+                authz_port=self.grpc_port,
+            ),
+            self.tmp / "envoy.yaml",
+        )
+        self.envoy = start_envoy(config, self.tmp / "envoy.log")
+        await wait_envoy_ready(admin_port, process=self.envoy)
+        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.envoy_port}", timeout=30)
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+        self.usage = usage_pb2_grpc.UsageStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminStub(self.channel)
+        return self
+
+    @property
+    def grpc_port(self) -> int:
+        host, _, port = self.settings.grpc_listen.rpartition(":")
+        return int(port)
+
+    async def start_quotagate(self) -> Running:
+        self.quotagate = await start(self.settings, clock=self.clock)
+        return self.quotagate
+
+    async def stop_quotagate(self) -> None:
+        if self.quotagate is not None:
+            await self.quotagate.stop()
+            self.quotagate = None
+
+    async def __aexit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            await self.channel.close()
+        with contextlib.suppress(Exception):
+            await self.http.aclose()
+        if self.envoy is not None:
+            self.envoy.stop()
+        for runner in self._cleanups:
+            await runner.cleanup()
+        await self.stop_quotagate()
+
+    async def chat(
+        self,
+        user: str | None,
+        *,
+        key: str | None = CLIENT_KEY,
+        max_tokens: int = 40,
+        content: str = "hello there",
+        completion_tokens: int | None = None,
+        extra_headers: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        headers = {"content-type": "application/json", "x-request-id": str(uuid.uuid4())}
+        if key is not None:
+            headers["authorization"] = f"Bearer {key}"
+        if user is not None:
+            headers["x-user-id"] = user
+        if completion_tokens is not None:
+            headers["x-demo-completion-tokens"] = str(completion_tokens)
+        headers.update(extra_headers or {})
+        body = {"model": "demo-small", "max_tokens": max_tokens, "stream": stream,
+                "messages": [{"role": "user", "content": content}]}
+        return await self.http.post("/v1/chat/completions", json=body, headers=headers)
+
+    async def report(self, user: str, request_id: str, prompt: int, completion: int) -> usage_pb2.ReportUsageResponse:
+        return await self.usage.ReportUsage(
+            usage_pb2.ReportUsageRequest(
+                request_id=request_id, user_id=user, model="demo-small",
+                prompt_tokens=prompt, completion_tokens=completion,
+            )
+        )
+
+    async def grant(self, user: str, amount: int, reason: str = "Asked by e-mail for more tokens.") -> Any:
+        return await self.admin.GrantCredits(
+            admin_pb2.GrantCreditsRequest(user_id=user, amount=amount, reason=reason),
+            metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")],
+        )
+
+    async def account(self, user: str) -> admin_pb2.Account:
+        return await self.admin.GetAccount(
+            admin_pb2.GetAccountRequest(user_id=user), metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")]
+        )
+
+    async def upstream_requests(self) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://127.0.0.1:{self.upstream_port}/_demo/requests")
+            data: list[dict[str, Any]] = response.json()
+            return data
