@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,7 +119,7 @@ class Stack:
         extra_headers: dict[str, str] | None = None,
         stream: bool = False,
     ) -> httpx.Response:
-        headers = {"content-type": "application/json", "x-request-id": str(uuid.uuid4())}
+        headers = {"content-type": "application/json"}
         if key is not None:
             headers["authorization"] = f"Bearer {key}"
         if user is not None:
@@ -132,7 +131,9 @@ class Stack:
                 "messages": [{"role": "user", "content": content}]}
         return await self.http.post("/v1/chat/completions", json=body, headers=headers)
 
-    async def report(self, user: str, request_id: str, prompt: int, completion: int) -> usage_pb2.ReportUsageResponse:
+    async def report(
+        self, user: str, request_id: str, prompt: int, completion: int = 0
+    ) -> usage_pb2.ReportUsageResponse:
         return await self.usage.ReportUsage(
             usage_pb2.ReportUsageRequest(
                 request_id=request_id, user_id=user, model="demo-small",

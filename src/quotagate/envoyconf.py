@@ -212,6 +212,9 @@ def _listener(opts: EnvoyOptions) -> dict[str, Any]:
         "codec_type": "AUTO",
         # x-request-id is the correlation key shared by Check and the logs.
         "generate_request_id": True,
+        # Clients cannot choose the id (it keys their reservation), but they get it back for support questions.
+        "preserve_external_request_id": False,
+        "always_set_request_id_in_response": True,
         "route_config": {
             "name": "local_route",
             "virtual_hosts": [
