@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -76,8 +77,8 @@ async def run_up(opts: UpOptions) -> int:
             **os.environ,
             "QUOTAGATE_DATABASE_URL": database_url,
             "QUOTAGATE_REDIS_URL": redis_url,
-            "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
-            "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
+            "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{_port_or_free(50051)}",
+            "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{_port_or_free(8080)}",
             "QUOTAGATE_ADMIN_TOKEN": os.environ.get("QUOTAGATE_ADMIN_TOKEN", DEMO_ADMIN_TOKEN),
         }
         settings = load_settings(config_path, env)
@@ -125,6 +126,16 @@ async def run_up(opts: UpOptions) -> int:
             with contextlib.suppress(Exception):
                 await _stop(item)
             log.info("%s stopped", name)
+
+
+def _port_or_free(preferred: int) -> int:
+    """The usual port when it is free (so the printed lines are the familiar ones), else any free one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            return free_port()
+    return preferred
 
 
 def _reporter(running: Running):  # type: ignore[no-untyped-def]
@@ -180,7 +191,7 @@ def _print_banner(lines: list[str], port: int, running: Running, admin_token: st
             "    -H 'x-user-id: alice@example.com' -H 'content-type: application/json' \\\n"
             '    -d \'{"model":"demo-small","max_tokens":50,"messages":[{"role":"user","content":"hello"}]}\'\n'
         )
-        print("Add credits (grpcurl ships in the venv):\n")
+        print("Add credits (grpcurl is in .venv/bin):\n")
         print(
             f'  grpcurl -plaintext -H \'authorization: Bearer {admin_token}\' -d \'{{"user_id":"alice@example.com",'
             f'"amount":500,"reason":"Asked by e-mail for more tokens."}}\' \\\n'

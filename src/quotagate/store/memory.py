@@ -420,4 +420,5 @@ def _utc(at: datetime) -> datetime:
 def _jsonb_text(value: dict[str, Any]) -> str:
     """A flat object as asyncpg returns a jsonb column (text, no codec): keys by byte length, then bytes."""
     keys = sorted(value, key=lambda k: (len(k.encode()), k.encode()))
-    return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {json.dumps(value[k], ensure_ascii=False)}" for k in keys) + "}"
+    pairs = (f"{json.dumps(k, ensure_ascii=False)}: {json.dumps(value[k], ensure_ascii=False)}" for k in keys)
+    return "{" + ", ".join(pairs) + "}"

@@ -1,0 +1,552 @@
+"""Bring-up and measuring helpers shared by the benchmarks in bench/.
+
+- `Bench`: a temp dir plus a LIFO list of cleanups, run on exit (also on Ctrl-C / SIGTERM).
+- `start_stores`: PostgreSQL and Redis from --database-url/--redis-url (or QUOTAGATE_BENCH_DATABASE_URL /
+  QUOTAGATE_BENCH_REDIS_URL), else embedded ones in the temp dir; a fresh database per run, dropped at the end,
+  and a Redis key prefix of the run's own, deleted at the end.
+- `start_quotagate`: `python -m quotagate.cli serve` as a separate process, so the load generator never shares
+  quotagate's event loop, with a generated config: one trusted client key and a plan with a huge allowance.
+- `run_load`: a closed-loop load (N workers, each waits for its answer before sending again) for a fixed time,
+  in this process or spread over several client processes (multiprocessing, spawn) whose results are summed.
+- `percentile`, `print_table`, CPU time of a process, and a Prometheus text scrape.
+
+Everything listens on and talks to 127.0.0.1 only; every loop is bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import inspect
+import math
+import multiprocessing
+import os
+import platform
+import queue
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import redis.asyncio as aioredis
+import yaml
+
+from quotagate.procs import ManagedProcess, free_port, start_embedded_postgres, start_redis, wait_for_port
+
+HOST = "127.0.0.1"
+BENCH_PLAN = "bench"
+# Far beyond anything a benchmark can reserve: nothing is ever denied for quota.
+HUGE_ALLOWANCE = 10**15
+# Per-call timeout of the load generators; a call slower than this counts as an error.
+CALL_TIMEOUT = 10.0
+# Hard cap on the calls of one worker in one phase, on top of the time limit.
+MAX_CALLS_PER_WORKER = 5_000_000
+
+Cleanup = Callable[[], Any]
+
+
+# -- process-wide signal handling ----------------------------------------------------------------------------
+
+
+def _sigterm_to_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM behaves like Ctrl-C, so the same finally blocks stop every child process."""
+    signal.signal(signal.SIGTERM, _sigterm_to_keyboard_interrupt)
+
+
+# -- the run: temp dir and cleanups ---------------------------------------------------------------------------
+
+
+class Bench:
+    """A temp dir and the cleanups of everything started in it, run in reverse order on exit."""
+
+    def __init__(self, name: str, keep_tmp: bool = False) -> None:
+        self.name = name
+        self.keep_tmp = keep_tmp
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"quotagate-{name}-"))
+        self.processes: list[ManagedProcess] = []
+        self._cleanups: list[tuple[str, Cleanup]] = []
+
+    def defer(self, what: str, cleanup: Cleanup) -> None:
+        self._cleanups.append((what, cleanup))
+
+    def manage(self, proc: ManagedProcess) -> ManagedProcess:
+        """Stop `proc` (its whole process group) at the end."""
+        self.processes.append(proc)
+        self.defer(proc.name, proc.stop)
+        return proc
+
+    async def __aenter__(self) -> Bench:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt | asyncio.CancelledError):
+            for proc in self.processes:
+                log(f"--- last lines of {proc.name} ({proc.log_path}) ---\n{proc.log_tail(30)}")
+        await self.close()
+
+    async def close(self) -> None:
+        while self._cleanups:
+            what, cleanup = self._cleanups.pop()
+            try:
+                result = cleanup()
+                if inspect.isawaitable(result):
+                    await asyncio.wait_for(result, timeout=30)
+            except BaseException as exc:  # a cleanup must never keep the others from running
+                log(f"cleanup of {what} failed: {type(exc).__name__}: {exc}")
+        if self.keep_tmp:
+            log(f"kept {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- PostgreSQL and Redis -------------------------------------------------------------------------------------
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, seconds: float = 5.0) -> None:
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("QUOTAGATE_BENCH_DATABASE_URL"),
+        help="a PostgreSQL server to create the run's database on (default: $QUOTAGATE_BENCH_DATABASE_URL, "
+        "else an embedded server in a temp dir)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("QUOTAGATE_BENCH_REDIS_URL"),
+        help="a Redis server (default: $QUOTAGATE_BENCH_REDIS_URL, else an embedded redis-server)",
+    )
+    parser.add_argument("--seconds", type=float, default=seconds, help=f"measured time per phase (default {seconds})")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up time before each phase (default 1)")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="client processes that generate the load (default 1: the load runs in this process)",
+    )
+    parser.add_argument("--users", type=int, default=100, help="distinct x-user-id values (default 100)")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs) at the end")
+
+
+@dataclass
+class Stores:
+    database_url: str
+    redis_url: str
+    redis_prefix: str
+    database_note: str
+    redis_note: str
+    redis_proc: ManagedProcess | None = None
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return url
+
+
+async def start_stores(bench: Bench, database_url: str | None, redis_url: str | None) -> Stores:
+    if database_url:
+        server_url, db_note = database_url, f"PostgreSQL {_redact(database_url)}"
+    else:
+        log("starting an embedded PostgreSQL ...")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+            server_url, stop_pg = start_embedded_postgres(bench.tmp / "postgres")
+        bench.defer("embedded postgres", stop_pg)
+        db_note = "PostgreSQL embedded (unix socket)"
+    name = f"quotagate_bench_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(server_url, timeout=20)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+
+    async def drop_database() -> None:
+        conn = await asyncpg.connect(server_url, timeout=20)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    bench.defer(f"database {name}", drop_database)
+    db_note += f", fresh database {name}"
+
+    redis_proc = None
+    if redis_url:
+        redis_note = f"Redis {_redact(redis_url)}"
+    else:
+        port = free_port()
+        redis_proc = bench.manage(start_redis(bench.tmp / "redis", port))
+        await wait_for_port(HOST, port, process=redis_proc)
+        redis_url = f"redis://{HOST}:{port}/0"
+        redis_note = f"Redis embedded on port {port}"
+    prefix = f"qgbench:{secrets.token_hex(5)}:"
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        info = await client.info("server")
+        redis_note += f" (redis {info.get('redis_version', '?')}), key prefix {prefix}"
+    finally:
+        await client.aclose()
+    if redis_proc is None:
+        bench.defer(f"redis keys {prefix}*", lambda: delete_redis_keys(redis_url, prefix))
+    return Stores(with_database(server_url, name), redis_url, prefix, db_note, redis_note, redis_proc)
+
+
+async def delete_redis_keys(redis_url: str, prefix: str, max_keys: int = 20_000_000) -> int:
+    """Deletes the run's keys from a Redis that outlives the run (bounded by `max_keys`)."""
+    client = aioredis.Redis.from_url(redis_url)
+    deleted = 0
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=prefix + "*", count=5000):
+            batch.append(key)
+            if len(batch) >= 5000:
+                deleted += await client.unlink(*batch)
+                batch.clear()
+            if deleted + len(batch) >= max_keys:
+                break
+        if batch:
+            deleted += await client.unlink(*batch)
+    finally:
+        await client.aclose()
+    return deleted
+
+
+async def redis_cpu_seconds(redis_url: str) -> float:
+    """CPU time the Redis server used so far (its own INFO, so it works for a server we did not start)."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        info = await client.info("cpu")
+    finally:
+        await client.aclose()
+    return float(info.get("used_cpu_sys", 0.0)) + float(info.get("used_cpu_user", 0.0))
+
+
+# -- quotagate as a separate process --------------------------------------------------------------------------
+
+
+@dataclass
+class Quotagate:
+    proc: ManagedProcess
+    grpc_port: int
+    http_port: int
+    client_key: str
+    config_path: Path
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{HOST}:{self.grpc_port}"
+
+
+def quotagate_config(stores: Stores, client_key: str) -> dict[str, Any]:
+    return {
+        "timezone": "UTC",
+        "language": "en",
+        "default_plan": BENCH_PLAN,
+        "estimate": {"minimum": 10, "default_completion_tokens": 50},
+        "plans": [{"id": BENCH_PLAN, "monthly_allowance": HUGE_ALLOWANCE}],
+        "clients": [{"name": "bench", "key": client_key, "trusted": True}],
+        "redis_prefix": stores.redis_prefix,
+        # Longer than any run: the sweeper never has a due reservation to charge while we measure.
+        "reservation_ttl_seconds": 3600,
+    }
+
+
+async def start_quotagate(bench: Bench, stores: Stores, log_level: str = "INFO") -> Quotagate:
+    client_key = "bench-" + secrets.token_hex(16)
+    config_path = bench.tmp / "quotagate.yaml"
+    config_path.write_text(yaml.safe_dump(quotagate_config(stores, client_key), sort_keys=False), encoding="utf-8")
+    grpc_port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "QUOTAGATE_DATABASE_URL": stores.database_url,
+        "QUOTAGATE_REDIS_URL": stores.redis_url,
+        "QUOTAGATE_GRPC_LISTEN": f"{HOST}:{grpc_port}",
+        "QUOTAGATE_HTTP_LISTEN": f"{HOST}:{http_port}",
+        "QUOTAGATE_ADMIN_TOKEN": secrets.token_hex(16),
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("QUOTAGATE_CONFIG", None)
+    env.pop("QUOTAGATE_ENV", None)
+    argv = [sys.executable, "-m", "quotagate.cli", "serve", "--config", str(config_path), "--log-level", log_level]
+    proc = bench.manage(ManagedProcess(argv, bench.tmp / "quotagate.log", env=env, name="quotagate").start())
+    await wait_for_port(HOST, grpc_port, timeout=60, process=proc)
+    await wait_ready(http_port, proc)
+    return Quotagate(proc, grpc_port, http_port, client_key, config_path)
+
+
+async def wait_ready(http_port: int, proc: ManagedProcess, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    url = f"http://{HOST}:{http_port}/readyz"
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(proc.describe_exit())
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+                    last = f"HTTP {response.status}: {await response.text()}"
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"quotagate not ready after {timeout}s ({last})")
+
+
+async def scrape_metrics(http_port: int) -> dict[str, float]:
+    """quotagate's /metrics as {"name{labels}": value}."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+        session.get(f"http://{HOST}:{http_port}/metrics") as response,
+    ):
+        text = await response.text()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            values[name] = float(value)
+    return values
+
+
+def metric_delta(before: dict[str, float], after: dict[str, float], prefix: str) -> float:
+    """The change of every series whose name starts with `prefix`, summed."""
+    keys = {k for k in after if k.startswith(prefix)}
+    return sum(after[k] - before.get(k, 0.0) for k in keys)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """user + system CPU time of one process (all its threads) from /proc; 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based) of the full line.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_note() -> str:
+    import grpc
+
+    return (
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, grpcio {grpc.__version__}, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+# -- statistics and output ------------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of already sorted values; NaN for none."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str = "") -> None:
+    """A small aligned table: text left-aligned, numbers right-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], int | float) for row in rows) if rows else False for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True))
+
+    if title:
+        print(title)
+    print(line(list(headers)).rstrip())
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print(line(row).rstrip())
+    print(flush=True)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.2f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+# -- load generation ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    calls: int = 0
+    errors: int = 0
+    elapsed: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # seconds, successful calls only
+    first_error: str = ""
+    client_cpu: float = 0.0  # CPU seconds the load generator itself used
+    processes: int = 1
+    rate: float = 0.0  # successful calls per second (summed over client processes)
+
+    def summary(self) -> tuple[float, float, float]:
+        """p50, p99 and max latency in milliseconds."""
+        ordered = sorted(self.latencies)
+        if not ordered:
+            return math.nan, math.nan, math.nan
+        return percentile(ordered, 50) * 1000, percentile(ordered, 99) * 1000, ordered[-1] * 1000
+
+
+Call = Callable[[], Awaitable[None]]
+
+
+async def closed_loop(calls: Sequence[Call], seconds: float, record: bool = True) -> LoadResult:
+    """Runs one worker per entry of `calls`; each calls in a loop until `seconds` passed (or its cap)."""
+    result = LoadResult()
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    end = started + seconds
+
+    async def worker(call: Call) -> None:
+        latencies = result.latencies
+        for _ in range(MAX_CALLS_PER_WORKER):
+            t0 = time.perf_counter()
+            if t0 >= end:
+                return
+            try:
+                await asyncio.wait_for(call(), CALL_TIMEOUT)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # counted and reported; the load goes on
+                result.errors += 1
+                if not result.first_error:
+                    result.first_error = f"{type(exc).__name__}: {exc}"[:500]
+                continue
+            result.calls += 1
+            if record:
+                latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(worker(c) for c in calls))
+    result.elapsed = time.perf_counter() - started
+    result.client_cpu = time.process_time() - cpu_started
+    result.rate = result.calls / result.elapsed if result.elapsed > 0 else 0.0
+    if not record:
+        result.latencies = []
+    return result
+
+
+# A load entry: `async def load(payload, concurrency, seconds, warmup, ready) -> LoadResult` at module level of
+# the benchmark script; it builds its clients, warms up, awaits `ready()` (all client processes are warm), then
+# measures with `closed_loop` and closes its clients.
+LoadEntry = Callable[[Any, int, float, float, Callable[[], Awaitable[None]]], Awaitable[LoadResult]]
+
+
+def split_concurrency(concurrency: int, clients: int) -> list[int]:
+    clients = max(1, min(clients, concurrency))
+    base, extra = divmod(concurrency, clients)
+    return [base + (1 if i < extra else 0) for i in range(clients)]
+
+
+async def _no_wait() -> None:
+    return None
+
+
+def _child(entry: LoadEntry, payload: Any, concurrency: int, seconds: float, warmup: float, barrier: Any,
+           results: Any, index: int) -> None:  # fmt: skip
+    # The parent stops us; a terminal's Ctrl-C reaches the whole foreground group, so ignore it here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    async def ready() -> None:
+        await asyncio.to_thread(barrier.wait, 120)
+
+    try:
+        result = asyncio.run(entry(payload, concurrency, seconds, warmup, ready))
+        results.put((index, result, ""))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            barrier.abort()
+        results.put((index, None, traceback.format_exc()))
+
+
+def run_load(entry: LoadEntry, payload: Any, concurrency: int, clients: int, seconds: float,
+             warmup: float) -> LoadResult:  # fmt: skip
+    """Runs `entry` in this process (clients <= 1) or in up to `clients` spawned processes and sums them.
+
+    Blocking: call it from a thread (asyncio.to_thread) when an event loop runs here.
+    """
+    if clients <= 1:
+        return asyncio.run(entry(payload, concurrency, seconds, warmup, _no_wait))
+    shares = split_concurrency(concurrency, clients)
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(len(shares))
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_child, args=(entry, payload, share, seconds, warmup, barrier, results, i), daemon=True)
+        for i, share in enumerate(shares)
+    ]
+    collected: list[LoadResult] = []
+    try:
+        for proc in procs:
+            proc.start()
+        deadline = time.monotonic() + 120 + warmup + seconds + CALL_TIMEOUT
+        while len(collected) < len(procs):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("client processes did not report in time")
+            try:
+                _, result, error = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                if all(not p.is_alive() for p in procs) and results.empty():
+                    raise RuntimeError("client processes exited without a result") from None
+                continue
+            if result is None:
+                raise RuntimeError(f"a client process failed:\n{error}")
+            collected.append(result)
+        for proc in procs:
+            proc.join(timeout=10)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+    total = LoadResult(processes=len(collected))
+    for r in collected:
+        total.calls += r.calls
+        total.errors += r.errors
+        total.elapsed = max(total.elapsed, r.elapsed)
+        total.latencies.extend(r.latencies)
+        total.first_error = total.first_error or r.first_error
+        total.client_cpu += r.client_cpu
+        total.rate += r.rate
+    return total

@@ -1,0 +1,67 @@
+"""`quotagate up` as a user runs it: the whole stack from one command, usable at once, stopped by Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+
+from quotagate.procs import free_port
+
+
+async def _read_until(stream: asyncio.StreamReader, marker: str, timeout: float) -> str:
+    seen = ""
+    async with asyncio.timeout(timeout):
+        while marker not in seen:
+            line = await stream.readline()
+            if not line:
+                raise AssertionError(f"quotagate up ended before printing {marker!r}:\n{seen}")
+            seen += line.decode()
+    return seen
+
+
+async def test_up_runs_the_stack_reaches_blocked_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("QUOTAGATE_CONFIG", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "quotagate.cli", "up", "--port", str(port), "--state-dir", str(tmp_path / "state"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+    )
+    assert proc.stdout is not None
+    try:
+        banner = await _read_until(proc.stdout, "Ctrl-C stops everything.", timeout=90)
+        assert f"http://127.0.0.1:{port}" in banner
+        assert "demo-key" in banner and "curl" in banner
+
+        states: list[str] = []
+        body = {"model": "demo-small", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
+        headers = {"authorization": "Bearer demo-key", "x-user-id": "alice@example.com"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for _ in range(40):
+                response = await client.post("/v1/chat/completions", json=body, headers=headers)
+                if response.status_code == 429:
+                    assert response.json()["error"]["code"] == "quota_exceeded"
+                    states.append("blocked")
+                    break
+                assert response.status_code == 200, response.text
+                states.append(response.headers["x-quota-state"])
+        # The demo upstream reports each completion's usage, so the demo allowance runs out within a minute.
+        assert states[0] == "normal" and states[-1] == "blocked"
+        assert states.index("normal") < states.index("warn") < states.index("critical") < states.index("blocked")
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), timeout=30)
+    assert code == 0
+    async with httpx.AsyncClient() as client:
+        try:
+            await client.get(f"http://127.0.0.1:{port}/", timeout=2)
+            still_listening = True
+        except httpx.ConnectError:
+            still_listening = False
+    assert not still_listening, "Envoy kept running after Ctrl-C"
