@@ -85,7 +85,7 @@ class Stack:
 
     @property
     def grpc_port(self) -> int:
-        host, _, port = self.settings.grpc_listen.rpartition(":")
+        _, _, port = self.settings.grpc_listen.rpartition(":")
         return int(port)
 
     async def start_quotagate(self) -> Running:
@@ -127,8 +127,12 @@ class Stack:
         if completion_tokens is not None:
             headers["x-demo-completion-tokens"] = str(completion_tokens)
         headers.update(extra_headers or {})
-        body = {"model": "demo-small", "max_tokens": max_tokens, "stream": stream,
-                "messages": [{"role": "user", "content": content}]}
+        body = {
+            "model": "demo-small",
+            "max_tokens": max_tokens,
+            "stream": stream,
+            "messages": [{"role": "user", "content": content}],
+        }
         return await self.http.post("/v1/chat/completions", json=body, headers=headers)
 
     async def report(
@@ -136,8 +140,11 @@ class Stack:
     ) -> usage_pb2.ReportUsageResponse:
         return await self.usage.ReportUsage(
             usage_pb2.ReportUsageRequest(
-                request_id=request_id, user_id=user, model="demo-small",
-                prompt_tokens=prompt, completion_tokens=completion,
+                request_id=request_id,
+                user_id=user,
+                model="demo-small",
+                prompt_tokens=prompt,
+                completion_tokens=completion,
             )
         )
 

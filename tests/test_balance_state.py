@@ -16,7 +16,9 @@ DEFAULT = AdmissionMode.DEFAULT
 STRICT = AdmissionMode.STRICT
 
 
-def limits(allowance: int = 1000, status: AccountStatus = ACTIVE, warn: float = 0.80, crit: float = 0.95) -> AccountLimits:
+def limits(
+    allowance: int = 1000, status: AccountStatus = ACTIVE, warn: float = 0.80, crit: float = 0.95
+) -> AccountLimits:
     return AccountLimits(status=status, plan_id="p", allowance=allowance, warn_threshold=warn, critical_threshold=crit)
 
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from quotagate.core.charge import OpenGrant, allowance_used_after, split_charge, spend_order
+from quotagate.core.charge import OpenGrant, allowance_used_after, spend_order, split_charge
 from quotagate.core.model import ChargeSplit, GrantDraw
 
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)

@@ -70,7 +70,9 @@ async def test_user_goes_normal_warn_critical_blocked_and_a_grant_unblocks(stack
 async def test_suspended_account_gets_403_until_activated(stack: Stack, uid: str) -> None:
     assert (await stack.chat(uid)).status_code == 200
     auth = [("authorization", f"Bearer {ADMIN_TOKEN}")]
-    await stack.admin.SuspendAccount(admin_pb2.SetAccountStatusRequest(user_id=uid, reason="Card disputed."), metadata=auth)
+    await stack.admin.SuspendAccount(
+        admin_pb2.SetAccountStatusRequest(user_id=uid, reason="Card disputed."), metadata=auth
+    )
     denied = await stack.chat(uid)
     assert denied.status_code == 403
     error = denied.json()["error"]
@@ -112,7 +114,9 @@ async def test_spoofed_quota_user_header_is_overwritten(stack: Stack, uid: str) 
 
 async def test_malformed_body_gets_400_and_reserves_nothing(stack: Stack, uid: str) -> None:
     headers = {"authorization": f"Bearer {CLIENT_KEY}", "x-user-id": uid, "content-type": "application/json"}
-    response = await stack.http.post("/v1/chat/completions", content=b'{"model": "demo-small", "messages": [', headers=headers)
+    response = await stack.http.post(
+        "/v1/chat/completions", content=b'{"model": "demo-small", "messages": [', headers=headers
+    )
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
     absurd = await stack.http.post(

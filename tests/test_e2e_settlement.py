@@ -146,7 +146,12 @@ async def test_report_for_unknown_request_charges_the_named_user(
     ids=["negative prompt", "negative completion", "no request id", "no user", "absurd count"],
 )
 async def test_bad_reports_get_invalid_argument_and_charge_nothing(
-    database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path, report: usage_pb2.ReportUsageRequest, needle: str
+    database_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    tmp_path: Path,
+    report: usage_pb2.ReportUsageRequest,
+    needle: str,
 ) -> None:
     async with Stack(make_settings(database_url, redis_url, redis_prefix), tmp_path) as stack:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -185,12 +190,14 @@ async def test_admin_calls_need_the_admin_token(
             assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await stack.admin.GetAccount(
-                admin_pb2.GetAccountRequest(user_id="nobody-" + uid), metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")]
+                admin_pb2.GetAccountRequest(user_id="nobody-" + uid),
+                metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")],
             )
         assert missing.value.code() is grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.aio.AioRpcError) as no_reason:
             await stack.admin.GrantCredits(
-                admin_pb2.GrantCreditsRequest(user_id=uid, amount=10), metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")]
+                admin_pb2.GrantCreditsRequest(user_id=uid, amount=10),
+                metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")],
             )
         assert no_reason.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert (await stack.account(uid)).balance.credits == 0

@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from quotagate.core import messages
 from quotagate.core.messages import MAX_MESSAGE_CHARS, Language, MessageKey, format_reset, message
 
 LONG = "x" * 500
@@ -17,8 +18,6 @@ MULTILINE = "line one\nline two\r\nline three\ttabbed\u2028separated"
 
 def placeholders(language: Language, key: MessageKey) -> set[str]:
     """The field names a text uses, read from the formatter, so every key gets every value it needs."""
-    from quotagate.core import messages
-
     text = messages._TEXTS[language][key]
     return {name for _, name, _, _ in string.Formatter().parse(text) if name}
 

@@ -47,8 +47,12 @@ async def test_grpcurl_lists_services_and_runs_admin_calls_by_reflection(stack: 
     code, out, err = await grpcurl("-plaintext", address, "list")
     assert code == 0, err
     listed = set(out.split())
-    assert {"envoy.service.auth.v3.Authorization", "quotagate.v1.Usage", "quotagate.v1.Admin",
-            "grpc.health.v1.Health"} <= listed
+    assert {
+        "envoy.service.auth.v3.Authorization",
+        "quotagate.v1.Usage",
+        "quotagate.v1.Admin",
+        "grpc.health.v1.Health",
+    } <= listed
 
     assert (await stack.chat(uid)).status_code == 200
     auth = f"authorization: Bearer {ADMIN_TOKEN}"
@@ -57,14 +61,16 @@ async def test_grpcurl_lists_services_and_runs_admin_calls_by_reflection(stack: 
     assert code == 0, err
     assert json.loads(out)["balance"]["credits"] == "250"  # int64 is a string in proto JSON
 
-    code, out, err = await grpcurl("-plaintext", "-H", auth, "-d", json.dumps({"user_id": uid}), address,
-                                   "quotagate.v1.Admin/GetAccount")
+    code, out, err = await grpcurl(
+        "-plaintext", "-H", auth, "-d", json.dumps({"user_id": uid}), address, "quotagate.v1.Admin/GetAccount"
+    )
     assert code == 0, err
     account = json.loads(out)
     assert account["user_id"] == uid and account["balance"]["state"] == "normal"
 
-    code, out, err = await grpcurl("-plaintext", "-d", json.dumps({"user_id": uid}), address,
-                                   "quotagate.v1.Admin/GetAccount")
+    code, out, err = await grpcurl(
+        "-plaintext", "-d", json.dumps({"user_id": uid}), address, "quotagate.v1.Admin/GetAccount"
+    )
     assert code != 0
     assert "Unauthenticated" in err
 
@@ -86,9 +92,7 @@ async def test_http_probes_and_metrics(stack: Stack, uid: str) -> None:
     assert "quotagate_check_duration_seconds_count 2.0" in metrics
 
 
-async def test_readyz_reports_a_lost_redis(
-    database_url: str, redis_prefix: str, tmp_path: Path
-) -> None:
+async def test_readyz_reports_a_lost_redis(database_url: str, redis_prefix: str, tmp_path: Path) -> None:
     from quotagate.procs import free_port
 
     settings = make_settings(database_url, f"redis://127.0.0.1:{free_port()}/0", redis_prefix)

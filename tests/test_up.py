@@ -13,9 +13,9 @@ import httpx
 from quotagate.procs import free_port
 
 
-async def _read_until(stream: asyncio.StreamReader, marker: str, timeout: float) -> str:
+async def _read_until(stream: asyncio.StreamReader, marker: str, seconds: float) -> str:
     seen = ""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(seconds):
         while marker not in seen:
             line = await stream.readline()
             if not line:
@@ -29,12 +29,21 @@ async def test_up_runs_the_stack_reaches_blocked_and_stops_on_ctrl_c(tmp_path: P
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("QUOTAGATE_CONFIG", None)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "quotagate.cli", "up", "--port", str(port), "--state-dir", str(tmp_path / "state"),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+        sys.executable,
+        "-m",
+        "quotagate.cli",
+        "up",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(tmp_path / "state"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
     )
     assert proc.stdout is not None
     try:
-        banner = await _read_until(proc.stdout, "Ctrl-C stops everything.", timeout=90)
+        banner = await _read_until(proc.stdout, "Ctrl-C stops everything.", seconds=90)
         assert f"http://127.0.0.1:{port}" in banner
         assert "demo-key" in banner and "curl" in banner
 

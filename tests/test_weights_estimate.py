@@ -141,7 +141,9 @@ def test_parse_body_valid_chat_completion() -> None:
         stream=True,
     )
     req = parse_body(raw)
-    assert req == CompletionRequest(model="gpt-4o", prompt_chars=len("Be brief.") + len("Hello there"), max_tokens=256, stream=True)
+    assert req == CompletionRequest(
+        model="gpt-4o", prompt_chars=len("Be brief.") + len("Hello there"), max_tokens=256, stream=True
+    )
 
 
 def test_parse_body_without_max_tokens_or_stream() -> None:
@@ -170,7 +172,9 @@ def test_parse_body_list_of_parts_content() -> None:
 
 
 def test_parse_body_null_content_counts_nothing() -> None:
-    req = parse_body(body(model="m", messages=[{"role": "assistant", "content": None}, {"role": "user", "content": "x"}]))
+    req = parse_body(
+        body(model="m", messages=[{"role": "assistant", "content": None}, {"role": "user", "content": "x"}])
+    )
     assert req is not None and req.prompt_chars == 1
 
 

@@ -20,6 +20,7 @@ from quotagate.core.messages import Language
 from quotagate.core.model import AdmissionMode, ModelWeight, Plan
 
 DEFAULT_ADMIN_TOKEN = "change-me"  # accepted only outside production, so a demo works out of the box
+MIN_PRODUCTION_TOKEN_CHARS = 16
 
 
 class ConfigError(Exception):
@@ -90,6 +91,10 @@ class Settings:
         return ""
 
 
+def _is_sha256_hex(digest: str) -> bool:
+    return len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+
+
 def sha256_hex(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -127,7 +132,7 @@ class _Section:
         raw = self.take(name, str, "")
         try:
             return parse(raw)
-        except (ValueError, KeyError, ZoneInfoNotFoundError):
+        except (ValueError, KeyError, ZoneInfoNotFoundError, OSError):
             raise self.fail(name, f"{raw!r} is not one of {choices}") from None
 
     def items(self, name: str) -> list[_Section]:
@@ -165,8 +170,9 @@ def _weights(section: _Section, name: str) -> tuple[ModelWeight, ...]:
         if not pattern:
             raise item.fail("pattern", "required")
         w = ModelWeight(pattern, item.take("input", float, 1.0), item.take("output", float, 1.0))
-        if w.input < 0 or w.output < 0:
-            raise item.fail("input", "weights must not be negative")
+        for side in ("input", "output"):
+            if getattr(w, side) < 0:
+                raise item.fail(side, "weights must not be negative")
         item.done()
         weights.append(w)
     return tuple(weights)
@@ -197,7 +203,7 @@ def _client(item: _Section) -> Client:
         raise item.fail("key", "give key or key_sha256, not both")
     if plain:
         digest = sha256_hex(plain)
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+    if not _is_sha256_hex(digest):
         raise item.fail("key_sha256", "required: the SHA-256 hex digest of the client key")
     trusted = item.take("trusted", bool, False)
     user_id = item.take("user_id", str, "") or None
@@ -212,7 +218,7 @@ def _admin_token(item: _Section) -> AdminToken:
     if not name:
         raise item.fail("name", "required")
     digest = item.take("token_sha256", str, "").lower()
-    if len(digest) != 64:
+    if not _is_sha256_hex(digest):
         raise item.fail("token_sha256", "required: the SHA-256 hex digest of the token")
     role = item.take("role", str, "admin")
     if role not in ("viewer", "operator", "admin"):
@@ -233,6 +239,8 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     )
     if estimate.chars_per_token <= 0:
         raise est.fail("chars_per_token", "must be positive")
+    if estimate.prompt_margin <= 0:
+        raise est.fail("prompt_margin", "must be positive")
     est.done()
     plans = tuple(_plan(item) for item in top.items("plans")) or defaults.plans
     upstream = top.sub("upstream")
@@ -258,13 +266,17 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         redis_prefix=top.take("redis_prefix", str, defaults.redis_prefix),
         grpc_listen=env.get("QUOTAGATE_GRPC_LISTEN", top.take("grpc_listen", str, defaults.grpc_listen)),
         http_listen=env.get("QUOTAGATE_HTTP_LISTEN", top.take("http_listen", str, defaults.http_listen)),
-        production=env.get("QUOTAGATE_ENV", "") == "production" or top.take("production", bool, False),
+        production=top.take("production", bool, False) or env.get("QUOTAGATE_ENV", "") == "production",
         source=source,
     )
     top.done()
     if not any(p.id == settings.default_plan for p in settings.plans):
         raise ConfigError(f"{source}: default_plan: no plan named {settings.default_plan!r}")
     env_token = env.get("QUOTAGATE_ADMIN_TOKEN")
+    if env_token and settings.production and len(env_token) < MIN_PRODUCTION_TOKEN_CHARS:
+        raise ConfigError(
+            f"{source}: QUOTAGATE_ADMIN_TOKEN: production needs at least {MIN_PRODUCTION_TOKEN_CHARS} characters"
+        )
     if env_token:
         settings = _with_admin(settings, AdminToken("env", sha256_hex(env_token), "admin"))
     if settings.production and any(t.token_sha256 == sha256_hex(DEFAULT_ADMIN_TOKEN) for t in settings.admin_tokens):

@@ -108,6 +108,7 @@ async def _sweep(service: QuotaService) -> None:
     while True:
         await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
         try:
+            await service.refresh_stale()
             await service.expire_due()
         except Exception:  # the sweeper must outlive a store hiccup; it retries next round
             log.exception("expiring reservations failed")

@@ -14,7 +14,7 @@ from quotagate.config import Settings
 from quotagate.core.clock import Clock
 from quotagate.core.cycles import Cycle, cycle_at
 from quotagate.core.decide import Decision, Verdict
-from quotagate.core.errors import InvalidRequest, NotFound
+from quotagate.core.errors import InvalidRequest, NotFound, StoreUnavailable
 from quotagate.core.estimate import CompletionRequest, estimate_cost
 from quotagate.core.model import (
     AccountLimits,
@@ -76,6 +76,8 @@ class QuotaService:
         # user -> plan id, so Check weighs its estimate without a second store round trip. A stale entry
         # only skews one estimate; the charge uses the plan the ledger knows.
         self._plan_of: OrderedDict[str, str] = OrderedDict()
+        # Users whose ledger changed while Redis could not be told; refresh_stale() catches them up.
+        self._stale: set[str] = set()
 
     # -- pure helpers -------------------------------------------------------------------------------
 
@@ -204,7 +206,12 @@ class QuotaService:
     async def _settle(self, usage: UsageRecord, now: datetime) -> tuple[SettleOutcome, Balance]:
         cycle = self.cycle(now)
         outcome, snapshot = await self.ledger.record_usage(usage, cycle.key, now)
-        await self.hot.settle(usage.request_id, snapshot)
+        try:
+            await self.hot.settle(usage.request_id, snapshot)
+        except StoreUnavailable as exc:
+            # The charge is recorded; answering with an error would only invite a retry. The reservation
+            # expires and is then settled as a duplicate (no second charge); the balance is refreshed later.
+            self._mark_stale(snapshot.user_id, exc)
         if not outcome.charged:
             self.metrics.usage_reports.labels("duplicate" if usage.succeeded else "failed").inc()
         else:
@@ -248,8 +255,34 @@ class QuotaService:
 
     # -- balances -------------------------------------------------------------------------------------
 
+    async def _push(self, snapshot: LedgerSnapshot) -> None:
+        """Tells the hot state about a committed ledger change; a change that cannot be told now is caught up
+        by refresh_stale(), never reported as a failure (a retried grant would be granted twice)."""
+        try:
+            await self.hot.load(snapshot)
+        except StoreUnavailable as exc:
+            self._mark_stale(snapshot.user_id, exc)
+
+    def _mark_stale(self, user_id: str, exc: Exception) -> None:
+        self._stale.add(user_id)
+        log.warning("hot state not updated; will refresh", extra={"user_id": user_id, "error": str(exc)})
+
+    async def refresh_stale(self) -> int:
+        """Reloads the hot state of users whose ledger changed while Redis was unreachable."""
+        refreshed = 0
+        now = self.clock.now()
+        cycle = self.cycle(now)
+        for user_id in list(self._stale):
+            await self.hot.load(await self.ledger.snapshot(user_id, cycle.key, now))
+            self._stale.discard(user_id)
+            refreshed += 1
+        return refreshed
+
     async def _live_balance(self, snapshot: LedgerSnapshot, cycle: Cycle, now: datetime) -> Balance:
-        view = await self.hot.view(snapshot.user_id, cycle.key, now.timestamp())
+        try:
+            view = await self.hot.view(snapshot.user_id, cycle.key, now.timestamp())
+        except StoreUnavailable:
+            view = None  # the settled figures are the ledger's; only what is in flight is unknown
         reserved = view.reserved if view is not None else 0
         return Balance(
             user_id=snapshot.user_id,
@@ -292,7 +325,7 @@ class QuotaService:
         grant_id, snapshot = await self.ledger.grant(
             user_id, amount, reason.strip(), expires_at, source or "admin", actor, cycle.key, now
         )
-        await self.hot.load(snapshot)
+        await self._push(snapshot)
         return grant_id, await self._live_balance(snapshot, cycle, now)
 
     async def set_status(self, user_id: str, status: AccountStatus, reason: str, actor: str) -> Balance:
@@ -302,5 +335,5 @@ class QuotaService:
         now = self.clock.now()
         cycle = self.cycle(now)
         snapshot = await self.ledger.set_status(user_id, status, reason, actor, cycle.key, now)
-        await self.hot.load(snapshot)
+        await self._push(snapshot)
         return await self._live_balance(snapshot, cycle, now)

@@ -5,7 +5,9 @@ and tests/test_stores.py runs one behaviour suite against each pair. Every metho
 anything, so on one event loop each call is as atomic as a Lua script or a ledger transaction.
 
 Not modelled: key TTLs in Redis (a balance hash lives 40 days, a reservation 24 h past its expiry, both by
-the wall clock) and the ledger tables that nothing reads back (ledger entries are kept, but only as rows).
+the wall clock), and the plans table: PostgresLedger.ensure_account with an unknown plan id fails on the
+foreign key, while here the account is created and `limits_of` decides what an unknown plan means. Columns
+PostgreSQL fills with now() (created_at, recorded_at) take the wall clock here too.
 """
 
 from __future__ import annotations
@@ -115,9 +117,10 @@ class MemoryHotState:
         return reservation
 
     async def due_reservations(self, now: float, limit: int) -> list[str]:
-        # Redis's sorted set: by expiry, then by request id; `limit` <= 0 returns nothing, like LIMIT 0 n.
+        # Redis's sorted set: by expiry, then by request id. As ZRANGEBYSCORE ... LIMIT 0 n: n = 0 returns
+        # nothing, a negative n everything.
         due = sorted((r.expires_at, r.request_id) for r in self._reservations.values() if r.expires_at <= now)
-        return [request_id for _, request_id in due[: max(0, limit)]]
+        return [request_id for _, request_id in (due if limit < 0 else due[:limit])]
 
     async def forget(self, user_id: str, cycle: str) -> None:
         self._balances.pop((user_id, cycle), None)

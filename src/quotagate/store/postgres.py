@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
 from quotagate.core.charge import OpenGrant, allowance_used_after, split_charge
-from quotagate.core.errors import InvalidRequest, NotFound
+from quotagate.core.errors import InvalidRequest, NotFound, StoreUnavailable
 from quotagate.core.model import AccountStatus, LedgerSnapshot, Plan
 from quotagate.store.ports import AccountRecord, LimitsOf, NewAccount, SettleOutcome, UsageRecord
 
@@ -52,6 +54,33 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     return applied_now
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Losing the server (or never reaching it) is StoreUnavailable; constraint violations and bad SQL are bugs
+# and stay what they are.
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def _store(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except _CONNECTION_ERRORS as exc:
+            raise StoreUnavailable(f"postgresql: {type(exc).__name__}: {exc}") from exc
+
+    return wrapper
+
+
 def _account(row: asyncpg.Record) -> AccountRecord:
     return AccountRecord(
         user_id=row["user_id"],
@@ -84,6 +113,7 @@ class PostgresLedger:
     async def close(self) -> None:
         await self._pool.close()
 
+    @_store
     async def ping(self) -> None:
         async with self._pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
@@ -111,6 +141,7 @@ class PostgresLedger:
                     weights,
                 )
 
+    @_store
     async def ensure_account(self, account: NewAccount, plan_id: str) -> AccountRecord:
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
@@ -129,11 +160,13 @@ class PostgresLedger:
             )
             return _account(existing)
 
+    @_store
     async def get_account(self, user_id: str) -> AccountRecord | None:
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts a WHERE a.user_id = $1", user_id)
         return None if row is None else _account(row)
 
+    @_store
     async def snapshot(self, user_id: str, cycle: str, now: datetime) -> LedgerSnapshot:
         async with self._pool.acquire() as conn:
             return await self._snapshot(conn, user_id, cycle, now)
@@ -173,6 +206,7 @@ class PostgresLedger:
             raise NotFound(f"no account {user_id!r}")
         return _account(row)
 
+    @_store
     async def record_usage(self, usage: UsageRecord, cycle: str, now: datetime) -> tuple[SettleOutcome, LedgerSnapshot]:
         async with self._pool.acquire() as conn, conn.transaction():
             account = await self._lock_account(conn, usage.user_id)
@@ -254,6 +288,7 @@ class PostgresLedger:
         )
         await _bump_version(conn, account.user_id)
 
+    @_store
     async def grant(
         self,
         user_id: str,
@@ -311,6 +346,7 @@ class PostgresLedger:
             )
         return grant_id, after
 
+    @_store
     async def set_status(
         self, user_id: str, status: AccountStatus, reason: str, actor: str, cycle: str, now: datetime
     ) -> LedgerSnapshot:
