@@ -27,7 +27,7 @@ from quotagate.core.model import (
     Reservation,
 )
 from quotagate.store.memory import MemoryHotState, MemoryLedger
-from quotagate.store.ports import AccountRecord, HotState, Ledger, NewAccount, UsageRecord
+from quotagate.store.ports import AccountRecord, HotState, Ledger, NewAccount, NewGrant, UsageRecord
 from quotagate.store.postgres import PostgresLedger
 from quotagate.store.redis import RedisHotState
 
@@ -454,7 +454,7 @@ async def test_unknown_account_is_not_found(ledger: MemoryLedger | PostgresLedge
     with pytest.raises(NotFound):
         await ledger.record_usage(usage(uid, 10), CYCLE, NOW)
     with pytest.raises(NotFound):
-        await ledger.grant(uid, 10, "gift", None, "admin", "ops", CYCLE, NOW)
+        await ledger.grant(NewGrant(uid, 10, "gift", None, "admin", "ops"), CYCLE, NOW)
     with pytest.raises(NotFound):
         await ledger.set_status(uid, AccountStatus.SUSPENDED, "abuse", "ops", CYCLE, NOW)
     assert await ledger.usage_events(uid) == []
@@ -555,9 +555,9 @@ async def test_allowance_first_then_credits_earliest_expiring_first(
     await new_account(ledger, uid)
     soon, late = NOW + timedelta(days=5), NOW + timedelta(days=20)
     # Granted in an order unlike the spend order.
-    await ledger.grant(uid, 100, "never expires", None, "admin", "ops", CYCLE, NOW)
-    await ledger.grant(uid, 100, "expires late", late, "admin", "ops", CYCLE, NOW)
-    _, snapshot = await ledger.grant(uid, 100, "expires soon", soon, "admin", "ops", CYCLE, NOW)
+    await ledger.grant(NewGrant(uid, 100, "never expires", None, "admin", "ops"), CYCLE, NOW)
+    await ledger.grant(NewGrant(uid, 100, "expires late", late, "admin", "ops"), CYCLE, NOW)
+    _, snapshot = await ledger.grant(NewGrant(uid, 100, "expires soon", soon, "admin", "ops"), CYCLE, NOW)
     assert (snapshot.credits, snapshot.next_credit_expiry) == (300, soon)
 
     _, snapshot = await ledger.record_usage(usage(uid, 1050), CYCLE, NOW)  # allowance 1000 + 50 of "soon"
@@ -571,8 +571,8 @@ async def test_allowance_first_then_credits_earliest_expiring_first(
 async def test_expired_grants_are_excluded_and_never_drawn(ledger: MemoryLedger | PostgresLedger, uid: str) -> None:
     await new_account(ledger, uid)
     expiry = NOW + timedelta(hours=1)
-    await ledger.grant(uid, 100, "short promo", expiry, "promo", "ops", CYCLE, NOW)
-    _, snapshot = await ledger.grant(uid, 100, "purchase", None, "stripe", "ops", CYCLE, NOW)
+    await ledger.grant(NewGrant(uid, 100, "short promo", expiry, "promo", "ops"), CYCLE, NOW)
+    _, snapshot = await ledger.grant(NewGrant(uid, 100, "purchase", None, "stripe", "ops"), CYCLE, NOW)
     assert (snapshot.credits, snapshot.next_credit_expiry) == (200, expiry)
     at_expiry = await ledger.snapshot(uid, CYCLE, expiry)
     assert (at_expiry.credits, at_expiry.next_credit_expiry) == (100, None)
@@ -590,7 +590,7 @@ async def test_overdraft_is_kept_on_allowance_used(ledger: MemoryLedger | Postgr
     outcome, snapshot = await ledger.record_usage(usage(uid, 1200), CYCLE, NOW)
     assert (outcome.charged, outcome.cost) == (True, 1200)
     assert (snapshot.allowance_used, snapshot.credits) == (1200, 0)
-    _, snapshot = await ledger.grant(uid, 500, "top up", None, "admin", "ops", CYCLE, NOW)
+    _, snapshot = await ledger.grant(NewGrant(uid, 500, "top up", None, "admin", "ops"), CYCLE, NOW)
     assert (snapshot.allowance_used, snapshot.credits) == (1200, 500)
     _, snapshot = await ledger.record_usage(usage(uid, 100), CYCLE, NOW)  # no allowance left: credits
     assert (snapshot.allowance_used, snapshot.credits) == (1200, 400)
@@ -608,13 +608,13 @@ async def test_grant_validation(
 ) -> None:
     await new_account(ledger, uid)
     with pytest.raises(InvalidRequest):
-        await ledger.grant(uid, amount, "bad", expires_at, "admin", "ops", CYCLE, NOW)
+        await ledger.grant(NewGrant(uid, amount, "bad", expires_at, "admin", "ops"), CYCLE, NOW)
     snapshot = await ledger.snapshot(uid, CYCLE, NOW)
     assert (snapshot.credits, snapshot.version) == (0, 0)
     assert [a["action"] for a in await ledger.audit_entries(uid)] == ["account.create"]
     # Validation comes first: an invalid grant to an unknown account is an invalid request too.
     with pytest.raises(InvalidRequest):
-        await ledger.grant(f"{uid}-unknown", amount, "bad", expires_at, "admin", "ops", CYCLE, NOW)
+        await ledger.grant(NewGrant(f"{uid}-unknown", amount, "bad", expires_at, "admin", "ops"), CYCLE, NOW)
 
 
 async def test_version_strictly_increases_on_each_change(ledger: MemoryLedger | PostgresLedger, uid: str) -> None:
@@ -622,7 +622,7 @@ async def test_version_strictly_increases_on_each_change(ledger: MemoryLedger | 
     versions = [(await ledger.snapshot(uid, CYCLE, NOW)).version]
     request_id = rid()
     versions.append((await ledger.record_usage(usage(uid, 10, request_id), CYCLE, NOW))[1].version)
-    versions.append((await ledger.grant(uid, 50, "gift", None, "admin", "ops", CYCLE, NOW))[1].version)
+    versions.append((await ledger.grant(NewGrant(uid, 50, "gift", None, "admin", "ops"), CYCLE, NOW))[1].version)
     versions.append((await ledger.record_usage(usage(uid, 1000), CYCLE, NOW))[1].version)  # crosses into credits
     versions.append((await ledger.set_status(uid, AccountStatus.SUSPENDED, "abuse", "ops", CYCLE, NOW)).version)
     versions.append((await ledger.set_status(uid, AccountStatus.ACTIVE, "cleared", "ops", CYCLE, NOW)).version)
@@ -651,7 +651,7 @@ async def test_set_status_is_reflected_in_the_snapshot(ledger: MemoryLedger | Po
 async def test_audit_entries_for_grants_and_status_changes(ledger: MemoryLedger | PostgresLedger, uid: str) -> None:
     await new_account(ledger, uid)
     expiry = NOW + timedelta(days=30)
-    grant_id, _ = await ledger.grant(uid, 250, "support goodwill", expiry, "admin", "alice", CYCLE, NOW)
+    grant_id, _ = await ledger.grant(NewGrant(uid, 250, "support goodwill", expiry, "admin", "alice"), CYCLE, NOW)
     await ledger.set_status(uid, AccountStatus.SUSPENDED, "abuse report", "bob", CYCLE, NOW)
     await ledger.set_status(uid, AccountStatus.ACTIVE, "appeal accepted", "carol", CYCLE, NOW)
     entries = await ledger.audit_entries(uid)

@@ -32,6 +32,7 @@ from quotagate.store.ports import (
     HotView,
     Ledger,
     NewAccount,
+    NewGrant,
     SettleOutcome,
     UsageRecord,
 )
@@ -323,7 +324,7 @@ class QuotaService:
         now = self.clock.now()
         cycle = self.cycle(now)
         grant_id, snapshot = await self.ledger.grant(
-            user_id, amount, reason.strip(), expires_at, source or "admin", actor, cycle.key, now
+            NewGrant(user_id, amount, reason.strip(), expires_at, source or "admin", actor), cycle.key, now
         )
         await self._push(snapshot)
         return grant_id, await self._live_balance(snapshot, cycle, now)

@@ -20,7 +20,7 @@ from typing import Any
 
 from quotagate.core.charge import OpenGrant, allowance_used_after, split_charge
 from quotagate.core.decide import Verdict, admits
-from quotagate.core.errors import InvalidRequest, NotFound
+from quotagate.core.errors import NotFound
 from quotagate.core.model import (
     AccountStatus,
     AdmissionMode,
@@ -32,6 +32,7 @@ from quotagate.store.ports import (
     HotView,
     LimitsOf,
     NewAccount,
+    NewGrant,
     ReserveResult,
     SettleOutcome,
     UsageRecord,
@@ -287,53 +288,42 @@ class MemoryLedger:
             self._write_entry(usage.user_id, cycle, "usage", draws_from, amount, grant_id, usage.request_id, reason, "")
         account.version += 1
 
-    async def grant(
-        self,
-        user_id: str,
-        amount: int,
-        reason: str,
-        expires_at: datetime | None,
-        source: str,
-        actor: str,
-        cycle: str,
-        now: datetime,
-    ) -> tuple[int, LedgerSnapshot]:
-        if amount <= 0:
-            raise InvalidRequest("amount must be positive")
-        if expires_at is not None and expires_at <= now:
-            raise InvalidRequest("expires_at must be in the future")
-        account = self._account(user_id)
-        before = self._snapshot(user_id, cycle, now)
-        grant = _Grant(
+    async def grant(self, grant: NewGrant, cycle: str, now: datetime) -> tuple[int, LedgerSnapshot]:
+        grant.validate(now)
+        account = self._account(grant.user_id)
+        before = self._snapshot(grant.user_id, cycle, now)
+        stored = _Grant(
             id=next(self._grant_ids),
-            user_id=user_id,
-            amount=amount,
-            remaining=amount,
-            reason=reason,
-            source=source,
-            expires_at=None if expires_at is None else _utc(expires_at),
-            created_by=actor,
+            user_id=grant.user_id,
+            amount=grant.amount,
+            remaining=grant.amount,
+            reason=grant.reason,
+            source=grant.source,
+            expires_at=None if grant.expires_at is None else _utc(grant.expires_at),
+            created_by=grant.actor,
             created_at=_db_now(),
         )
-        self._grants.append(grant)
-        self._write_entry(user_id, cycle, "grant", "grant", amount, grant.id, None, reason, actor)
+        self._grants.append(stored)
+        self._write_entry(
+            grant.user_id, cycle, "grant", "grant", grant.amount, stored.id, None, grant.reason, grant.actor
+        )
         account.version += 1
-        after = self._snapshot(user_id, cycle, now)
+        after = self._snapshot(grant.user_id, cycle, now)
         self._write_audit(
-            actor,
+            grant.actor,
             "credits.grant",
-            user_id,
+            grant.user_id,
             {"credits": before.credits},
             {
                 "credits": after.credits,
-                "grant_id": grant.id,
-                "amount": amount,
-                "source": source,
-                "expires_at": expires_at.isoformat() if expires_at else None,
+                "grant_id": stored.id,
+                "amount": grant.amount,
+                "source": grant.source,
+                "expires_at": stored.expires_at.isoformat() if stored.expires_at else None,
             },
-            reason,
+            grant.reason,
         )
-        return grant.id, after
+        return stored.id, after
 
     async def set_status(
         self, user_id: str, status: AccountStatus, reason: str, actor: str, cycle: str, now: datetime

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from quotagate.core.errors import InvalidRequest
 from quotagate.core.model import (
     AccountLimits,
     AccountStatus,
@@ -60,6 +61,22 @@ class SettleOutcome:
 
 
 @dataclass(frozen=True)
+class NewGrant:
+    user_id: str
+    amount: int
+    reason: str
+    expires_at: datetime | None = None
+    source: str = "admin"
+    actor: str = ""
+
+    def validate(self, now: datetime) -> None:
+        if self.amount <= 0:
+            raise InvalidRequest("amount must be positive")
+        if self.expires_at is not None and self.expires_at <= now:
+            raise InvalidRequest("expires_at must be in the future")
+
+
+@dataclass(frozen=True)
 class NewAccount:
     user_id: str
     email: str = ""
@@ -80,17 +97,9 @@ class Ledger(Protocol):
         transaction; returns the account's snapshot for `cycle` afterwards."""
         ...
 
-    async def grant(
-        self,
-        user_id: str,
-        amount: int,
-        reason: str,
-        expires_at: datetime | None,
-        source: str,
-        actor: str,
-        cycle: str,
-        now: datetime,
-    ) -> tuple[int, LedgerSnapshot]: ...
+    async def grant(self, grant: NewGrant, cycle: str, now: datetime) -> tuple[int, LedgerSnapshot]:
+        """Adds a credit grant (validated with NewGrant.validate); returns its id and the snapshot after."""
+        ...
 
     async def set_status(
         self, user_id: str, status: AccountStatus, reason: str, actor: str, cycle: str, now: datetime

@@ -13,9 +13,9 @@ from typing import Any, ParamSpec, TypeVar
 import asyncpg
 
 from quotagate.core.charge import OpenGrant, allowance_used_after, split_charge
-from quotagate.core.errors import InvalidRequest, NotFound, StoreUnavailable
+from quotagate.core.errors import NotFound, StoreUnavailable
 from quotagate.core.model import AccountStatus, LedgerSnapshot, Plan
-from quotagate.store.ports import AccountRecord, LimitsOf, NewAccount, SettleOutcome, UsageRecord
+from quotagate.store.ports import AccountRecord, LimitsOf, NewAccount, NewGrant, SettleOutcome, UsageRecord
 
 _ACCOUNT_COLUMNS = """a.user_id, a.email, a.name, a.plan_id, a.status, a.status_reason, a.allowance_override,
     a.warn_threshold, a.critical_threshold, a.created_at"""
@@ -289,60 +289,47 @@ class PostgresLedger:
         await _bump_version(conn, account.user_id)
 
     @_store
-    async def grant(
-        self,
-        user_id: str,
-        amount: int,
-        reason: str,
-        expires_at: datetime | None,
-        source: str,
-        actor: str,
-        cycle: str,
-        now: datetime,
-    ) -> tuple[int, LedgerSnapshot]:
-        if amount <= 0:
-            raise InvalidRequest("amount must be positive")
-        if expires_at is not None and expires_at <= now:
-            raise InvalidRequest("expires_at must be in the future")
+    async def grant(self, grant: NewGrant, cycle: str, now: datetime) -> tuple[int, LedgerSnapshot]:
+        grant.validate(now)
         async with self._pool.acquire() as conn, conn.transaction():
-            await self._lock_account(conn, user_id)
-            before = await self._snapshot(conn, user_id, cycle, now)
+            await self._lock_account(conn, grant.user_id)
+            before = await self._snapshot(conn, grant.user_id, cycle, now)
             grant_id: int = await conn.fetchval(
                 """INSERT INTO credit_grants (user_id, amount, remaining, reason, source, expires_at, created_by)
                    VALUES ($1, $2, $2, $3, $4, $5, $6) RETURNING id""",
-                user_id,
-                amount,
-                reason,
-                source,
-                expires_at,
-                actor,
+                grant.user_id,
+                grant.amount,
+                grant.reason,
+                grant.source,
+                grant.expires_at,
+                grant.actor,
             )
             await conn.execute(
                 """INSERT INTO ledger_entries (user_id, cycle, kind, draws_from, amount, grant_id, reason, actor)
                    VALUES ($1, $2, 'grant', 'grant', $3, $4, $5, $6)""",
-                user_id,
+                grant.user_id,
                 cycle,
-                amount,
+                grant.amount,
                 grant_id,
-                reason,
-                actor,
+                grant.reason,
+                grant.actor,
             )
-            await _bump_version(conn, user_id)
-            after = await self._snapshot(conn, user_id, cycle, now)
+            await _bump_version(conn, grant.user_id)
+            after = await self._snapshot(conn, grant.user_id, cycle, now)
             await _audit(
                 conn,
-                actor,
+                grant.actor,
                 "credits.grant",
-                user_id,
+                grant.user_id,
                 {"credits": before.credits},
                 {
                     "credits": after.credits,
                     "grant_id": grant_id,
-                    "amount": amount,
-                    "source": source,
-                    "expires_at": expires_at.isoformat() if expires_at else None,
+                    "amount": grant.amount,
+                    "source": grant.source,
+                    "expires_at": grant.expires_at.isoformat() if grant.expires_at else None,
                 },
-                reason,
+                grant.reason,
             )
         return grant_id, after
 
