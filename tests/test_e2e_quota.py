@@ -155,3 +155,15 @@ async def test_messages_in_portuguese(database_url: str, redis_url: str, redis_p
         response = await stack.chat("alguem", key="chave-errada")
         assert response.status_code == 401
         assert response.json()["error"]["message"] == "Chave de API ausente ou inválida."
+
+
+async def test_unknown_user_is_created_with_the_default_plan_and_their_details(stack: Stack, uid: str) -> None:
+    extra = {"x-user-email": "maria@example.com", "x-user-name": "Maria Silva"}
+    assert (await stack.chat(uid, extra_headers=extra)).status_code == 200
+    account = await stack.account(uid)
+    assert (account.email, account.name, account.plan, account.status) == (
+        "maria@example.com",
+        "Maria Silva",
+        "small",
+        "active",
+    )
