@@ -29,10 +29,12 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
+import urllib.request
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+import redis as redis_sync
 import redis.asyncio as aioredis
 import yaml
 
@@ -55,6 +58,24 @@ CALL_TIMEOUT = 10.0
 MAX_CALLS_PER_WORKER = 5_000_000
 
 Cleanup = Callable[[], Any]
+
+# Set when the run is being torn down (Ctrl-C, SIGTERM, an error): loads in progress stop at once.
+_ABORT = threading.Event()
+# Barriers and client processes of the load in progress, so abort_load() can break and stop them.
+_LIVE: list[Any] = []
+
+
+def abort_load() -> None:
+    """Stops a load running in another thread of this process (and its client processes) right away."""
+    _ABORT.set()
+    for item in list(_LIVE):
+        if hasattr(item, "abort"):
+            with contextlib.suppress(Exception):
+                item.abort()
+    for item in list(_LIVE):
+        if hasattr(item, "terminate"):
+            with contextlib.suppress(Exception):
+                item.terminate()
 
 
 # -- process-wide signal handling ----------------------------------------------------------------------------
@@ -101,6 +122,7 @@ class Bench:
         await self.close()
 
     async def close(self) -> None:
+        abort_load()
         while self._cleanups:
             what, cleanup = self._cleanups.pop()
             try:
@@ -237,16 +259,6 @@ async def delete_redis_keys(redis_url: str, prefix: str, max_keys: int = 20_000_
     return deleted
 
 
-async def redis_cpu_seconds(redis_url: str) -> float:
-    """CPU time the Redis server used so far (its own INFO, so it works for a server we did not start)."""
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        info = await client.info("cpu")
-    finally:
-        await client.aclose()
-    return float(info.get("used_cpu_sys", 0.0)) + float(info.get("used_cpu_user", 0.0))
-
-
 # -- quotagate as a separate process --------------------------------------------------------------------------
 
 
@@ -277,7 +289,10 @@ def quotagate_config(stores: Stores, client_key: str) -> dict[str, Any]:
     }
 
 
-async def start_quotagate(bench: Bench, stores: Stores, log_level: str = "INFO") -> Quotagate:
+async def start_quotagate(
+    bench: Bench, stores: Stores, log_level: str = "INFO", profile_path: Path | None = None
+) -> Quotagate:
+    """quotagate in its own process; with `profile_path` under cProfile (written when it stops on SIGTERM)."""
     client_key = "bench-" + secrets.token_hex(16)
     config_path = bench.tmp / "quotagate.yaml"
     config_path.write_text(yaml.safe_dump(quotagate_config(stores, client_key), sort_keys=False), encoding="utf-8")
@@ -294,6 +309,8 @@ async def start_quotagate(bench: Bench, stores: Stores, log_level: str = "INFO")
     env.pop("QUOTAGATE_CONFIG", None)
     env.pop("QUOTAGATE_ENV", None)
     argv = [sys.executable, "-m", "quotagate.cli", "serve", "--config", str(config_path), "--log-level", log_level]
+    if profile_path is not None:
+        argv[1:1] = ["-m", "cProfile", "-o", str(profile_path)]
     proc = bench.manage(ManagedProcess(argv, bench.tmp / "quotagate.log", env=env, name="quotagate").start())
     await wait_for_port(HOST, grpc_port, timeout=60, process=proc)
     await wait_ready(http_port, proc)
@@ -319,13 +336,10 @@ async def wait_ready(http_port: int, proc: ManagedProcess, timeout: float = 30.0
     raise TimeoutError(f"quotagate not ready after {timeout}s ({last})")
 
 
-async def scrape_metrics(http_port: int) -> dict[str, float]:
-    """quotagate's /metrics as {"name{labels}": value}."""
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-        session.get(f"http://{HOST}:{http_port}/metrics") as response,
-    ):
-        text = await response.text()
+def scrape_metrics(http_port: int) -> dict[str, float]:
+    """quotagate's /metrics as {"name{labels}": value} (blocking)."""
+    with urllib.request.urlopen(f"http://{HOST}:{http_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
     values: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -343,14 +357,76 @@ def metric_delta(before: dict[str, float], after: dict[str, float], prefix: str)
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """user + system CPU time of one process (all its threads) from /proc; 0 if unreadable."""
+    """user + system CPU time of one process (all its threads) from /proc; NaN if unreadable."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
             fields = stat.read().rpartition(")")[2].split()
     except OSError:
-        return 0.0
-    # After the command name: state is field 3, utime 14 and stime 15 (1-based) of the full line.
+        return math.nan
+    # Counted after the command name: utime and stime are the 12th and 13th fields.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu_seconds(redis_url: str) -> float:
+    """CPU time the Redis server used so far, from its own INFO (so it works for a server we did not start)."""
+    client = redis_sync.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        info = client.info("cpu")
+    finally:
+        client.close()
+    return float(info.get("used_cpu_sys", 0.0)) + float(info.get("used_cpu_user", 0.0))
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    # guest time is already counted in user time
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Snapshot:
+    wall: float
+    cpu: dict[str, float]
+    metrics: dict[str, float]
+
+
+class Probe:
+    """CPU time of the processes under test (and Redis), plus quotagate's metrics, at one moment."""
+
+    def __init__(self, pids: dict[str, int], redis_url: str | None = None, metrics_port: int | None = None) -> None:
+        self.pids, self.redis_url, self.metrics_port = pids, redis_url, metrics_port
+
+    def snapshot(self) -> Snapshot:
+        cpu = {name: process_cpu_seconds(pid) for name, pid in self.pids.items()}
+        cpu["machine"] = machine_busy_seconds()
+        if self.redis_url:
+            cpu["redis"] = redis_cpu_seconds(self.redis_url)
+        metrics = scrape_metrics(self.metrics_port) if self.metrics_port else {}
+        return Snapshot(time.perf_counter(), cpu, metrics)
+
+
+def cpu_percent(before: Snapshot, after: Snapshot, name: str) -> float:
+    """Percent of one core `name` used between the snapshots."""
+    wall = after.wall - before.wall
+    if wall <= 0 or name not in after.cpu:
+        return math.nan
+    return 100 * (after.cpu[name] - before.cpu[name]) / wall
+
+
+def print_profile(path: Path, limit: int = 25) -> None:
+    """The top of a cProfile file, by own time and by cumulative time."""
+    import pstats
+
+    if not path.exists():
+        print(f"no profile at {path} (did quotagate stop cleanly?)")
+        return
+    for order in ("tottime", "cumulative"):
+        print(f"--- quotagate profile, top {limit} by {order} ---", flush=True)
+        pstats.Stats(str(path), stream=sys.stdout).strip_dirs().sort_stats(order).print_stats(limit)
+    sys.stdout.flush()
 
 
 def machine_note() -> str:
@@ -439,7 +515,7 @@ async def closed_loop(calls: Sequence[Call], seconds: float, record: bool = True
         latencies = result.latencies
         for _ in range(MAX_CALLS_PER_WORKER):
             t0 = time.perf_counter()
-            if t0 >= end:
+            if t0 >= end or _ABORT.is_set():
                 return
             try:
                 await asyncio.wait_for(call(), CALL_TIMEOUT)
@@ -466,7 +542,7 @@ async def closed_loop(calls: Sequence[Call], seconds: float, record: bool = True
 # A load entry: `async def load(payload, concurrency, seconds, warmup, ready) -> LoadResult` at module level of
 # the benchmark script; it builds its clients, warms up, awaits `ready()` (all client processes are warm), then
 # measures with `closed_loop` and closes its clients.
-LoadEntry = Callable[[Any, int, float, float, Callable[[], Awaitable[None]]], Awaitable[LoadResult]]
+LoadEntry = Callable[[Any, int, float, float, Callable[[], Awaitable[None]]], Coroutine[Any, Any, LoadResult]]
 
 
 def split_concurrency(concurrency: int, clients: int) -> list[int]:
@@ -475,49 +551,74 @@ def split_concurrency(concurrency: int, clients: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(clients)]
 
 
-async def _no_wait() -> None:
-    return None
-
-
-def _child(entry: LoadEntry, payload: Any, concurrency: int, seconds: float, warmup: float, barrier: Any,
-           results: Any, index: int) -> None:  # fmt: skip
+def _child(entry: LoadEntry, payload: Any, concurrency: int, seconds: float, warmup: float,
+           barriers: tuple[Any, Any], results: Any, index: int) -> None:  # fmt: skip
     # The parent stops us; a terminal's Ctrl-C reaches the whole foreground group, so ignore it here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     async def ready() -> None:
-        await asyncio.to_thread(barrier.wait, 120)
+        # All warm -> the parent takes its start snapshot -> all go.
+        for barrier in barriers:
+            await asyncio.to_thread(barrier.wait, BARRIER_TIMEOUT)
 
     try:
         result = asyncio.run(entry(payload, concurrency, seconds, warmup, ready))
         results.put((index, result, ""))
     except BaseException:
-        with contextlib.suppress(Exception):
-            barrier.abort()
+        for barrier in barriers:
+            with contextlib.suppress(Exception):
+                barrier.abort()
         results.put((index, None, traceback.format_exc()))
 
 
-def run_load(entry: LoadEntry, payload: Any, concurrency: int, clients: int, seconds: float,
-             warmup: float) -> LoadResult:  # fmt: skip
+BARRIER_TIMEOUT = 120.0
+
+
+def run_load(entry: LoadEntry, payload: Any, concurrency: int, clients: int, seconds: float, warmup: float,
+             on_start: Callable[[], None] | None = None) -> LoadResult:  # fmt: skip
     """Runs `entry` in this process (clients <= 1) or in up to `clients` spawned processes and sums them.
 
-    Blocking: call it from a thread (asyncio.to_thread) when an event loop runs here.
+    `on_start` runs once every client is warmed up, right before the measured period (e.g. to snapshot the
+    server's CPU time). Blocking: call it from a thread (asyncio.to_thread) when an event loop runs here.
     """
     if clients <= 1:
-        return asyncio.run(entry(payload, concurrency, seconds, warmup, _no_wait))
+
+        async def ready() -> None:
+            if on_start is not None:
+                on_start()
+
+        return asyncio.run(entry(payload, concurrency, seconds, warmup, ready))
     shares = split_concurrency(concurrency, clients)
     ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(len(shares))
+    barriers = (ctx.Barrier(len(shares) + 1), ctx.Barrier(len(shares) + 1))  # the clients and this thread
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_child, args=(entry, payload, share, seconds, warmup, barrier, results, i), daemon=True)
+        ctx.Process(target=_child, args=(entry, payload, share, seconds, warmup, barriers, results, i), daemon=True)
         for i, share in enumerate(shares)
     ]
     collected: list[LoadResult] = []
+    failure = ""
+    _LIVE.extend([*barriers, *procs])
     try:
+        if _ABORT.is_set():
+            raise RuntimeError("the run is being stopped")
         for proc in procs:
             proc.start()
-        deadline = time.monotonic() + 120 + warmup + seconds + CALL_TIMEOUT
-        while len(collected) < len(procs):
+        try:
+            barriers[0].wait(BARRIER_TIMEOUT)
+            try:
+                if on_start is not None:
+                    on_start()
+            except BaseException:
+                barriers[1].abort()
+                raise
+            barriers[1].wait(BARRIER_TIMEOUT)
+        except threading.BrokenBarrierError:
+            failure = "the client processes did not all get ready"
+        deadline = time.monotonic() + BARRIER_TIMEOUT + seconds + CALL_TIMEOUT
+        while len(collected) < len(procs) and not failure:
+            if _ABORT.is_set():
+                raise RuntimeError("the run is being stopped")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("client processes did not report in time")
@@ -525,14 +626,26 @@ def run_load(entry: LoadEntry, payload: Any, concurrency: int, clients: int, sec
                 _, result, error = results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
                 if all(not p.is_alive() for p in procs) and results.empty():
-                    raise RuntimeError("client processes exited without a result") from None
+                    failure = "client processes exited without a result"
                 continue
             if result is None:
-                raise RuntimeError(f"a client process failed:\n{error}")
-            collected.append(result)
+                failure = f"a client process failed:\n{error}"
+            else:
+                collected.append(result)
+        if failure:
+            # The failing child put its traceback on the queue; show it if it is there.
+            with contextlib.suppress(queue.Empty):
+                for _ in range(len(procs)):
+                    _, result, error = results.get(timeout=1.0)
+                    if result is None and error:
+                        failure += f"\n{error}"
+                        break
+            raise RuntimeError(failure)
         for proc in procs:
             proc.join(timeout=10)
     finally:
+        for item in [*barriers, *procs]:
+            _LIVE.remove(item)
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()

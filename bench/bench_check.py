@@ -1,0 +1,288 @@
+"""Check calls/s and latency straight over gRPC, against quotagate in its own process and real Redis state.
+
+    scripts/dev python bench/bench_check.py [--seconds 5] [--concurrency 1,16,64] [--clients N]
+
+Each call is envoy.service.auth.v3.Authorization/Check with the request Envoy would send for
+POST /v1/chat/completions: the trusted client key, an x-user-id spread over --users users, a unique
+x-request-id and a small JSON chat body in attributes.request.http.raw_body. Every allowed Check places a
+reservation in Redis (one Lua script: balance hash, reservation hash, expiry index), so the load exercises
+the real hot state. The plan's allowance is huge, so nothing is ever denied.
+
+The request is serialized once per user; per call only the x-request-id header is appended as serialized
+protobuf (a later map entry merges into the message), so the client spends its time on gRPC, not protobuf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import math
+import os
+import secrets
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import common
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2
+
+from quotagate.procs import ManagedProcess, free_port, wait_for_port
+
+CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
+CHAT_BODY = (
+    b'{"model":"demo-small","max_tokens":50,"stream":false,'
+    b'"messages":[{"role":"user","content":"Hello there! Summarise the plot of Hamlet in one line."}]}'
+)
+# x-request-id = <tag 8>-<phase 2>-<pid 7>-<counter 12>: always the same length, see id_prefix().
+_ID_TEMPLATE = "t" * 8 + "-00-0000000-000000000000"
+
+
+class Denied(Exception):
+    pass
+
+
+def base_request(client_key: str, user: str) -> bytes:
+    """The CheckRequest Envoy sends for a chat completion, without x-request-id, serialized."""
+    request = external_auth_pb2.CheckRequest()
+    attrs = request.attributes
+    attrs.source.address.socket_address.address = "127.0.0.1"
+    attrs.source.address.socket_address.port_value = 40000
+    attrs.destination.address.socket_address.address = "127.0.0.1"
+    attrs.destination.address.socket_address.port_value = 10000
+    http = attrs.request.http
+    http.id = "10000000000000000000"
+    http.method = "POST"
+    http.path = "/v1/chat/completions"
+    http.host = "127.0.0.1:10000"
+    http.scheme = "http"
+    http.protocol = "HTTP/1.1"
+    http.size = len(CHAT_BODY)
+    http.headers.update(
+        {
+            ":authority": "127.0.0.1:10000",
+            ":method": "POST",
+            ":path": "/v1/chat/completions",
+            ":scheme": "http",
+            "authorization": f"Bearer {client_key}",
+            "content-type": "application/json",
+            "content-length": str(len(CHAT_BODY)),
+            "user-agent": "quotagate-bench",
+            "x-forwarded-proto": "http",
+            "x-user-id": user,
+        }
+    )
+    http.raw_body = CHAT_BODY
+    data: bytes = request.SerializeToString()
+    return data
+
+
+def id_prefix() -> bytes:
+    """Serialized CheckRequest bytes that, followed by an id of _ID_TEMPLATE's length, set x-request-id."""
+    request = external_auth_pb2.CheckRequest()
+    request.attributes.request.http.headers["x-request-id"] = _ID_TEMPLATE
+    data: bytes = request.SerializeToString()
+    assert data.endswith(_ID_TEMPLATE.encode())
+    return data[: -len(_ID_TEMPLATE)]
+
+
+@dataclass(frozen=True)
+class Payload:
+    target: str
+    bases: tuple[bytes, ...]
+    prefix: bytes
+    tag: str
+    phase: int = 0
+
+
+def make_caller(channel: grpc.aio.Channel, payload: Payload) -> Callable[[], Awaitable[None]]:
+    check = channel.unary_unary(CHECK_METHOD)  # no serializers: bytes in, bytes out
+    head = f"{payload.tag}-{payload.phase:02d}-{os.getpid() % 10_000_000:07d}-".encode()
+    bases, prefix, users = payload.bases, payload.prefix, len(payload.bases)
+    counter = itertools.count()
+
+    async def call() -> None:
+        n = next(counter)
+        raw = await check(bases[n % users] + prefix + head + b"%012d" % n, timeout=common.CALL_TIMEOUT)
+        response = external_auth_pb2.CheckResponse.FromString(raw)
+        if response.status.code != 0:
+            raise Denied(f"Check answered code {response.status.code}: {response.denied_response.body[:200]}")
+
+    return call
+
+
+async def check_load(
+    payload: Payload, concurrency: int, seconds: float, warmup: float, ready: Callable[[], Awaitable[None]]
+) -> common.LoadResult:
+    """The load entry (common.run_load): one channel per client process, `concurrency` calls in flight."""
+    channel = grpc.aio.insecure_channel(payload.target)
+    try:
+        await asyncio.wait_for(channel.channel_ready(), 30)
+        call = make_caller(channel, payload)
+        if warmup > 0:
+            warm = await common.closed_loop([call] * concurrency, warmup, record=False)
+            if warm.errors:
+                raise RuntimeError(f"warm-up failed: {warm.errors} errors, first: {warm.first_error}")
+        await ready()
+        return await common.closed_loop([call] * concurrency, seconds)
+    finally:
+        await channel.close()
+
+
+async def prime(payload: Payload) -> None:
+    """One Check per user, so every account exists (PostgreSQL) and is cached in Redis before measuring."""
+    async with grpc.aio.insecure_channel(payload.target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 30)
+        call = make_caller(channel, payload)
+        for _ in payload.bases:
+            await call()
+
+
+def verify_request_encoding(payload: Payload) -> None:
+    data = payload.bases[0] + payload.prefix + _ID_TEMPLATE.encode()
+    headers = external_auth_pb2.CheckRequest.FromString(data).attributes.request.http.headers
+    assert headers["x-request-id"] == _ID_TEMPLATE and headers["x-user-id"], "request id merge is broken"
+
+
+def parse_levels(text: str) -> list[int]:
+    levels = [int(part) for part in text.split(",") if part.strip()]
+    if not levels or any(level < 1 or level > 4096 for level in levels):
+        raise argparse.ArgumentTypeError("concurrency levels must be integers in 1..4096")
+    return levels
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    async with common.Bench("bench-check", keep_tmp=args.keep_tmp) as bench:
+        stores = await common.start_stores(bench, args.database_url, args.redis_url)
+        profile_path = bench.tmp / "quotagate.prof" if args.profile else None
+        qg = await common.start_quotagate(bench, stores, log_level=args.log_level, profile_path=profile_path)
+        payload = Payload(
+            target=qg.grpc_target,
+            bases=tuple(base_request(qg.client_key, f"bench-user-{i:04d}") for i in range(args.users)),
+            prefix=id_prefix(),
+            tag=secrets.token_hex(4),
+        )
+        verify_request_encoding(payload)
+        await prime(payload)
+        servers = [Server("quotagate", payload, common.Probe({"server": qg.proc.pid}, stores.redis_url, qg.http_port))]
+        if args.baseline:
+            port = free_port()
+            argv = [sys.executable, str(Path(__file__).with_name("trivial_authz.py")), "--port", str(port)]
+            trivial = bench.manage(ManagedProcess(argv, bench.tmp / "trivial.log", name="trivial-authz").start())
+            await wait_for_port(common.HOST, port, timeout=30, process=trivial)
+            probe = common.Probe({"server": trivial.pid}, stores.redis_url)
+            servers.append(Server("trivial grpc.aio", replace(payload, target=f"{common.HOST}:{port}"), probe))
+
+        print(f"bench_check: {time.strftime('%Y-%m-%d %H:%M')}, {common.machine_note()}")
+        print(f"  {stores.database_note}")
+        print(f"  {stores.redis_note}")
+        print(f"  quotagate: one process (python -m quotagate.cli serve), gRPC {qg.grpc_target}")
+        if args.baseline:
+            print("  baseline: bench/trivial_authz.py, an always-OK grpc.aio Check server in its own process")
+        load_note = (
+            "this process (one grpc.aio channel)"
+            if args.clients <= 1
+            else f"up to {args.clients} client processes (one grpc.aio channel each), results summed"
+        )
+        print(f"  load: closed loop from {load_note}; {args.warmup:g} s warm-up + {args.seconds:g} s per level")
+        print(f"  users: {args.users}; every allowed Check reserves in Redis\n", flush=True)
+
+        headers = ["server", "concurrency", "clients", "calls", "calls/s", "p50 ms", "p99 ms", "max ms", "errors",
+                   "handler ms", "server CPU%", "redis CPU%", "client CPU%", "other CPU%"]  # fmt: skip
+        rows: list[list[object]] = []
+        problems: list[str] = []
+        best = 0.0
+        phases = itertools.count(1)
+        for level in args.concurrency:
+            for server in servers:
+                row, result = await measure(server, next(phases), level, args)
+                rows.append(row)
+                if server.name == "quotagate":
+                    best = max(best, result.rate)
+                if result.errors:
+                    problems.append(f"{server.name}, concurrency {level}: {result.errors} errors, "
+                                    f"first: {result.first_error}")  # fmt: skip
+
+        common.print_table(headers, rows, title="Check over gRPC (calls/s = successful calls / measured seconds)")
+        print("handler ms: mean time inside quotagate's Check handler (quotagate_check_duration_seconds, sum/count).")
+        print(
+            f"CPU%: percent of one core ({os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%) over the measured"
+            " period; server = the Check server process (all its threads); other = the rest of the machine"
+            " (nothing else of ours runs here, so that is another workload sharing the cores)."
+        )
+        verdict = "met" if best >= 3000 else "NOT met"
+        print(f"target >= 3,000 Check calls/s with real Redis state: {verdict} (best {best:,.0f} calls/s)")
+        for problem in problems:
+            print(f"problem: {problem}")
+        if profile_path is not None:
+            print("\n(quotagate ran under cProfile: the figures above are slowed down by the profiler)")
+            await asyncio.to_thread(qg.proc.stop)  # SIGTERM: quotagate stops cleanly and cProfile writes its file
+            common.print_profile(profile_path)
+        return 1 if problems else 0
+
+
+@dataclass
+class Server:
+    name: str
+    payload: Payload
+    probe: common.Probe
+
+
+async def measure(
+    server: Server, phase: int, level: int, args: argparse.Namespace
+) -> tuple[list[object], common.LoadResult]:
+    marks: list[common.Snapshot] = []
+
+    def mark_start() -> None:
+        marks.append(server.probe.snapshot())
+
+    payload = replace(server.payload, phase=phase)
+    result = await asyncio.to_thread(
+        common.run_load, check_load, payload, level, args.clients, args.seconds, args.warmup, mark_start
+    )
+    after = server.probe.snapshot()
+    before = marks[0]
+    checks = common.metric_delta(before.metrics, after.metrics, "quotagate_check_duration_seconds_count")
+    check_sum = common.metric_delta(before.metrics, after.metrics, "quotagate_check_duration_seconds_sum")
+    handler_ms = 1000 * check_sum / checks if checks else math.nan
+    p50, p99, worst = result.summary()
+    wall = after.wall - before.wall
+    server_cpu = common.cpu_percent(before, after, "server")
+    redis_cpu = common.cpu_percent(before, after, "redis")
+    client_cpu = 100 * result.client_cpu / wall if wall > 0 else math.nan
+    other_cpu = common.cpu_percent(before, after, "machine") - server_cpu - redis_cpu - client_cpu
+    common.log(f"{server.name}, concurrency {level}: {result.rate:,.0f} calls/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    row: list[object] = [server.name, level, result.processes, result.calls, result.rate, p50, p99, worst,
+                         result.errors, handler_ms, server_cpu, redis_cpu, client_cpu, max(0.0, other_cpu)]  # fmt: skip
+    return row, result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_arguments(parser)
+    parser.add_argument("--concurrency", type=parse_levels, default=[1, 16, 64], help="levels (default 1,16,64)")
+    parser.add_argument("--log-level", default="INFO", help="quotagate's log level (default INFO)")
+    parser.add_argument(
+        "--profile", action="store_true", help="run quotagate under cProfile and print where its time goes"
+    )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also measure bench/trivial_authz.py (an always-OK grpc.aio Check server) at each level",
+    )
+    args = parser.parse_args()
+    if args.users < 1 or args.clients < 1 or not 0 < args.seconds <= 600 or not 0 <= args.warmup <= 60:
+        parser.error("--users and --clients must be positive, --seconds in (0, 600], --warmup in [0, 60]")
+    common.install_signal_handlers()
+    try:
+        return asyncio.run(main_async(args))
+    except KeyboardInterrupt:
+        common.log("interrupted; everything started was stopped")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

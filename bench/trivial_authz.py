@@ -1,0 +1,77 @@
+"""A trivial grpc.aio Check server (always OK, no state): the gRPC floor quotagate is compared with.
+
+    python bench/trivial_authz.py --port P
+
+bench_check.py --baseline starts it as its own process, like quotagate, and sends it the same load. It uses the
+same server options as quotagate.server and answers with a fixed OkHttpResponse of the same shape (a few
+headers and dynamic metadata), but reads no body and touches no store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def _response() -> external_auth_pb2.CheckResponse:
+    metadata = struct_pb2.Struct()
+    metadata.update({"user_id": "someone", "client": "bench", "state": "normal", "estimate": 70, "reserved": True})
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=[_header("x-quota-user", "someone")],
+            response_headers_to_add=[_header("x-quota-state", "normal"), _header("x-quota-remaining", "1000")],
+        ),
+        dynamic_metadata=metadata,
+    )
+
+
+class TrivialAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self._ok = _response()
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        return self._ok
+
+
+async def serve(port: int) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 8 << 20)])
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(TrivialAuthorization(), server)
+    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+        raise OSError(f"cannot listen on 127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A trivial always-OK ext_authz Check server.")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args.port))
+
+
+if __name__ == "__main__":
+    main()
