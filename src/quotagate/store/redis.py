@@ -20,6 +20,7 @@ from quotagate.core.model import (
     Reservation,
 )
 from quotagate.store.ports import HotView, ReserveResult
+from quotagate.store.resp import PipelinedRedis, Script
 
 # A balance hash outlives its cycle by far, so it is there for the whole month.
 BALANCE_TTL_MS = 40 * 24 * 3600 * 1000
@@ -63,11 +64,14 @@ def _view(values: list[Any]) -> HotView:
 
 
 class RedisHotState:
-    def __init__(self, client: aioredis.Redis, prefix: str = "qg:") -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str = "qg:", fast: PipelinedRedis | None = None) -> None:
         self._r = client
         self._prefix = prefix
         self._due = f"{prefix}res:due"
-        self._reserve = client.register_script(_script("reserve.lua"))
+        # Check's script goes over the pipelined connection; the rarer calls use redis-py.
+        self._fast = fast
+        self._reserve_script = Script(_script("reserve.lua"))
+        self._reserve = client.register_script(self._reserve_script.source)
         self._load = client.register_script(_script("load.lua"))
         self._settle = client.register_script(_script("settle.lua"))
 
@@ -76,13 +80,15 @@ class RedisHotState:
         client = aioredis.Redis.from_url(
             url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2, max_connections=256
         )
-        return cls(client, prefix)
+        return cls(client, prefix, PipelinedRedis(url))
 
     @property
     def client(self) -> aioredis.Redis:
         return self._r
 
     async def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         await self._r.aclose()
 
     async def ping(self) -> None:
@@ -101,27 +107,25 @@ class RedisHotState:
         self, user_id: str, cycle: str, reservation: Reservation, mode: AdmissionMode, now: float
     ) -> ReserveResult | None:
         ttl_ms = int(max(0.0, reservation.expires_at - now) * 1000) + RESERVATION_GRACE_MS
-        try:
-            out = await self._reserve(
-                keys=[
-                    self._balance_key(user_id, cycle),
-                    self._reservation_key(reservation.request_id),
-                    self._due,
-                ],
-                args=[
-                    reservation.estimate,
-                    1 if mode is AdmissionMode.STRICT else 0,
-                    repr(now),
-                    repr(reservation.expires_at),
-                    reservation.request_id,
-                    user_id,
-                    cycle,
-                    reservation.model,
-                    ttl_ms,
-                ],
-            )
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+        keys = [self._balance_key(user_id, cycle), self._reservation_key(reservation.request_id), self._due]
+        args = [
+            reservation.estimate,
+            1 if mode is AdmissionMode.STRICT else 0,
+            repr(now),
+            repr(reservation.expires_at),
+            reservation.request_id,
+            user_id,
+            cycle,
+            reservation.model,
+            ttl_ms,
+        ]
+        if self._fast is not None:
+            out = await self._fast.evalsha(self._reserve_script, keys, args)
+        else:
+            try:
+                out = await self._reserve(keys=keys, args=args)
+            except RedisError as exc:
+                raise StoreUnavailable(f"redis: {exc}") from exc
         verdict = out[0]
         if verdict in ("missing", "stale"):
             return None
