@@ -79,3 +79,23 @@ async def test_selects_the_database_in_the_url(redis_url: str, redis_prefix: str
         await plain.delete(redis_prefix + "db")
         client.close()
         await plain.aclose()
+
+
+async def test_a_server_that_never_answers_is_a_store_error_not_a_hang() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads the command, never answers
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = PipelinedRedis(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await asyncio.gather(client.execute("PING"), client.execute("PING"), return_exceptions=True)
+        assert all(isinstance(r, StoreUnavailable) and "no reply within 0.2s" in str(r) for r in results)
+        assert loop.time() - started < 2
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()

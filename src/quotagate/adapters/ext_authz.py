@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -75,8 +76,15 @@ def identify(settings: Settings, headers: Mapping[str, str]) -> tuple[Client, Ne
     return client, NewAccount(user_id=user_id, email=email, name=name)
 
 
-def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+def _header_uncached(name: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE)
+
+
+@functools.lru_cache(maxsize=4096)
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    # Cached: most values repeat across Checks (state, limit, reset), and building messages is the costly part.
+    # The message is copied into each response, so sharing the cached one is safe.
+    return _header_uncached(name, value)
 
 
 def denied(denial: HttpDenial, code: int) -> external_auth_pb2.CheckResponse:
@@ -139,20 +147,17 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         return self._allowed(decision, user.user_id, client), decision.state.value
 
     def _allowed(self, decision: Decision, user_id: str, client: Client) -> external_auth_pb2.CheckResponse:
-        upstream = [_header("x-quota-user", user_id)]
+        upstream = [_header_uncached("x-quota-user", user_id)]
         if self._settings.upstream_api_key:
             # The upstream (LiteLLM) gets its own key, never the client's.
             upstream.append(_header("authorization", f"Bearer {self._settings.upstream_api_key}"))
         metadata = struct_pb2.Struct()
-        metadata.update(
-            {
-                "user_id": user_id,
-                "client": client.name,
-                "state": decision.state.value,
-                "estimate": decision.estimate,
-                "reserved": decision.reserved,
-            }
-        )
+        fields = metadata.fields
+        fields["user_id"].string_value = user_id
+        fields["client"].string_value = client.name
+        fields["state"].string_value = decision.state.value
+        fields["estimate"].number_value = decision.estimate
+        fields["reserved"].bool_value = decision.reserved
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(

@@ -5,6 +5,7 @@ LibreChat shows `error.message` to the user, so every denial carries one in the 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ class HttpDenial:
     body: bytes
 
 
+@functools.lru_cache(maxsize=64)
 def rfc3339(at: datetime) -> str:
+    # Cached: every Check of a cycle formats the same reset time.
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

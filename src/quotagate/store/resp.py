@@ -22,12 +22,15 @@ COMMAND_TIMEOUT_SECONDS = 2.0
 
 
 class _RespProtocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = COMMAND_TIMEOUT_SECONDS) -> None:
+        self._timeout = timeout
         self._reader = hiredis.Reader(encoding="utf-8")
-        self._waiters: deque[asyncio.Future[Any]] = deque()
+        self._waiters: deque[tuple[float, asyncio.Future[Any]]] = deque()  # (deadline, waiter), in send order
         self._pending: list[bytes] = []
         self._transport: asyncio.Transport | None = None
         self._flush_scheduled = False
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._close_reason = "closed by the server"
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -37,28 +40,47 @@ class _RespProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
-            waiter = self._waiters.popleft()
+            _, waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        error = StoreUnavailable(f"redis: connection lost: {exc or 'closed by the server'}")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        error = StoreUnavailable(f"redis: connection lost: {exc or self._close_reason}")
         while self._waiters:
-            waiter = self._waiters.popleft()
+            _, waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         if self.closed or self._transport is None:
             raise StoreUnavailable("redis: connection closed")
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        self._waiters.append((loop.time() + self._timeout, waiter))
         self._pending.append(command)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._timeout, self._check_deadlines)
         return waiter
+
+    def _check_deadlines(self) -> None:
+        # One timer per connection instead of one per command: replies come in order, so only the oldest
+        # waiter can be the first to run out of time. A missing reply makes the connection useless.
+        self._watchdog = None
+        if not self._waiters:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = self._waiters[0][0]
+        if deadline <= loop.time():
+            self._close_reason = f"no reply within {self._timeout}s"
+            self.close()
+        else:
+            self._watchdog = loop.call_at(deadline, self._check_deadlines)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -74,7 +96,8 @@ class _RespProtocol(asyncio.Protocol):
 class PipelinedRedis:
     """One lazily (re)connected connection; `evalsha` falls back to loading the script once."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout: float = COMMAND_TIMEOUT_SECONDS) -> None:
+        self._timeout = timeout
         parts = urlsplit(url)
         if parts.scheme not in ("redis", ""):
             raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} (use redis://)")
@@ -97,8 +120,10 @@ class PipelinedRedis:
                 return self._protocol
             loop = asyncio.get_running_loop()
             try:
-                async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
-                    _, protocol = await loop.create_connection(_RespProtocol, self._host, self._port)
+                async with asyncio.timeout(self._timeout):
+                    _, protocol = await loop.create_connection(
+                        lambda: _RespProtocol(self._timeout), self._host, self._port
+                    )
                     if self._password is not None:
                         auth = (self._username, self._password) if self._username else (self._password,)
                         await self._checked(protocol, ("AUTH", *auth))
@@ -118,13 +143,7 @@ class PipelinedRedis:
 
     async def execute(self, *args: Any) -> Any:
         protocol = await self._connection()
-        try:
-            async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
-                return await protocol.send(hiredis.pack_command(args))
-        except TimeoutError as exc:
-            # Replies arrive in order, so a connection with a lost reply is useless from here on.
-            protocol.close()
-            raise StoreUnavailable(f"redis: no reply within {COMMAND_TIMEOUT_SECONDS}s") from exc
+        return await protocol.send(hiredis.pack_command(args))
 
     async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         reply = await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
