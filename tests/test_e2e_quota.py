@@ -167,3 +167,11 @@ async def test_unknown_user_is_created_with_the_default_plan_and_their_details(s
         "small",
         "active",
     )
+
+
+async def test_header_names_are_matched_whatever_their_case(stack: Stack, uid: str) -> None:
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "X-User-Id": uid, "Content-Type": "application/json"}
+    body = {"model": "demo-small", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    response = await stack.http.post("/v1/chat/completions", json=body, headers=headers)
+    assert response.status_code == 200
+    assert (await stack.account(uid)).user_id == uid

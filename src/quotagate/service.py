@@ -79,11 +79,18 @@ class QuotaService:
         self._plan_of: OrderedDict[str, str] = OrderedDict()
         # Users whose ledger changed while Redis could not be told; refresh_stale() catches them up.
         self._stale: set[str] = set()
+        self._current_cycle: Cycle | None = None
 
     # -- pure helpers -------------------------------------------------------------------------------
 
     def cycle(self, now: datetime) -> Cycle:
-        return cycle_at(now, self.settings.timezone)
+        # The current cycle is remembered: nearly every call falls inside it, and this runs on every Check.
+        current = self._current_cycle
+        if current is not None and current.starts_at <= now < current.resets_at:
+            return current
+        cycle = cycle_at(now, self.settings.timezone)
+        self._current_cycle = cycle
+        return cycle
 
     def limits_of(self, account: AccountRecord) -> AccountLimits:
         plan = self.settings.plan(account.plan_id)

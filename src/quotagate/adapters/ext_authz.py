@@ -128,7 +128,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
 
     async def _check(self, request: external_auth_pb2.CheckRequest) -> tuple[external_auth_pb2.CheckResponse, str]:
         http = request.attributes.request.http
-        headers = {k.lower(): v for k, v in http.headers.items()}
+        headers = http.headers  # Envoy sends header names in lower case
         try:
             client, user = identify(self._settings, headers)
             try:
