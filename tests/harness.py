@@ -54,6 +54,8 @@ class Stack:
     settings: Settings
     tmp: Path
     clock: Clock | None = None
+    # Usage capture through Envoy's ext_proc; off where a test reports usage itself with ReportUsage.
+    ext_proc: bool = False
     quotagate: Running | None = None
     envoy: ManagedProcess | None = None
     envoy_port: int = 0
@@ -72,6 +74,7 @@ class Stack:
                 listen_port=self.envoy_port,
                 admin_port=admin_port,
                 authz_port=self.grpc_port,
+                ext_proc=self.ext_proc,
             ),
             self.tmp / "envoy.yaml",
         )

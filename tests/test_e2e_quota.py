@@ -175,3 +175,9 @@ async def test_header_names_are_matched_whatever_their_case(stack: Stack, uid: s
     response = await stack.http.post("/v1/chat/completions", json=body, headers=headers)
     assert response.status_code == 200
     assert (await stack.account(uid)).user_id == uid
+
+
+async def test_client_key_never_reaches_the_upstream_without_an_upstream_key(stack: Stack, uid: str) -> None:
+    assert (await stack.chat(uid)).status_code == 200
+    seen = (await stack.upstream_requests())[-1]["headers"]
+    assert "authorization" not in seen

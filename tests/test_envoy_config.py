@@ -12,6 +12,7 @@ import yaml
 
 from quotagate.envoyconf import (
     AUTHZ_CLUSTER,
+    EXTPROC_CLUSTER,
     PRODUCTION_OPTIONS,
     UPSTREAM_CLUSTER,
     EnvoyOptions,
@@ -97,7 +98,10 @@ def test_rendered_config_validates(name: str, tmp_path: pathlib.Path) -> None:
     assert listener == {"address": opts.listen_host, "port_value": opts.listen_port}
 
     filters = http_filters(config)
-    assert [f["name"] for f in filters] == ["envoy.filters.http.ext_authz", "envoy.filters.http.router"]
+    expected = ["envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+    if not opts.ext_proc:
+        expected.remove("envoy.filters.http.ext_proc")
+    assert [f["name"] for f in filters] == expected
     authz = filters[0]["typed_config"]
     assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == AUTHZ_CLUSTER
     assert authz["transport_api_version"] == "V3"
@@ -186,3 +190,23 @@ def test_envoy_validate_catches_bad_config(tmp_path: pathlib.Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
     assert envoy_validate(bad).returncode != 0
+
+
+def test_ext_proc_has_its_own_cluster_and_per_response_body_modes() -> None:
+    config = yaml.safe_load(render_envoy_config(EnvoyOptions(upstream_host="127.0.0.1", upstream_port=8000)))
+    ext_proc = next(f for f in http_filters(config) if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+    assert ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"] == EXTPROC_CLUSTER != AUTHZ_CLUSTER
+    assert ext_proc["allow_mode_override"] is True
+    assert ext_proc["processing_mode"]["response_body_mode"] == "NONE"  # chosen per response by quotagate
+    assert ext_proc["failure_mode_allow"] is True
+    own = cluster(config, EXTPROC_CLUSTER)
+    assert own["typed_extension_protocol_options"][HTTP_OPTIONS]["explicit_http_config"] == {
+        "http2_protocol_options": {}
+    }
+    assert own["circuit_breakers"]["thresholds"][0]["max_requests"] >= 10_000
+
+    without = yaml.safe_load(
+        render_envoy_config(EnvoyOptions(upstream_host="127.0.0.1", upstream_port=8000, ext_proc=False))
+    )
+    assert all(f["name"] != "envoy.filters.http.ext_proc" for f in http_filters(without))
+    assert all(c["name"] != EXTPROC_CLUSTER for c in without["static_resources"]["clusters"])

@@ -163,7 +163,10 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         completion_tokens = _completion_tokens(request, body)
         stream = body.get("stream") is True
         stream_options = body.get("stream_options")
+        # x-demo-no-usage: behave like a provider that never reports usage (tests of the estimate path).
+        no_usage = request.headers.get("x-demo-no-usage") == "1"
         include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        include_usage = include_usage and not no_usage
         delay_ms = _int_header(request, "x-demo-chunk-delay-ms", minimum=0) or 0
     except _RequestError as exc:
         return _error_response(exc.status, exc.message)
@@ -194,7 +197,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
                         "finish_reason": "stop",
                     }
                 ],
-                "usage": usage,
+                **({} if no_usage else {"usage": usage}),
             }
         )
 

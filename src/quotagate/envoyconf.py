@@ -26,6 +26,7 @@ _ENVOY_STATUS_CODES: frozenset[int] = frozenset(v for v in http_status_pb2.Statu
 
 __all__ = [
     "AUTHZ_CLUSTER",
+    "EXTPROC_CLUSTER",
     "PRODUCTION_OPTIONS",
     "UPSTREAM_CLUSTER",
     "EnvoyOptions",
@@ -36,11 +37,13 @@ __all__ = [
 ]
 
 AUTHZ_CLUSTER = "quotagate_authz"
+EXTPROC_CLUSTER = "quotagate_extproc"
 UPSTREAM_CLUSTER = "upstream"
 
 _TYPE_URL = "type.googleapis.com/"
 _HCM_TYPE = _TYPE_URL + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_AUTHZ_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+_EXT_PROC_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _ROUTER_TYPE = _TYPE_URL + "envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS_TYPE = _TYPE_URL + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _TLS_TYPE = _TYPE_URL + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -50,6 +53,8 @@ _HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _ROUTE_TIMEOUT = "300s"
 # Envoy's default circuit breakers (1,024 requests) cause overflow 503s on the authz cluster under load.
 _AUTHZ_CIRCUIT_LIMIT = 100_000
+# ext_proc holds one gRPC stream per request in flight for as long as its response streams.
+_EXTPROC_CIRCUIT_LIMIT = 100_000
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,8 @@ class EnvoyOptions:
     authz_timeout_ms: int = 2000
     # PEM bundle for verifying the upstream's certificate; without it Envoy encrypts but does not verify.
     upstream_ca_file: str | None = None
+    # Usage capture from the response bodies (ext_proc); off for deployments that report usage otherwise.
+    ext_proc: bool = True
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "admin_port", "authz_port", "upstream_port"):
@@ -132,8 +139,8 @@ def _cluster(name: str, host: str, port: int, connect_timeout: str) -> dict[str,
     return cluster
 
 
-def _authz_cluster(opts: EnvoyOptions) -> dict[str, Any]:
-    cluster = _cluster(AUTHZ_CLUSTER, opts.authz_host, opts.authz_port, "1s")
+def _grpc_cluster(name: str, opts: EnvoyOptions, limit: int) -> dict[str, Any]:
+    cluster = _cluster(name, opts.authz_host, opts.authz_port, "1s")
     cluster["typed_extension_protocol_options"] = {
         _HTTP_OPTIONS_KEY: {
             "@type": _HTTP_OPTIONS_TYPE,
@@ -145,13 +152,47 @@ def _authz_cluster(opts: EnvoyOptions) -> dict[str, Any]:
         "thresholds": [
             {
                 "priority": "DEFAULT",
-                "max_connections": _AUTHZ_CIRCUIT_LIMIT,
-                "max_pending_requests": _AUTHZ_CIRCUIT_LIMIT,
-                "max_requests": _AUTHZ_CIRCUIT_LIMIT,
+                "max_connections": limit,
+                "max_pending_requests": limit,
+                "max_requests": limit,
             }
         ]
     }
     return cluster
+
+
+def _authz_cluster(opts: EnvoyOptions) -> dict[str, Any]:
+    return _grpc_cluster(AUTHZ_CLUSTER, opts, _AUTHZ_CIRCUIT_LIMIT)
+
+
+def _extproc_cluster(opts: EnvoyOptions) -> dict[str, Any]:
+    # A cluster of its own: long-lived ext_proc streams must never use up the Check cluster's limits.
+    return _grpc_cluster(EXTPROC_CLUSTER, opts, _EXTPROC_CIRCUIT_LIMIT)
+
+
+def _ext_proc_filter() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": _EXT_PROC_TYPE,
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "5s"},
+            # Usage capture must not break a chat: if quotagate is gone mid-stream the client still gets its
+            # answer, and the reservation is charged at its estimate when it expires.
+            "failure_mode_allow": True,
+            # The request body is read to ask for the usage of streamed answers; the response body mode is
+            # chosen per response from its content type (STREAMED for SSE, BUFFERED for JSON, else NONE).
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SEND",
+                "request_body_mode": "BUFFERED",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            "allow_mode_override": True,
+            "message_timeout": "2s",
+        },
+    }
 
 
 def _upstream_cluster(opts: EnvoyOptions) -> dict[str, Any]:
@@ -232,6 +273,7 @@ def _listener(opts: EnvoyOptions) -> dict[str, Any]:
         },
         "http_filters": [
             _ext_authz_filter(opts),
+            *([_ext_proc_filter()] if opts.ext_proc else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": _ROUTER_TYPE},
@@ -257,7 +299,11 @@ def build_envoy_config(opts: EnvoyOptions) -> dict[str, Any]:
         "admin": {"address": _socket_address("127.0.0.1", opts.admin_port)},
         "static_resources": {
             "listeners": [_listener(opts)],
-            "clusters": [_authz_cluster(opts), _upstream_cluster(opts)],
+            "clusters": [
+                _authz_cluster(opts),
+                *([_extproc_cluster(opts)] if opts.ext_proc else []),
+                _upstream_cluster(opts),
+            ],
         },
     }
 
@@ -299,6 +345,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-request-bytes", type=int)
     parser.add_argument("--authz-timeout-ms", type=int)
     parser.add_argument("--upstream-ca-file", help="CA bundle to verify the upstream's TLS certificate")
+    parser.add_argument("--ext-proc", action=argparse.BooleanOptionalAction, default=None)
     args = parser.parse_args(argv)
     if not args.production and (args.upstream_host is None or args.upstream_port is None):
         parser.error("--upstream-host and --upstream-port are required without --production")

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import web
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from quotagate.adapters.admin import AdminService
 from quotagate.adapters.ext_authz import AuthorizationService
+from quotagate.adapters.ext_proc import ExternalProcessorService
 from quotagate.adapters.usage import UsageService
 from quotagate.config import Settings
 from quotagate.core.clock import Clock, SystemClock
@@ -31,6 +33,7 @@ log = logging.getLogger("quotagate.server")
 
 SERVICE_NAMES = (
     external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+    external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["Usage"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
@@ -67,6 +70,8 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 8 << 20)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(service), server)
+    ext_proc = ExternalProcessorService(service)
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ext_proc, server)
     usage_pb2_grpc.add_UsageServicer_to_server(UsageService(service), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service), server)
     health_servicer = health.aio.HealthServicer()
@@ -96,6 +101,7 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
         await server.stop(grace=5)
+        await ext_proc.drain()
         await runner.cleanup()
         await hot.close()
         await ledger.close()

@@ -148,9 +148,12 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
 
     def _allowed(self, decision: Decision, user_id: str, client: Client) -> external_auth_pb2.CheckResponse:
         upstream = [_header_uncached("x-quota-user", user_id)]
+        remove: list[str] = []
         if self._settings.upstream_api_key:
             # The upstream (LiteLLM) gets its own key, never the client's.
             upstream.append(_header("authorization", f"Bearer {self._settings.upstream_api_key}"))
+        else:
+            remove.append("authorization")
         metadata = struct_pb2.Struct()
         fields = metadata.fields
         fields["user_id"].string_value = user_id
@@ -162,6 +165,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
                 headers=upstream,
+                headers_to_remove=remove,
                 response_headers_to_add=[
                     _header(k, v) for k, v in quota_headers(decision.balance, decision.state).items()
                 ],

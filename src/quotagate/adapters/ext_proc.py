@@ -1,0 +1,233 @@
+"""envoy.service.ext_proc.v3.ExternalProcessor: learns what each completion cost from the response itself.
+
+One gRPC stream per HTTP request. The request body is read to ask streamed completions for their usage;
+the response body is observed per content type (STREAMED for SSE, BUFFERED for JSON, NONE otherwise);
+at the body's end the reservation Check placed under the same x-request-id is settled, and the stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import grpc
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+
+from quotagate.core.errors import QuotagateError
+from quotagate.core.usage_capture import (
+    SseUsageReader,
+    Usage,
+    ask_for_stream_usage,
+    estimate_tokens,
+    usage_from_json,
+)
+from quotagate.service import QuotaService, UsageReport
+
+log = logging.getLogger("quotagate.ext_proc")
+
+_Mode = processing_mode_pb2.ProcessingMode
+MAX_BUFFERED_JSON = 8 << 20  # a JSON answer larger than this is charged from its estimate
+
+
+def header_map(headers: Any) -> dict[str, str]:
+    """Envoy's HeaderMap as a dict; values come in `raw_value` (bytes) or in `value`."""
+    return {h.key: h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value for h in headers.headers}
+
+
+@dataclass
+class Exchange:
+    """What one HTTP request has shown so far."""
+
+    request_id: str = ""
+    user_id: str = ""
+    model: str = ""
+    prompt_chars: int = 0
+    asked_usage: bool = False  # quotagate added stream_options.include_usage
+    status: int = 0
+    reader: SseUsageReader | None = None
+    json_body: bytearray = field(default_factory=bytearray)
+    usage: Usage | None = None
+    settled: bool = False
+
+    @property
+    def known(self) -> bool:
+        # Envoy's own replies (a denial from Check, say) come without our request: nothing to charge.
+        return bool(self.request_id and self.user_id)
+
+
+class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, service: QuotaService) -> None:
+        self._service = service
+        self._chars_per_token = service.settings.estimate.chars_per_token
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        exchange = Exchange()
+        try:
+            async for message in request_iterator:
+                response, done = self._handle(exchange, message)
+                yield response
+                if done:
+                    break
+        finally:
+            # At the body's end, or when the client went away (or Envoy gave up) before it: charge what was
+            # seen. A task of its own, because Envoy cancels this stream once it has the last answer.
+            self._spawn(self._settle(exchange))
+        # Returning ends the stream at the body's end, so Envoy does not keep it open.
+
+    async def drain(self) -> None:
+        """Waits for the settlements still running (at shutdown, after the server stopped taking calls)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _handle(self, ex: Exchange, message: pb.ProcessingRequest) -> tuple[pb.ProcessingResponse, bool]:
+        kind = message.WhichOneof("request")
+        if kind == "request_headers":
+            headers = header_map(message.request_headers.headers)
+            ex.request_id = headers.get("x-request-id", "")
+            ex.user_id = headers.get("x-quota-user", "")
+            return pb.ProcessingResponse(request_headers=pb.HeadersResponse()), False
+        if kind == "request_body":
+            return pb.ProcessingResponse(request_body=self._request_body(ex, message.request_body.body)), False
+        if kind == "response_headers":
+            return self._response_headers(ex, header_map(message.response_headers.headers))
+        if kind == "response_body":
+            body = message.response_body
+            return self._response_body(ex, body.body, body.end_of_stream)
+        # Trailers are not asked for; answer anything else without a change.
+        return _empty_answer(kind), False
+
+    def _request_body(self, ex: Exchange, body: bytes) -> pb.BodyResponse:
+        try:
+            data = json.loads(body) if body else None
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            data = None
+        if isinstance(data, dict):
+            model = data.get("model")
+            ex.model = model if isinstance(model, str) else ""
+            ex.prompt_chars = _prompt_chars(data)
+        changed = ask_for_stream_usage(body) if ex.known else None
+        if changed is None:
+            return pb.BodyResponse()
+        ex.asked_usage = True
+        return pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(body=changed),
+                header_mutation=pb.HeaderMutation(
+                    set_headers=[_raw_header("content-length", str(len(changed)))],
+                ),
+            )
+        )
+
+    def _response_headers(self, ex: Exchange, headers: dict[str, str]) -> tuple[pb.ProcessingResponse, bool]:
+        ex.status = int(headers.get(":status", "0") or 0)
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        answer = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        if not ex.known or ex.status >= 400:
+            mode = _Mode.NONE  # nothing to read: errors are not charged
+        elif content_type == "text/event-stream":
+            mode = _Mode.STREAMED
+            ex.reader = SseUsageReader(hide_usage=ex.asked_usage)
+            if ex.asked_usage:
+                # The body is rewritten (the usage the client did not ask for is taken out).
+                answer.response_headers.response.header_mutation.remove_headers.append("content-length")
+        elif content_type == "application/json":
+            mode = _Mode.BUFFERED
+        else:
+            mode = _Mode.NONE
+        answer.mode_override.response_body_mode = mode
+        return answer, mode == _Mode.NONE
+
+    def _response_body(self, ex: Exchange, chunk: bytes, end: bool) -> tuple[pb.ProcessingResponse, bool]:
+        if ex.reader is not None:
+            passed = ex.reader.feed(chunk)
+            if end:
+                passed += ex.reader.finish()
+                ex.usage = ex.reader.usage
+            body = pb.BodyResponse()
+            if ex.reader.hide_usage and passed != chunk:
+                body.response.body_mutation.body = passed
+            return pb.ProcessingResponse(response_body=body), end
+        if len(ex.json_body) + len(chunk) <= MAX_BUFFERED_JSON:
+            ex.json_body += chunk
+        if end:
+            ex.usage = usage_from_json(bytes(ex.json_body))
+        return pb.ProcessingResponse(response_body=pb.BodyResponse()), end
+
+    async def _settle(self, ex: Exchange) -> None:
+        if not ex.known or not ex.model or ex.settled:
+            return  # only completions (a body naming a model) were reserved and are charged
+        ex.settled = True
+        report = self._report(ex)
+        try:
+            await self._service.report_usage(report)
+        except QuotagateError as exc:
+            # The reservation stays and is charged at its estimate when it expires: never silently free.
+            log.warning("usage not settled: %s", exc, extra={"request_id": ex.request_id, "user_id": ex.user_id})
+        except Exception:
+            log.exception("usage not settled", extra={"request_id": ex.request_id, "user_id": ex.user_id})
+
+    def _report(self, ex: Exchange) -> UsageReport:
+        base = UsageReport(ex.request_id, ex.user_id, ex.model, 0, 0, source="ext_proc")
+        if ex.status >= 400:
+            return replace(base, succeeded=False)
+        if ex.usage is not None:
+            return replace(base, prompt_tokens=ex.usage.prompt_tokens, completion_tokens=ex.usage.completion_tokens)
+        # No usage from the upstream, or the answer was cut short: estimate from what was seen, at least 1.
+        streamed = ex.reader.content_chars if ex.reader is not None else _json_content_chars(bytes(ex.json_body))
+        prompt = estimate_tokens(ex.prompt_chars, self._chars_per_token)
+        completion = max(estimate_tokens(streamed, self._chars_per_token), 0 if prompt else 1)
+        return replace(base, prompt_tokens=prompt, completion_tokens=completion, estimated=True)
+
+
+def _raw_header(name: str, value: str) -> Any:
+    from envoy.config.core.v3 import base_pb2
+
+    # ext_proc takes header values in raw_value; `value` ends up empty (ENVOY-NOTES).
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, raw_value=value.encode()))
+
+
+def _empty_answer(kind: str | None) -> pb.ProcessingResponse:
+    if kind == "request_trailers":
+        return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+    return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+def _prompt_chars(data: dict[str, Any]) -> int:
+    chars = 0
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                chars += len(content)
+            elif isinstance(content, list):
+                chars += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return chars
+
+
+def _json_content_chars(body: bytes) -> int:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return 0
+    chars = 0
+    if isinstance(data, dict) and isinstance(data.get("choices"), list):
+        for choice in data["choices"]:
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                chars += len(message["content"])
+    return chars
