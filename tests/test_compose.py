@@ -2,8 +2,9 @@
 
 Docker cannot run here, so the production stack is checked by reading its files: every path it mounts or builds
 exists, Envoy's clusters name compose services on the ports those services listen on, quotagate's config loads
-in production mode with the environment compose gives it, and LiteLLM's config is complete. (That Envoy itself
-accepts envoy/envoy.yaml is tested in test_envoy_config.py.)
+in production mode with the environment compose gives it, LiteLLM's config is complete, and LibreChat's config
+(deploy/librechat.yaml) sends its users' requests to Envoy with the user headers quotagate reads, for models
+LiteLLM serves. (That Envoy itself accepts envoy/envoy.yaml is tested in test_envoy_config.py.)
 """
 
 from __future__ import annotations
@@ -31,12 +32,28 @@ COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 ENVOY_FILE = REPO_ROOT / "envoy" / "envoy.yaml"
 QUOTAGATE_FILE = REPO_ROOT / "deploy" / "quotagate.yaml"
 LITELLM_FILE = REPO_ROOT / "deploy" / "litellm.yaml"
+LIBRECHAT_FILE = REPO_ROOT / "deploy" / "librechat.yaml"
 
-SERVICES = ("envoy", "quotagate", "postgres", "redis", "litellm")
+SERVICES = ("envoy", "quotagate", "postgres", "redis", "litellm", "librechat", "mongodb")
 # What an operator exports before `docker compose up` (see the comment at the top of docker-compose.yml).
 HOST_ENV = {
     "QUOTAGATE_ADMIN_TOKEN": "test-admin-token-0123456789abcdef",
     "LITELLM_MASTER_KEY": "sk-test-master-key-0123456789",
+}
+# The secrets the librechat service needs on top of those.
+LIBRECHAT_HOST_ENV = {
+    "CREDS_KEY": "0" * 64,
+    "CREDS_IV": "1" * 32,
+    "JWT_SECRET": "test-jwt-secret-0123456789abcdef",
+    "JWT_REFRESH_SECRET": "test-jwt-refresh-secret-0123456789",
+    "QUOTAGATE_CLIENT_KEY": "test-librechat-client-key-0123456789",
+}
+ALL_HOST_ENV = {**HOST_ENV, **LIBRECHAT_HOST_ENV}
+# The headers quotagate reads to know the user, and the LibreChat placeholder that must fill each of them.
+USER_HEADERS = {
+    "x-user-id": "{{LIBRECHAT_USER_ID}}",
+    "x-user-email": "{{LIBRECHAT_USER_EMAIL}}",
+    "x-user-name": "{{LIBRECHAT_USER_NAME}}",
 }
 
 
@@ -190,6 +207,32 @@ def envoy_upstreams() -> list[tuple[str, str, int]]:
                 address = lb_endpoint["endpoint"]["address"]["socket_address"]
                 found.append((cluster["name"], address["address"], int(address["port_value"])))
     return found
+
+
+def envoy_listener_port() -> int:
+    (listener,) = envoy_config()["static_resources"]["listeners"]
+    return int(listener["address"]["socket_address"]["port_value"])
+
+
+def litellm_model_names() -> set[str]:
+    config = yaml.safe_load(LITELLM_FILE.read_text(encoding="utf-8"))
+    return {str(entry["model_name"]) for entry in config.get("model_list") or []}
+
+
+def librechat_config() -> dict[str, Any]:
+    data = yaml.safe_load(LIBRECHAT_FILE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict), "deploy/librechat.yaml is not a mapping"
+    return data
+
+
+def librechat_endpoints() -> list[dict[str, Any]]:
+    """endpoints.custom[] of deploy/librechat.yaml: LibreChat runs with ENDPOINTS=custom, so these are all it has."""
+    endpoints = (librechat_config().get("endpoints") or {}).get("custom")
+    assert isinstance(endpoints, list) and endpoints, "deploy/librechat.yaml has no endpoints.custom[]"
+    for endpoint in endpoints:
+        for key in ("name", "apiKey", "baseURL", "models"):
+            assert endpoint.get(key), f"custom endpoint {endpoint.get('name')!r} has no {key}"
+    return endpoints
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
@@ -369,3 +412,94 @@ def test_dockerfile_runs_quotagate_serve(compose: dict[str, Any]) -> None:
     health = re.search(r"https?://[^/:'\"]+:(\d+)/healthz", last.get("HEALTHCHECK", ""))
     assert health, "the Dockerfile has no HEALTHCHECK on /healthz"
     assert int(health[1]) == split_listen(settings.http_listen)[1], "the HEALTHCHECK misses the HTTP port"
+
+
+def test_librechat_runs_a_pinned_image_with_the_mounted_config(compose: dict[str, Any]) -> None:
+    librechat = service(compose, "librechat")
+    image = str(librechat.get("image", ""))
+    assert re.fullmatch(r"ghcr\.io/danny-avila/librechat:v\d+\.\d+\.\d+", image), f"pin LibreChat's image: {image}"
+    mongo_image = str(service(compose, "mongodb").get("image", ""))
+    assert re.fullmatch(r"mongo:\d+\.\d+\.\d+", mongo_image), f"pin MongoDB's image to a release: {mongo_image}"
+    env = service_env(librechat, ALL_HOST_ENV)
+    config_path = env.get("CONFIG_PATH", "/app/librechat.yaml")  # where LibreChat looks when CONFIG_PATH is unset
+    mounts = bind_mounts(librechat)
+    assert mounts.get(config_path) == LIBRECHAT_FILE.resolve(), f"LibreChat reads {config_path}, not librechat.yaml"
+    for target, source in mounts.items():
+        assert source.is_file(), f"librechat: mounts {source} (as {target}), which is not a file"
+    port = int(env.get("PORT", "3080"))
+    assert env.get("HOST") == "0.0.0.0", "LibreChat must listen on every interface inside its container"
+    assert port == 3080 and port in published_container_ports(librechat), "LibreChat's port 3080 is not published"
+    assert env.get("ENDPOINTS") == "custom", "LibreChat offers endpoints that do not go through quotagate"
+    version = librechat_config().get("version")
+    assert isinstance(version, str) and re.fullmatch(r"\d+\.\d+\.\d+", version), f"bad config version {version!r}"
+
+
+def test_librechat_endpoints_go_through_envoy(compose: dict[str, Any]) -> None:
+    for endpoint in librechat_endpoints():
+        url = urlsplit(str(endpoint["baseURL"]))
+        assert url.scheme == "http", f"{endpoint['name']}: Envoy's listener speaks plain HTTP, got {url.scheme}"
+        assert url.hostname == "envoy" and "envoy" in compose["services"], f"{endpoint['name']}: {url.hostname}"
+        assert url.port == envoy_listener_port(), f"{endpoint['name']}: port {url.port} is not Envoy's listener"
+        assert url.path.rstrip("/") == "/v1", f"{endpoint['name']}: LiteLLM serves /v1, got {url.path!r}"
+    depends = service(compose, "librechat").get("depends_on") or {}
+    assert "envoy" in depends, "librechat does not depend on envoy"
+
+
+def test_librechat_sends_the_user_headers_quotagate_reads() -> None:
+    for endpoint in librechat_endpoints():
+        headers = {str(k).lower(): v for k, v in (endpoint.get("headers") or {}).items()}
+        for header, placeholder in USER_HEADERS.items():
+            assert headers.get(header) == placeholder, f"{endpoint['name']}: {header} must be {placeholder!r}"
+
+
+def test_librechat_models_are_served_by_litellm() -> None:
+    served = litellm_model_names()
+    for endpoint in librechat_endpoints():
+        models = endpoint["models"]
+        listed = models.get("default")
+        assert isinstance(listed, list) and listed, f"{endpoint['name']}: models.default is empty"
+        assert set(listed) <= served, f"{endpoint['name']}: {set(listed) - served} not in deploy/litellm.yaml"
+        # GET /v1/models would be checked by quotagate like a chat request; the list is fixed instead.
+        assert models.get("fetch", False) is False, f"{endpoint['name']}: models.fetch must be false"
+        title_model = endpoint.get("titleModel", "current_model")
+        if endpoint.get("titleConvo"):
+            assert title_model == "current_model" or title_model in served, f"titleModel {title_model!r} unknown"
+
+
+def test_librechat_key_is_a_trusted_quotagate_client(compose: dict[str, Any]) -> None:
+    env = service_env(service(compose, "librechat"), ALL_HOST_ENV)
+    for endpoint in librechat_endpoints():
+        reference = re.fullmatch(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", str(endpoint["apiKey"]))
+        assert reference, f"{endpoint['name']}: apiKey must come from the environment (${{NAME}}), not the file"
+        assert env.get(reference[1]) == ALL_HOST_ENV["QUOTAGATE_CLIENT_KEY"], f"librechat gets no {reference[1]}"
+    clients = {client.name: client for client in quotagate_settings(compose).clients}
+    assert "librechat" in clients, "deploy/quotagate.yaml has no client named librechat"
+    assert clients["librechat"].trusted, "the librechat client must be trusted to assert users (x-user-id)"
+    assert re.fullmatch(r"[0-9a-f]{64}", clients["librechat"].key_sha256 or ""), "librechat needs a key_sha256"
+
+
+def test_librechat_stores_its_data_in_the_mongodb_service(compose: dict[str, Any]) -> None:
+    librechat = service(compose, "librechat")
+    uri = urlsplit(service_env(librechat, ALL_HOST_ENV).get("MONGO_URI", ""))
+    assert uri.scheme == "mongodb", f"MONGO_URI is not a mongodb:// URI: {uri.geturl()!r}"
+    assert (uri.hostname, uri.port or 27017) == ("mongodb", 27017), f"MONGO_URI points at {uri.hostname}:{uri.port}"
+    assert uri.path.lstrip("/") == "LibreChat", f"MONGO_URI names database {uri.path!r}, not LibreChat"
+    mongodb = service(compose, "mongodb")
+    assert "--port" not in as_argv(mongodb.get("command")), "mongod listens on another port than MONGO_URI's"
+    data = [str(v).split(":")[0] for v in mongodb.get("volumes") or [] if str(v).split(":")[1:2] == ["/data/db"]]
+    assert data and data[0] in (compose.get("volumes") or {}), "MongoDB's /data/db is not a declared named volume"
+    depends = librechat.get("depends_on") or {}
+    assert isinstance(depends, dict), "librechat must wait for mongodb to be healthy"
+    assert depends.get("mongodb", {}).get("condition") == "service_healthy", "librechat does not wait for mongodb"
+    assert mongodb.get("healthcheck"), "mongodb has no healthcheck to wait for"
+
+
+def test_compose_refuses_to_start_without_the_librechat_secrets(compose: dict[str, Any]) -> None:
+    librechat = service(compose, "librechat")
+    assert service_env(librechat, ALL_HOST_ENV)  # complete: nothing missing
+    for name in LIBRECHAT_HOST_ENV:
+        missing = {k: v for k, v in ALL_HOST_ENV.items() if k != name}
+        with pytest.raises(MissingVariable, match=name):
+            service_env(librechat, missing)
+        with pytest.raises(MissingVariable, match=name):  # `:?` also refuses an empty value
+            service_env(librechat, {**ALL_HOST_ENV, name: ""})

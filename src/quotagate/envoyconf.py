@@ -43,6 +43,7 @@ UPSTREAM_CLUSTER = "upstream"
 _TYPE_URL = "type.googleapis.com/"
 _HCM_TYPE = _TYPE_URL + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_AUTHZ_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+_EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 _EXT_PROC_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _ROUTER_TYPE = _TYPE_URL + "envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS_TYPE = _TYPE_URL + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -179,18 +180,21 @@ def _ext_proc_filter() -> dict[str, Any]:
             # Usage capture must not break a chat: if quotagate is gone mid-stream the client still gets its
             # answer, and the reservation is charged at its estimate when it expires.
             "failure_mode_allow": True,
-            # The request body is read to ask for the usage of streamed answers; the response body mode is
-            # chosen per response from its content type (STREAMED for SSE, BUFFERED for JSON, else NONE).
+            # The response body mode is chosen per response from its content type (STREAMED for SSE,
+            # BUFFERED for JSON, else NONE).
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "response_header_mode": "SEND",
-                "request_body_mode": "BUFFERED",
+                # Asked for per request (mode_override), only when a stream must be asked for its usage.
+                "request_body_mode": "NONE",
                 "response_body_mode": "NONE",
                 "request_trailer_mode": "SKIP",
                 "response_trailer_mode": "SKIP",
             },
             "allow_mode_override": True,
             "message_timeout": "2s",
+            # What Check learnt (user, model, prompt size, whether to ask for usage) reaches ext_proc here.
+            "metadata_options": {"forwarding_namespaces": {"untyped": [_EXT_AUTHZ_NAMESPACE]}},
         },
     }
 

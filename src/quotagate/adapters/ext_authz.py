@@ -25,7 +25,7 @@ from quotagate.adapters.openai_errors import (
 from quotagate.config import Client, Settings
 from quotagate.core.decide import Decision
 from quotagate.core.errors import InvalidRequest, StoreUnavailable
-from quotagate.core.estimate import parse_body
+from quotagate.core.estimate import CompletionRequest, parse_body
 from quotagate.core.messages import MessageKey
 from quotagate.service import QuotaService, validate_id
 from quotagate.store.ports import NewAccount
@@ -144,9 +144,11 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             denial = quota_denial(decision, self._settings, self._service.clock.now())
             code = code_pb2.PERMISSION_DENIED if denial.status == 403 else code_pb2.RESOURCE_EXHAUSTED
             return denied(denial, code), decision.state.value
-        return self._allowed(decision, user.user_id, client), decision.state.value
+        return self._allowed(decision, user.user_id, client, completion), decision.state.value
 
-    def _allowed(self, decision: Decision, user_id: str, client: Client) -> external_auth_pb2.CheckResponse:
+    def _allowed(
+        self, decision: Decision, user_id: str, client: Client, completion: CompletionRequest | None
+    ) -> external_auth_pb2.CheckResponse:
         upstream = [_header_uncached("x-quota-user", user_id)]
         remove: list[str] = []
         if self._settings.upstream_api_key:
@@ -161,6 +163,12 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         fields["state"].string_value = decision.state.value
         fields["estimate"].number_value = decision.estimate
         fields["reserved"].bool_value = decision.reserved
+        if completion is not None:
+            # Handed to ext_proc (Envoy forwards this namespace), so it reads the request body only when it
+            # must ask a stream for its usage.
+            fields["model"].string_value = completion.model
+            fields["prompt_chars"].number_value = completion.prompt_chars
+            fields["ask_usage"].bool_value = completion.needs_usage_asked
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(

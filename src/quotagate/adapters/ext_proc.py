@@ -32,6 +32,7 @@ from quotagate.service import QuotaService, UsageReport
 log = logging.getLogger("quotagate.ext_proc")
 
 _Mode = processing_mode_pb2.ProcessingMode
+AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where Envoy puts the metadata Check returned
 MAX_BUFFERED_JSON = 8 << 20  # a JSON answer larger than this is charged from its estimate
 
 
@@ -99,7 +100,16 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             headers = header_map(message.request_headers.headers)
             ex.request_id = headers.get("x-request-id", "")
             ex.user_id = headers.get("x-quota-user", "")
-            return pb.ProcessingResponse(request_headers=pb.HeadersResponse()), False
+            answer = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+            check = message.metadata_context.filter_metadata.get(AUTHZ_NAMESPACE)
+            if check is not None:
+                fields = check.fields
+                ex.model = fields["model"].string_value if "model" in fields else ""
+                ex.prompt_chars = int(fields["prompt_chars"].number_value) if "prompt_chars" in fields else 0
+                if ex.known and "ask_usage" in fields and fields["ask_usage"].bool_value:
+                    # Only then is the request body worth a round trip: to ask the stream for its usage.
+                    answer.mode_override.request_body_mode = _Mode.BUFFERED
+            return answer, False
         if kind == "request_body":
             return pb.ProcessingResponse(request_body=self._request_body(ex, message.request_body.body)), False
         if kind == "response_headers":

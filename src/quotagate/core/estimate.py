@@ -35,6 +35,12 @@ class CompletionRequest:
     prompt_chars: int
     max_tokens: int | None
     stream: bool
+    # A streamed answer carries its usage only when the client asks (stream_options.include_usage).
+    include_usage: bool = False
+
+    @property
+    def needs_usage_asked(self) -> bool:
+        return self.stream and not self.include_usage
 
 
 def parse_body(raw: bytes) -> CompletionRequest | None:
@@ -59,7 +65,13 @@ def parse_body(raw: bytes) -> CompletionRequest | None:
         prompt_chars=_prompt_chars(body),
         max_tokens=_max_tokens(body),
         stream=body.get("stream") is True,
+        include_usage=_include_usage(body),
     )
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _max_tokens(body: dict[str, Any]) -> int | None:
