@@ -221,3 +221,14 @@ async def test_plain_get_passes_untouched(stack: Stack, uid: str) -> None:
     assert [m["id"] for m in response.json()["data"]] == ["demo-small", "demo-large"]
     await asyncio.sleep(0.2)
     assert await usage_events(stack, uid) == []
+
+
+async def test_a_large_json_answer_is_read_as_a_stream_and_charged(stack: Stack, uid: str) -> None:
+    # ~900 KB of JSON: more than quotagate lets Envoy buffer, so it is streamed through and read as it passes.
+    response = await stack.http.post(
+        "/v1/chat/completions", json=body("c" * 4), headers=headers(uid, **{"x-demo-completion-tokens": "150000"})
+    )
+    assert response.status_code == 200
+    assert len(response.content) > 512 << 10
+    assert response.json()["usage"]["completion_tokens"] == 150_000
+    assert (await settled(stack, uid)).balance.allowance_used == 1 + 150_000

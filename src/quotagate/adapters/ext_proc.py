@@ -34,6 +34,7 @@ log = logging.getLogger("quotagate.ext_proc")
 _Mode = processing_mode_pb2.ProcessingMode
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where Envoy puts the metadata Check returned
 MAX_BUFFERED_JSON = 8 << 20  # a JSON answer larger than this is charged from its estimate
+BUFFERED_JSON_LIMIT = 512 << 10  # well under Envoy's default 1 MiB buffer limit
 
 
 def header_map(headers: Any) -> dict[str, str]:
@@ -155,7 +156,11 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 # The body is rewritten (the usage the client did not ask for is taken out).
                 answer.response_headers.response.header_mutation.remove_headers.append("content-length")
         elif content_type == "application/json":
-            mode = _Mode.BUFFERED
+            # BUFFERED hands over the whole body at once; a large or unsized body (big embeddings, say) is
+            # streamed instead, since Envoy's buffer limit would turn it into an error for the client.
+            length = headers.get("content-length", "")
+            small = length.isdigit() and int(length) <= BUFFERED_JSON_LIMIT
+            mode = _Mode.BUFFERED if small else _Mode.STREAMED
         else:
             mode = _Mode.NONE
         answer.mode_override.response_body_mode = mode
