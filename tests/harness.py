@@ -56,6 +56,8 @@ class Stack:
     clock: Clock | None = None
     # Usage capture through Envoy's ext_proc; off where a test reports usage itself with ReportUsage.
     ext_proc: bool = False
+    # (host, port) of an upstream that is already running (e.g. a LiteLLM proxy); None starts the demo upstream.
+    upstream: tuple[str, int] | None = None
     quotagate: Running | None = None
     envoy: ManagedProcess | None = None
     envoy_port: int = 0
@@ -64,12 +66,16 @@ class Stack:
 
     async def __aenter__(self) -> Stack:
         await self.start_quotagate()
-        runner, self.upstream_port = await start_demo_upstream()
-        self._cleanups.append(runner)
+        upstream_host = "127.0.0.1"
+        if self.upstream is not None:
+            upstream_host, self.upstream_port = self.upstream
+        else:
+            runner, self.upstream_port = await start_demo_upstream()
+            self._cleanups.append(runner)
         self.envoy_port, admin_port = free_port(), free_port()
         config = write_envoy_config(
             EnvoyOptions(
-                upstream_host="127.0.0.1",
+                upstream_host=upstream_host,
                 upstream_port=self.upstream_port,
                 listen_port=self.envoy_port,
                 admin_port=admin_port,

@@ -20,7 +20,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--config", type=Path, help="quotagate YAML config (default: the demo config)")
     up.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
     up.add_argument("--redis-url", help="use this Redis instead of an embedded one")
-    up.add_argument("--upstream", help="OpenAI-compatible upstream URL (default: a demo upstream)")
+    upstream = up.add_mutually_exclusive_group()
+    upstream.add_argument("--upstream", help="OpenAI-compatible upstream URL (default: a demo upstream)")
+    upstream.add_argument(
+        "--litellm",
+        action="store_true",
+        help="run a real LiteLLM proxy (mock models, quotagate's usage callback) as the upstream; "
+        "needs quotagate[litellm]",
+    )
     up.add_argument("--port", type=int, default=10000, help="Envoy listener port (default 10000)")
     up.add_argument("--state-dir", type=Path, default=Path(".quotagate"), help="where embedded data and logs go")
 
@@ -56,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         upstream=args.upstream,
                         port=args.port,
                         state_dir=args.state_dir,
+                        litellm=args.litellm,
                     )
                 )
             )

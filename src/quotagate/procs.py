@@ -1,4 +1,4 @@
-"""Run the real parts (Envoy, Redis, PostgreSQL) as child processes, for `quotagate up` and the tests."""
+"""Run the real parts (Envoy, Redis, PostgreSQL, LiteLLM) as child processes, for `quotagate up` and the tests."""
 
 from __future__ import annotations
 
@@ -20,14 +20,18 @@ from typing import Any
 import aiohttp
 
 __all__ = [
+    "LITELLM_OFFLINE_ENV",
     "ManagedProcess",
     "envoy_binary",
     "free_port",
+    "litellm_binary",
     "start_embedded_postgres",
     "start_envoy",
+    "start_litellm",
     "start_redis",
     "wait_envoy_ready",
     "wait_for_port",
+    "wait_litellm_ready",
 ]
 
 _POLL_INTERVAL = 0.05
@@ -358,3 +362,77 @@ def start_embedded_postgres(data_dir: pathlib.Path) -> tuple[str, Callable[[], N
         server.cleanup()
 
     return uri, stop
+
+
+# LiteLLM phones home unless told not to: the model cost map is downloaded at every start (three tries, then
+# the bundled copy) and telemetry is sent where enabled. The proxy must start the same without a network.
+LITELLM_OFFLINE_ENV: Mapping[str, str] = {
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # use the cost map bundled in the wheel
+    "LITELLM_TELEMETRY_DISABLED": "True",  # the veto of LiteLLM's telemetry (LITELLM_TELEMETRY_* settings)
+    "LITELLM_TELEMETRY": "False",  # the same for older releases
+}
+
+
+def litellm_binary() -> str:
+    """The `litellm` console script of the litellm[proxy] package: next to sys.executable, else on PATH."""
+    candidate = pathlib.Path(sys.executable).parent / "litellm"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which("litellm")
+    if found is not None:
+        return found
+    raise FileNotFoundError(
+        f"no litellm executable next to {sys.executable} or on PATH; install quotagate[litellm] "
+        "(`pip install 'quotagate[litellm]'`)"
+    )
+
+
+def start_litellm(
+    config_path: pathlib.Path,
+    port: int,
+    log_path: pathlib.Path,
+    env: Mapping[str, str] | None = None,
+) -> ManagedProcess:
+    """Start a LiteLLM proxy on 127.0.0.1:`port` with `config_path`, offline; wait with `wait_litellm_ready`.
+
+    `env` is the whole environment of the proxy (default: this process's); LITELLM_OFFLINE_ENV is laid over it.
+    The config's master key (e.g. ``os.environ/LITELLM_MASTER_KEY``) must not be empty or a publicly known
+    default such as ``sk-1234``: LiteLLM refuses to start with those (exit code 3).
+    """
+    argv = [litellm_binary(), "--config", str(config_path), "--port", str(port), "--host", "127.0.0.1"]
+    full_env = {**(os.environ if env is None else env), **LITELLM_OFFLINE_ENV}
+    # The working directory gets LiteLLM's stray files, if any, next to its log rather than in the caller's.
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    return ManagedProcess(argv, log_path, env=full_env, cwd=log_path.parent, name="litellm").start()
+
+
+async def wait_litellm_ready(
+    port: int,
+    timeout: float = 60.0,  # noqa: ASYNC109 (see wait_for_port)
+    process: ManagedProcess | None = None,
+) -> None:
+    """Poll LiteLLM's `/health/readiness` until it answers 200 (the app started and loaded its config).
+
+    The proxy takes a few seconds to import and start; with `process`, give up early (RuntimeError with its log
+    tail) if it exits meanwhile, e.g. when it refuses a weak master key.
+    """
+    url = f"http://127.0.0.1:{port}/health/readiness"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = "no answer"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
+        while True:
+            if process is not None and not process.alive():
+                raise RuntimeError(f"waiting for LiteLLM to be ready: {process.describe_exit()}")
+            try:
+                async with session.get(url) as response:
+                    status, body = response.status, (await response.text()).strip()
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if status == 200:
+                    return
+                last = f"HTTP {status} {body[:200]!r}"
+            if loop.time() >= deadline:
+                raise TimeoutError(f"LiteLLM {url} not ready after {timeout}s ({last})")
+            await asyncio.sleep(_POLL_INTERVAL * 4)

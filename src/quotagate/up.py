@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
+import secrets
 import signal
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -20,11 +23,14 @@ from quotagate.envoyconf import EnvoyOptions, write_envoy_config
 from quotagate.procs import (
     ManagedProcess,
     free_port,
+    litellm_binary,
     start_embedded_postgres,
     start_envoy,
+    start_litellm,
     start_redis,
     wait_envoy_ready,
     wait_for_port,
+    wait_litellm_ready,
 )
 from quotagate.server import Running, start
 from quotagate.service import UsageReport
@@ -41,6 +47,11 @@ class UpOptions:
     upstream: str | None
     port: int
     state_dir: Path
+    # A real LiteLLM proxy (mock models, quotagate's usage callback) as the upstream instead of the demo server.
+    litellm: bool = False
+
+
+LITELLM_MISSING = "quotagate up --litellm: LiteLLM is not installed: install quotagate[litellm]"
 
 
 def demo_config_path(state_dir: Path) -> Path:
@@ -49,8 +60,30 @@ def demo_config_path(state_dir: Path) -> Path:
     return path
 
 
+def litellm_config_path(state_dir: Path) -> Path:
+    path = state_dir / "litellm-demo.yaml"
+    path.write_text(resources.files("quotagate").joinpath("templates", "litellm-demo.yaml").read_text("utf-8"))
+    return path
+
+
+def litellm_installed() -> bool:
+    """Whether the litellm[proxy] package (the `litellm` console script and its module) is there."""
+    if importlib.util.find_spec("litellm") is None:
+        return False
+    try:
+        litellm_binary()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 async def run_up(opts: UpOptions) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if opts.litellm and not litellm_installed():
+        print(LITELLM_MISSING, file=sys.stderr)
+        return 1
+    # LiteLLM's master key: Envoy sends it upstream in place of the client's key (quotagate's upstream.api_key).
+    litellm_key = "sk-quotagate-" + secrets.token_hex(24) if opts.litellm else None
     state = opts.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
     cleanups: list[tuple[str, object]] = []
@@ -80,6 +113,7 @@ async def run_up(opts: UpOptions) -> int:
             "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{_port_or_free(50051)}",
             "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{_port_or_free(8080)}",
             "QUOTAGATE_ADMIN_TOKEN": os.environ.get("QUOTAGATE_ADMIN_TOKEN", DEMO_ADMIN_TOKEN),
+            **({"QUOTAGATE_UPSTREAM_API_KEY": litellm_key} if litellm_key is not None else {}),
         }
         settings = load_settings(config_path, env)
         running = await start(settings)
@@ -87,7 +121,28 @@ async def run_up(opts: UpOptions) -> int:
         lines.append(f"quotagate   gRPC 127.0.0.1:{running.grpc_port}  HTTP http://127.0.0.1:{running.http_port}")
         lines.append(f"            config {config_path}")
 
-        if opts.upstream:
+        if litellm_key is not None:
+            upstream_host, upstream_tls = "127.0.0.1", False
+            upstream_port = _port_or_free(4000)
+            litellm_config = litellm_config_path(state)
+            usage_target = f"127.0.0.1:{running.grpc_port}"
+            litellm = start_litellm(
+                litellm_config,
+                upstream_port,
+                state / "litellm.log",
+                env={**os.environ, "LITELLM_MASTER_KEY": litellm_key, "QUOTAGATE_USAGE_TARGET": usage_target},
+            )
+            cleanups.append(("litellm", litellm))
+            await wait_litellm_ready(upstream_port, timeout=120, process=litellm)
+            lines += [
+                f"upstream    LiteLLM proxy http://127.0.0.1:{upstream_port}  (mock models demo-small, demo-large)",
+                f"            config {litellm_config}",
+                f"            log {state / 'litellm.log'}",
+                f"            master key {litellm_key}",
+                "            (Envoy sends it to LiteLLM in place of the client's key)",
+                f"            usage callback QUOTAGATE_USAGE_TARGET={usage_target} (quotagate.litellm_callback)",
+            ]
+        elif opts.upstream:
             parts = urlsplit(opts.upstream)
             upstream_host = parts.hostname or "127.0.0.1"
             upstream_tls = parts.scheme == "https"
