@@ -27,7 +27,6 @@ import signal
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -39,10 +38,6 @@ MODEL_IDS = ("demo-small", "demo-large")
 
 RECORDED_REQUESTS: web.AppKey[deque[dict[str, Any]]] = web.AppKey("recorded_requests", deque)
 
-# Called after each completion with the request headers, the model and the usage; `quotagate up` uses it to
-# report usage the way a LiteLLM callback would.
-UsageHook = Callable[[Mapping[str, str], str, dict[str, int]], Awaitable[None]]
-USAGE_HOOK: web.AppKey[UsageHook | None] = web.AppKey("usage_hook")
 
 # (type, code) per status, so clients that branch on OpenAI error types behave realistically.
 _ERROR_KINDS: dict[int, tuple[str, str]] = {
@@ -180,10 +175,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         "total_tokens": prompt_tokens + completion_tokens,
     }
 
-    hook = request.app[USAGE_HOOK]
     if not stream:
-        if hook is not None:
-            await hook(request.headers, model, usage)
         return web.json_response(
             {
                 "id": completion_id,
@@ -235,9 +227,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         await response.write_eof()
     except ConnectionResetError:
         # The client (or Envoy) hung up mid-stream; tests do this on purpose.
-        return response
-    if hook is not None:
-        await hook(request.headers, model, usage)
+        pass
     return response
 
 
@@ -282,10 +272,9 @@ async def _record_requests(request: web.Request, handler: Handler) -> web.Stream
     return await handler(request)
 
 
-def build_app(on_usage: UsageHook | None = None) -> web.Application:
+def build_app() -> web.Application:
     """Create the demo upstream application with an empty request log."""
     app = web.Application(middlewares=[_record_requests])
-    app[USAGE_HOOK] = on_usage
     recorded: deque[dict[str, Any]] = deque(maxlen=MAX_RECORDED_REQUESTS)
     app[RECORDED_REQUESTS] = recorded
     app.router.add_post("/v1/chat/completions", _chat_completions)
@@ -295,14 +284,12 @@ def build_app(on_usage: UsageHook | None = None) -> web.Application:
     return app
 
 
-async def start_demo_upstream(
-    host: str = "127.0.0.1", port: int = 0, on_usage: UsageHook | None = None
-) -> tuple[web.AppRunner, int]:
+async def start_demo_upstream(host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
     """Start serving on host:port (0 picks a free port); returns the runner and the bound port.
 
     Call ``await runner.cleanup()`` to stop it.
     """
-    runner = web.AppRunner(build_app(on_usage), access_log=None)
+    runner = web.AppRunner(build_app(), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

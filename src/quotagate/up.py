@@ -33,7 +33,6 @@ from quotagate.procs import (
     wait_litellm_ready,
 )
 from quotagate.server import Running, start
-from quotagate.service import UsageReport
 
 DEMO_ADMIN_TOKEN = "demo-admin-token"
 log = logging.getLogger("quotagate.up")
@@ -149,11 +148,10 @@ async def run_up(opts: UpOptions) -> int:
             upstream_port = parts.port or (443 if upstream_tls else 80)
             lines.append(f"upstream    {opts.upstream}")
         else:
-            demo_runner, upstream_port = await start_demo_upstream(on_usage=_reporter(running))
+            demo_runner, upstream_port = await start_demo_upstream()
             cleanups.append(("demo upstream", demo_runner))
             upstream_host, upstream_tls = "127.0.0.1", False
             lines.append(f"upstream    demo OpenAI-compatible server http://127.0.0.1:{upstream_port}")
-            lines.append("            (reports each completion's usage to quotagate, as a LiteLLM callback would)")
 
         admin_port = free_port()
         envoy_config = write_envoy_config(
@@ -191,26 +189,6 @@ def _port_or_free(preferred: int) -> int:
         except OSError:
             return free_port()
     return preferred
-
-
-def _reporter(running: Running):  # type: ignore[no-untyped-def]
-    async def report(headers: Mapping[str, str], model: str, usage: dict[str, int]) -> None:
-        request_id = headers.get("x-request-id", "")
-        user_id = headers.get("x-quota-user", "")
-        if not request_id or not user_id:
-            return
-        await running.service.report_usage(
-            UsageReport(
-                request_id=request_id,
-                user_id=user_id,
-                model=model,
-                prompt_tokens=usage["prompt_tokens"],
-                completion_tokens=usage["completion_tokens"],
-                source="demo-upstream",
-            )
-        )
-
-    return report
 
 
 async def _stop(item: object) -> None:
