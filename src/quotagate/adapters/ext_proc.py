@@ -35,6 +35,7 @@ _Mode = processing_mode_pb2.ProcessingMode
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where Envoy puts the metadata Check returned
 MAX_BUFFERED_JSON = 8 << 20  # a JSON answer larger than this is charged from its estimate
 BUFFERED_JSON_LIMIT = 512 << 10  # well under Envoy's default 1 MiB buffer limit
+SETTLE_WAIT_SECONDS = 1.0  # under the filter's message_timeout (2 s)
 
 
 def header_map(headers: Any) -> dict[str, str]:
@@ -76,6 +77,11 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         try:
             async for message in request_iterator:
                 response, done = self._handle(exchange, message)
+                if done:
+                    # Settle before the last answer, so the client's next request already sees the charge and
+                    # no longer the hold (a slow ledger is waited for only briefly; the rest runs on).
+                    settling = self._spawn(self._settle(exchange))
+                    await asyncio.wait({settling}, timeout=SETTLE_WAIT_SECONDS)
                 yield response
                 if done:
                     break
@@ -90,10 +96,11 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def _handle(self, ex: Exchange, message: pb.ProcessingRequest) -> tuple[pb.ProcessingResponse, bool]:
         kind = message.WhichOneof("request")
