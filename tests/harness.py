@@ -56,6 +56,8 @@ class Stack:
     clock: Clock | None = None
     # Usage capture through Envoy's ext_proc; off where a test reports usage itself with ReportUsage.
     ext_proc: bool = False
+    # Envoy's rate-limit filter calling quotagate's ShouldRateLimit.
+    rate_limit: bool = False
     # (host, port) of an upstream that is already running (e.g. a LiteLLM proxy); None starts the demo upstream.
     upstream: tuple[str, int] | None = None
     quotagate: Running | None = None
@@ -81,6 +83,7 @@ class Stack:
                 admin_port=admin_port,
                 authz_port=self.grpc_port,
                 ext_proc=self.ext_proc,
+                rate_limit=self.rate_limit,
             ),
             self.tmp / "envoy.yaml",
         )

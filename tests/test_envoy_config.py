@@ -14,6 +14,8 @@ from quotagate.envoyconf import (
     AUTHZ_CLUSTER,
     EXTPROC_CLUSTER,
     PRODUCTION_OPTIONS,
+    RATELIMIT_CLUSTER,
+    RATELIMIT_DOMAIN,
     UPSTREAM_CLUSTER,
     EnvoyOptions,
     main,
@@ -98,9 +100,16 @@ def test_rendered_config_validates(name: str, tmp_path: pathlib.Path) -> None:
     assert listener == {"address": opts.listen_host, "port_value": opts.listen_port}
 
     filters = http_filters(config)
-    expected = ["envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+    expected = [
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.ext_proc",
+        "envoy.filters.http.ratelimit",
+        "envoy.filters.http.router",
+    ]
     if not opts.ext_proc:
         expected.remove("envoy.filters.http.ext_proc")
+    if not opts.rate_limit:
+        expected.remove("envoy.filters.http.ratelimit")
     assert [f["name"] for f in filters] == expected
     authz = filters[0]["typed_config"]
     assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == AUTHZ_CLUSTER
@@ -210,3 +219,18 @@ def test_ext_proc_has_its_own_cluster_and_per_response_body_modes() -> None:
     )
     assert all(f["name"] != "envoy.filters.http.ext_proc" for f in http_filters(without))
     assert all(c["name"] != EXTPROC_CLUSTER for c in without["static_resources"]["clusters"])
+
+
+def test_rate_limits_count_requests_and_tokens_per_authenticated_user() -> None:
+    config = yaml.safe_load(render_envoy_config(EnvoyOptions(upstream_host="127.0.0.1", upstream_port=8000)))
+    ratelimit = next(f for f in http_filters(config) if f["name"] == "envoy.filters.http.ratelimit")["typed_config"]
+    assert ratelimit["domain"] == RATELIMIT_DOMAIN
+    assert ratelimit["rate_limit_service"]["grpc_service"]["envoy_grpc"]["cluster_name"] == RATELIMIT_CLUSTER
+    assert ratelimit["enable_x_ratelimit_headers"] == "DRAFT_VERSION_03"
+    requests, token_check, token_charge = ratelimit["rate_limits"]
+    assert requests["actions"] == [{"request_headers": {"header_name": "x-quota-user", "descriptor_key": "user"}}]
+    assert token_check["hits_addend"] == {"number": 0}
+    assert token_charge["apply_on_stream_done"] is True
+    assert token_charge["hits_addend"] == {"format": "%DYNAMIC_METADATA(quotagate:tokens)%"}
+    ext_proc = next(f for f in http_filters(config) if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+    assert ext_proc["metadata_options"]["receiving_namespaces"] == {"untyped": ["quotagate"]}

@@ -23,7 +23,7 @@ def placeholders(language: Language, key: MessageKey) -> set[str]:
 
 
 def values(fill: str) -> dict[str, object]:
-    return {"how": fill, "reset": fill, "remaining": fill, "detail": fill}
+    return {"how": fill, "reset": fill, "remaining": fill, "detail": fill, "seconds": fill}
 
 
 def assert_one_short_line(text: str) -> None:
@@ -46,7 +46,13 @@ def test_both_languages_ship() -> None:
 @pytest.mark.parametrize("key", list(MessageKey))
 def test_every_message_with_ordinary_values_is_one_short_line(language: Language, key: MessageKey) -> None:
     text = message(
-        language, key, how="mailto:creditos@example.com", reset="01/12/2026 00:00", remaining=42, detail="bad body"
+        language,
+        key,
+        how="mailto:creditos@example.com",
+        reset="01/12/2026 00:00",
+        remaining=42,
+        detail="bad body",
+        seconds=37,
     )
     assert_one_short_line(text)
     assert "{" not in text and "}" not in text  # every placeholder was filled
@@ -63,7 +69,7 @@ def test_every_message_with_long_values_is_still_one_short_line(language: Langua
 @pytest.mark.parametrize("key", list(MessageKey))
 def test_substituted_values_appear_in_the_text(language: Language, key: MessageKey) -> None:
     names = placeholders(language, key)
-    filled = {name: f"<{name}-value>" for name in ("how", "reset", "remaining", "detail")}
+    filled = {name: f"<{name}-value>" for name in ("how", "reset", "remaining", "detail", "seconds")}
     text = message(language, key, **filled)
     for name in names:
         assert f"<{name}-value>" in text

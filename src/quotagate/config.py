@@ -66,6 +66,8 @@ class Settings:
     grpc_listen: str = "127.0.0.1:50051"
     http_listen: str = "127.0.0.1:8080"
     production: bool = False
+    # envoyproxy/ratelimit-format files (or folders); empty: the built-in default (60 requests a minute a user).
+    rate_limit_files: tuple[Path, ...] = ()
     source: str = "<defaults>"
 
     def plan(self, plan_id: str) -> Plan:
@@ -267,6 +269,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         grpc_listen=env.get("QUOTAGATE_GRPC_LISTEN", top.take("grpc_listen", str, defaults.grpc_listen)),
         http_listen=env.get("QUOTAGATE_HTTP_LISTEN", top.take("http_listen", str, defaults.http_listen)),
         production=top.take("production", bool, False) or env.get("QUOTAGATE_ENV", "") == "production",
+        rate_limit_files=_paths(top, "rate_limits", Path(source).parent),
         source=source,
     )
     top.done()
@@ -284,6 +287,15 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     if settings.production and not settings.admin_tokens:
         raise ConfigError(f"{source}: admin_tokens: production needs an admin token (QUOTAGATE_ADMIN_TOKEN)")
     return settings
+
+
+def _paths(section: _Section, name: str, base: Path) -> tuple[Path, ...]:
+    """A path or a list of paths; relative ones are taken from the config file's folder."""
+    raw = section.data.pop(name, [])
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        raise section.fail(name, "expected a path or a list of paths")
+    return tuple(p if p.is_absolute() else base / p for p in (Path(i) for i in items))
 
 
 def _deny_or_allow(value: str) -> str:

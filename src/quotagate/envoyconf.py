@@ -28,6 +28,8 @@ __all__ = [
     "AUTHZ_CLUSTER",
     "EXTPROC_CLUSTER",
     "PRODUCTION_OPTIONS",
+    "RATELIMIT_CLUSTER",
+    "RATELIMIT_DOMAIN",
     "UPSTREAM_CLUSTER",
     "EnvoyOptions",
     "build_envoy_config",
@@ -38,13 +40,17 @@ __all__ = [
 
 AUTHZ_CLUSTER = "quotagate_authz"
 EXTPROC_CLUSTER = "quotagate_extproc"
+RATELIMIT_CLUSTER = "quotagate_ratelimit"
+RATELIMIT_DOMAIN = "quotagate"
 UPSTREAM_CLUSTER = "upstream"
 
 _TYPE_URL = "type.googleapis.com/"
 _HCM_TYPE = _TYPE_URL + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_AUTHZ_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 _EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+_QUOTAGATE_NAMESPACE = "quotagate"
 _EXT_PROC_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+_RATELIMIT_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ratelimit.v3.RateLimit"
 _ROUTER_TYPE = _TYPE_URL + "envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS_TYPE = _TYPE_URL + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _TLS_TYPE = _TYPE_URL + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -78,6 +84,9 @@ class EnvoyOptions:
     upstream_ca_file: str | None = None
     # Usage capture from the response bodies (ext_proc); off for deployments that report usage otherwise.
     ext_proc: bool = True
+    # Requests and tokens per window through Envoy's rate-limit filter (quotagate's ShouldRateLimit).
+    rate_limit: bool = True
+    rate_limit_timeout_ms: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "admin_port", "authz_port", "upstream_port"):
@@ -171,6 +180,49 @@ def _extproc_cluster(opts: EnvoyOptions) -> dict[str, Any]:
     return _grpc_cluster(EXTPROC_CLUSTER, opts, _EXTPROC_CIRCUIT_LIMIT)
 
 
+def _ratelimit_cluster(opts: EnvoyOptions) -> dict[str, Any]:
+    return _grpc_cluster(RATELIMIT_CLUSTER, opts, _AUTHZ_CIRCUIT_LIMIT)
+
+
+def _user_descriptor(*, tokens: bool) -> list[dict[str, Any]]:
+    # x-quota-user is set by quotagate's Check, so it names an authenticated user (a client cannot forge it).
+    user = {"request_headers": {"header_name": "x-quota-user", "descriptor_key": "user"}}
+    if not tokens:
+        return [user]
+    return [{"generic_key": {"descriptor_key": "kind", "descriptor_value": "tokens"}}, user]
+
+
+def _ratelimit_filter(opts: EnvoyOptions) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": _RATELIMIT_TYPE,
+            "domain": RATELIMIT_DOMAIN,
+            "timeout": _duration_ms(opts.rate_limit_timeout_ms),
+            # The monthly quota (Check) fails closed; rate limits are a second line and fail open.
+            "failure_mode_deny": False,
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+            "rate_limit_service": {
+                "grpc_service": {"envoy_grpc": {"cluster_name": RATELIMIT_CLUSTER}},
+                "transport_api_version": "V3",
+            },
+            # Filter-level rate_limits: Envoy 1.40 ignores hits_addend in route-level ones (ENVOY-NOTES).
+            "rate_limits": [
+                # Requests per window per user.
+                {"actions": _user_descriptor(tokens=False)},
+                # Tokens per window per user: checked (hits 0) before the request ...
+                {"actions": _user_descriptor(tokens=True), "hits_addend": {"number": 0}},
+                # ... and charged with the tokens ext_proc read, once the response is done.
+                {
+                    "actions": _user_descriptor(tokens=True),
+                    "hits_addend": {"format": f"%DYNAMIC_METADATA({_QUOTAGATE_NAMESPACE}:tokens)%"},
+                    "apply_on_stream_done": True,
+                },
+            ],
+        },
+    }
+
+
 def _ext_proc_filter() -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.ext_proc",
@@ -194,7 +246,11 @@ def _ext_proc_filter() -> dict[str, Any]:
             "allow_mode_override": True,
             "message_timeout": "2s",
             # What Check learnt (user, model, prompt size, whether to ask for usage) reaches ext_proc here.
-            "metadata_options": {"forwarding_namespaces": {"untyped": [_EXT_AUTHZ_NAMESPACE]}},
+            # ...and what ext_proc learnt (the tokens a completion used) comes back for the rate-limit filter.
+            "metadata_options": {
+                "forwarding_namespaces": {"untyped": [_EXT_AUTHZ_NAMESPACE]},
+                "receiving_namespaces": {"untyped": [_QUOTAGATE_NAMESPACE]},
+            },
         },
     }
 
@@ -278,6 +334,9 @@ def _listener(opts: EnvoyOptions) -> dict[str, Any]:
         "http_filters": [
             _ext_authz_filter(opts),
             *([_ext_proc_filter()] if opts.ext_proc else []),
+            # After Check and ext_proc: its users are authenticated, and ext_proc sees its 429s and releases
+            # the reservation Check made.
+            *([_ratelimit_filter(opts)] if opts.rate_limit else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": _ROUTER_TYPE},
@@ -306,6 +365,7 @@ def build_envoy_config(opts: EnvoyOptions) -> dict[str, Any]:
             "clusters": [
                 _authz_cluster(opts),
                 *([_extproc_cluster(opts)] if opts.ext_proc else []),
+                *([_ratelimit_cluster(opts)] if opts.rate_limit else []),
                 _upstream_cluster(opts),
             ],
         },
@@ -350,6 +410,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--authz-timeout-ms", type=int)
     parser.add_argument("--upstream-ca-file", help="CA bundle to verify the upstream's TLS certificate")
     parser.add_argument("--ext-proc", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--rate-limit", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--rate-limit-timeout-ms", type=int)
     args = parser.parse_args(argv)
     if not args.production and (args.upstream_host is None or args.upstream_port is None):
         parser.error("--upstream-host and --upstream-port are required without --production")

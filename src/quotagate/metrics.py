@@ -35,6 +35,29 @@ class Metrics:
             "Reservations never settled and charged at their estimate.",
             registry=self.registry,
         )
+        self.ratelimit_hits = Counter(
+            "quotagate_ratelimit_hits_total", "Rate-limit checks per configured limit.", ["key"], registry=self.registry
+        )
+        self.ratelimit_over = Counter(
+            "quotagate_ratelimit_over_limit_total", "Checks over the limit.", ["key"], registry=self.registry
+        )
+        self.ratelimit_near = Counter(
+            "quotagate_ratelimit_near_limit_total", "Checks above 80% of the limit.", ["key"], registry=self.registry
+        )
+        self.ratelimit_within = Counter(
+            "quotagate_ratelimit_within_limit_total", "Checks within the limit.", ["key"], registry=self.registry
+        )
+        self.ratelimit_shadow = Counter(
+            "quotagate_ratelimit_shadow_mode_total",
+            "Checks over a shadow-mode limit (reported, not denied).",
+            ["key"],
+            registry=self.registry,
+        )
+        self.ratelimit_config_errors = Counter(
+            "quotagate_ratelimit_config_errors_total",
+            "Rate-limit config reloads refused because the edited files were invalid.",
+            registry=self.registry,
+        )
         self.store_errors = Counter(
             "quotagate_store_errors_total",
             "Decisions taken without the store, by the on_store_error policy applied (deny, allow).",

@@ -8,25 +8,33 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import grpc
 from aiohttp import web
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from quotagate.adapters.admin import AdminService
 from quotagate.adapters.ext_authz import AuthorizationService
 from quotagate.adapters.ext_proc import ExternalProcessorService
+from quotagate.adapters.ratelimit import RateLimitService
 from quotagate.adapters.usage import UsageService
 from quotagate.config import Settings
 from quotagate.core.clock import Clock, SystemClock
 from quotagate.http import build_http_app
 from quotagate.metrics import Metrics
+from quotagate.ratelimit.limiter import RateLimiter
+from quotagate.ratelimit.reload import ReloadingConfig
+from quotagate.ratelimit.store import RedisRateLimitStore
 from quotagate.service import QuotaService
 from quotagate.store.postgres import PostgresLedger
 from quotagate.store.redis import RedisHotState
+from quotagate.store.resp import PipelinedRedis
 from quotagate.v1 import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 log = logging.getLogger("quotagate.server")
@@ -34,10 +42,12 @@ log = logging.getLogger("quotagate.server")
 SERVICE_NAMES = (
     external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
     external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
+    rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["Usage"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
 SWEEP_INTERVAL_SECONDS = 5.0
+DEFAULT_RATE_LIMITS = Path(str(resources.files("quotagate").joinpath("templates", "ratelimit.yaml")))
 
 
 def split_listen(address: str) -> tuple[str, int]:
@@ -72,6 +82,16 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(service), server)
     ext_proc = ExternalProcessorService(service)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ext_proc, server)
+    rate_limits = ReloadingConfig(
+        settings.rate_limit_files or (DEFAULT_RATE_LIMITS,), on_error=lambda _: metrics.ratelimit_config_errors.inc()
+    )
+    limiter = RateLimiter(
+        rate_limits.current,
+        RedisRateLimitStore(PipelinedRedis(settings.redis_url), f"{settings.redis_prefix}rl:"),
+        service.clock,
+        settings.timezone,
+    )
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter, settings, metrics), server)
     usage_pb2_grpc.add_UsageServicer_to_server(UsageService(service), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service), server)
     health_servicer = health.aio.HealthServicer()
@@ -93,13 +113,15 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     http_port = runner.addresses[0][1] if runner.addresses else http_port
 
     sweeper = asyncio.create_task(_sweep(service), name="reservation-sweeper")
+    watcher = asyncio.create_task(rate_limits.watch(), name="rate-limit-config-watcher")
 
     async def stop() -> None:
         # Health turns NOT_SERVING first so balancers stop sending, then in-flight calls get time to finish.
         await health_servicer.enter_graceful_shutdown()
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        for task in (sweeper, watcher):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await server.stop(grace=5)
         await ext_proc.drain()
         await runner.cleanup()

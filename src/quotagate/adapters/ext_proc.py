@@ -33,6 +33,7 @@ log = logging.getLogger("quotagate.ext_proc")
 
 _Mode = processing_mode_pb2.ProcessingMode
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where Envoy puts the metadata Check returned
+METADATA_NAMESPACE = "quotagate"  # what ext_proc hands back to Envoy (tokens used, for rate limits)
 MAX_BUFFERED_JSON = 8 << 20  # a JSON answer larger than this is charged from its estimate
 BUFFERED_JSON_LIMIT = 512 << 10  # well under Envoy's default 1 MiB buffer limit
 SETTLE_WAIT_SECONDS = 1.0  # under the filter's message_timeout (2 s)
@@ -82,6 +83,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                     # no longer the hold (a slow ledger is waited for only briefly; the rest runs on).
                     settling = self._spawn(self._settle(exchange))
                     await asyncio.wait({settling}, timeout=SETTLE_WAIT_SECONDS)
+                    self._attach_tokens(exchange, response)
                 yield response
                 if done:
                     break
@@ -188,6 +190,17 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         if end:
             ex.usage = usage_from_json(bytes(ex.json_body))
         return pb.ProcessingResponse(response_body=pb.BodyResponse()), end
+
+    def _attach_tokens(self, ex: Exchange, response: pb.ProcessingResponse) -> None:
+        """Hands the tokens used to Envoy as dynamic metadata, where a rate limit applied when the stream is
+        done reads them (`%DYNAMIC_METADATA(quotagate:tokens)%` as its hits_addend)."""
+        if not ex.known or not ex.model or ex.status >= 400:
+            return
+        report = self._report(ex)
+        tokens = report.prompt_tokens + report.completion_tokens
+        # A string: the rate-limit filter parses the formatted value as an integer, and a number would be
+        # rendered as a float.
+        response.dynamic_metadata.update({METADATA_NAMESPACE: {"tokens": str(tokens)}})
 
     async def _settle(self, ex: Exchange) -> None:
         if not ex.known or not ex.model or ex.settled:

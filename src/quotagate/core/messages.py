@@ -21,6 +21,8 @@ class MessageKey(StrEnum):
     MISSING_USER = "missing_user"
     USER_NOT_ALLOWED = "user_not_allowed"
     INVALID_BODY = "invalid_body"
+    RATE_LIMITED = "rate_limited"
+    TOKENS_RATE_LIMITED = "tokens_rate_limited"
 
 
 _TEXTS: dict[Language, dict[MessageKey, str]] = {
@@ -37,6 +39,8 @@ _TEXTS: dict[Language, dict[MessageKey, str]] = {
         MessageKey.MISSING_USER: "Usuário não informado: envie o cabeçalho x-user-id.",
         MessageKey.USER_NOT_ALLOWED: "Esta chave de API não pode agir em nome de outro usuário.",
         MessageKey.INVALID_BODY: "Pedido inválido: {detail}",
+        MessageKey.RATE_LIMITED: "Muitas requisições em pouco tempo. Aguarde {seconds} s e tente novamente.",
+        MessageKey.TOKENS_RATE_LIMITED: "Muitos tokens usados em pouco tempo. Aguarde {seconds} s e tente novamente.",
     },
     Language.EN: {
         MessageKey.QUOTA_EXHAUSTED: (
@@ -51,6 +55,8 @@ _TEXTS: dict[Language, dict[MessageKey, str]] = {
         MessageKey.MISSING_USER: "No user given: send the x-user-id header.",
         MessageKey.USER_NOT_ALLOWED: "This API key may not act for another user.",
         MessageKey.INVALID_BODY: "Invalid request: {detail}",
+        MessageKey.RATE_LIMITED: "Too many requests in a short time. Wait {seconds} s and try again.",
+        MessageKey.TOKENS_RATE_LIMITED: "Too many tokens used in a short time. Wait {seconds} s and try again.",
     },
 }
 
