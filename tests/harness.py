@@ -58,6 +58,8 @@ class Stack:
     ext_proc: bool = False
     # Envoy's rate-limit filter calling quotagate's ShouldRateLimit.
     rate_limit: bool = False
+    # Any other EnvoyOptions fields (timeouts, say).
+    envoy_options: dict[str, Any] = field(default_factory=dict)
     # (host, port) of an upstream that is already running (e.g. a LiteLLM proxy); None starts the demo upstream.
     upstream: tuple[str, int] | None = None
     quotagate: Running | None = None
@@ -84,6 +86,7 @@ class Stack:
                 authz_port=self.grpc_port,
                 ext_proc=self.ext_proc,
                 rate_limit=self.rate_limit,
+                **self.envoy_options,
             ),
             self.tmp / "envoy.yaml",
         )

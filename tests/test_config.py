@@ -479,3 +479,27 @@ def test_cli_check_config_not_yaml_exits_1() -> None:
     done = run_check_config(path)
     assert done.returncode == 1
     assert str(path) in done.stderr
+
+
+def test_check_config_validates_rate_limit_files_alone_and_through_the_config(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    good = tmp_path / "limits.yaml"
+    good.write_text("domain: quotagate\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 60}\n")
+    bad = tmp_path / "bad-limits.yaml"
+    bad.write_text("domain: quotagate\ndescriptors:\n  - key: user\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n")
+    config = tmp_path / "quotagate.yaml"
+    config.write_text(f"rate_limits: [{bad.name}]\n")
+
+    def check(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "quotagate.cli", "check-config", str(path)], capture_output=True, text=True, timeout=60
+        )
+
+    ok = check(good)
+    assert ok.returncode == 0 and "domain quotagate" in ok.stdout
+    for path in (bad, config):
+        failed = check(path)
+        assert failed.returncode == 1
+        assert f"{bad}: descriptors[0].rate_limit.unit:" in failed.stderr

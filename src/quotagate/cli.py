@@ -9,7 +9,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from quotagate.config import ConfigError, load_settings
+from quotagate.ratelimit.config import RateLimitConfigError, load_ratelimit_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,18 +42,37 @@ def _parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply pending PostgreSQL migrations")
     migrate.add_argument("--config", type=Path)
 
-    check = sub.add_parser("check-config", help="validate a config file; exits 1 naming the file and key")
+    check = sub.add_parser("check-config", help="validate a config or rate-limit file; exits 1 naming the file and key")
     check.add_argument("file", type=Path)
     return parser
+
+
+def _check_config(path: Path) -> int:
+    """Validates a quotagate config (and the rate-limit files it names), or a rate-limit file on its own."""
+    if _is_rate_limit_file(path):
+        config = load_ratelimit_config([path])
+        print(f"{path}: ok (rate limits for domain {', '.join(config.domains)})")
+        return 0
+    settings = load_settings(path, os.environ)
+    rate_limits = load_ratelimit_config(settings.rate_limit_files) if settings.rate_limit_files else None
+    domains = f", rate limits for {', '.join(rate_limits.domains)}" if rate_limits else ""
+    print(f"{path}: ok ({len(settings.plans)} plans, {len(settings.clients)} clients{domains})")
+    return 0
+
+
+def _is_rate_limit_file(path: Path) -> bool:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False  # load_settings reports it with the file name
+    return isinstance(data, dict) and "domain" in data
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            settings = load_settings(args.file, os.environ)
-            print(f"{args.file}: ok ({len(settings.plans)} plans, {len(settings.clients)} clients)")
-            return 0
+            return _check_config(args.file)
         if args.command == "up":
             from quotagate.up import UpOptions, run_up
 
@@ -88,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             applied = asyncio.run(run_migrations())
             print("applied: " + ", ".join(applied) if applied else "nothing to apply")
             return 0
-    except ConfigError as exc:
+    except (ConfigError, RateLimitConfigError) as exc:
         print(f"quotagate: config error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
