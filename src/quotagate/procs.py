@@ -259,6 +259,36 @@ def start_envoy(
     return ManagedProcess(argv, log_path, env=env, name="envoy").start()
 
 
+async def _poll_http(
+    url: str,
+    what: str,
+    ready: Callable[[int, str], bool],
+    timeout: float,  # noqa: ASYNC109 (see wait_for_port)
+    process: ManagedProcess | None,
+    interval: float,
+) -> None:
+    """GETs `url` until `ready(status, body)`; gives up early if `process` exits (RuntimeError with its log)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = "no answer"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
+        while True:
+            if process is not None and not process.alive():
+                raise RuntimeError(f"waiting for {what} to be ready: {process.describe_exit()}")
+            try:
+                async with session.get(url) as response:
+                    status, body = response.status, (await response.text()).strip()
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if ready(status, body):
+                    return
+                last = f"HTTP {status} {body[:200]!r}"
+            if loop.time() >= deadline:
+                raise TimeoutError(f"{what} {url} not ready after {timeout}s ({last})")
+            await asyncio.sleep(interval)
+
+
 async def wait_envoy_ready(
     admin_port: int,
     timeout: float = 20.0,  # noqa: ASYNC109 (see wait_for_port)
@@ -266,27 +296,15 @@ async def wait_envoy_ready(
     process: ManagedProcess | None = None,
 ) -> None:
     """Poll Envoy's admin `/ready` until it answers LIVE (listeners and clusters initialised)."""
-    url = f"http://127.0.0.1:{admin_port}/ready"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last = "no answer"
-    # A plain socket would do, but Envoy's admin rejects HTTP/1.0 (426) and answers chunked.
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
-        while True:
-            if process is not None and not process.alive():
-                raise RuntimeError(f"waiting for Envoy to be ready: {process.describe_exit()}")
-            try:
-                async with session.get(url) as response:
-                    status, body = response.status, (await response.text()).strip()
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            else:
-                if status == 200 and body == "LIVE":
-                    return
-                last = f"HTTP {status} {body!r}"
-            if loop.time() >= deadline:
-                raise TimeoutError(f"Envoy admin {url} not LIVE after {timeout}s ({last})")
-            await asyncio.sleep(_POLL_INTERVAL)
+    # aiohttp rather than a plain socket: Envoy's admin rejects HTTP/1.0 (426) and answers chunked.
+    await _poll_http(
+        f"http://127.0.0.1:{admin_port}/ready",
+        "Envoy admin",
+        lambda status, body: status == 200 and body == "LIVE",
+        timeout,
+        process,
+        _POLL_INTERVAL,
+    )
 
 
 def _redis_server_path() -> str:
@@ -416,23 +434,11 @@ async def wait_litellm_ready(
     The proxy takes a few seconds to import and start; with `process`, give up early (RuntimeError with its log
     tail) if it exits meanwhile, e.g. when it refuses a weak master key.
     """
-    url = f"http://127.0.0.1:{port}/health/readiness"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last = "no answer"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
-        while True:
-            if process is not None and not process.alive():
-                raise RuntimeError(f"waiting for LiteLLM to be ready: {process.describe_exit()}")
-            try:
-                async with session.get(url) as response:
-                    status, body = response.status, (await response.text()).strip()
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            else:
-                if status == 200:
-                    return
-                last = f"HTTP {status} {body[:200]!r}"
-            if loop.time() >= deadline:
-                raise TimeoutError(f"LiteLLM {url} not ready after {timeout}s ({last})")
-            await asyncio.sleep(_POLL_INTERVAL * 4)
+    await _poll_http(
+        f"http://127.0.0.1:{port}/health/readiness",
+        "LiteLLM",
+        lambda status, _: status == 200,
+        timeout,
+        process,
+        _POLL_INTERVAL * 4,
+    )
