@@ -85,9 +85,10 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     rate_limits = ReloadingConfig(
         settings.rate_limit_files or (DEFAULT_RATE_LIMITS,), on_error=lambda _: metrics.ratelimit_config_errors.inc()
     )
+    rate_limit_redis = PipelinedRedis(settings.redis_url)
     limiter = RateLimiter(
         rate_limits.current,
-        RedisRateLimitStore(PipelinedRedis(settings.redis_url), f"{settings.redis_prefix}rl:"),
+        RedisRateLimitStore(rate_limit_redis, f"{settings.redis_prefix}rl:"),
         service.clock,
         settings.timezone,
     )
@@ -125,6 +126,7 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         await server.stop(grace=5)
         await ext_proc.drain()
         await runner.cleanup()
+        rate_limit_redis.close()
         await hot.close()
         await ledger.close()
 
