@@ -486,15 +486,22 @@ def test_check_config_validates_rate_limit_files_alone_and_through_the_config(tm
     import sys
 
     good = tmp_path / "limits.yaml"
-    good.write_text("domain: quotagate\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 60}\n")
+    good.write_text(
+        "domain: quotagate\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 60}\n"
+    )
     bad = tmp_path / "bad-limits.yaml"
-    bad.write_text("domain: quotagate\ndescriptors:\n  - key: user\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n")
+    bad.write_text(
+        "domain: quotagate\ndescriptors:\n  - key: user\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n"
+    )
     config = tmp_path / "quotagate.yaml"
     config.write_text(f"rate_limits: [{bad.name}]\n")
 
     def check(path: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "quotagate.cli", "check-config", str(path)], capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "quotagate.cli", "check-config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     ok = check(good)
