@@ -290,12 +290,20 @@ def quotagate_config(stores: Stores, client_key: str) -> dict[str, Any]:
 
 
 async def start_quotagate(
-    bench: Bench, stores: Stores, log_level: str = "INFO", profile_path: Path | None = None
+    bench: Bench,
+    stores: Stores,
+    log_level: str = "INFO",
+    profile_path: Path | None = None,
+    rate_limits: Path | None = None,
 ) -> Quotagate:
-    """quotagate in its own process; with `profile_path` under cProfile (written when it stops on SIGTERM)."""
+    """quotagate in its own process; with `profile_path` under cProfile (written when it stops on SIGTERM), with
+    `rate_limits` reading that envoyproxy/ratelimit-format file (config key `rate_limits`) instead of its default."""
     client_key = "bench-" + secrets.token_hex(16)
     config_path = bench.tmp / "quotagate.yaml"
-    config_path.write_text(yaml.safe_dump(quotagate_config(stores, client_key), sort_keys=False), encoding="utf-8")
+    config = quotagate_config(stores, client_key)
+    if rate_limits is not None:
+        config["rate_limits"] = str(rate_limits)
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     grpc_port, http_port = free_port(), free_port()
     env = {
         **os.environ,
