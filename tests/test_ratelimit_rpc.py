@@ -300,3 +300,25 @@ async def test_stop_closes_the_redis_connection_of_the_rate_limiter(
         await observer.aclose()
     # The rate limiter's connection (its last command was the counting script's EVALSHA) must be closed too.
     assert left_open == {}, f"connections of the stopped quotagate still open (id: last command): {left_open}"
+
+
+async def test_a_limit_above_32_bits_is_reported_capped_not_as_an_error(
+    database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    limits = tmp_path / "big.yaml"
+    limits.write_text(
+        "domain: big\ndescriptors:\n  - key: user\n"
+        "    rate_limit: {unit: month, requests_per_unit: 10000000000, counts: tokens}\n"
+    )
+    running = await start(make_settings(database_url, redis_url, redis_prefix, rate_limits=str(limits)))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.grpc_port}") as channel:
+            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+            request = rls_pb2.RateLimitRequest(domain="big", hits_addend=5000)
+            request.descriptors.add().entries.add(key="user", value="u1")
+            reply = await stub.ShouldRateLimit(request)
+        assert reply.overall_code == rls_pb2.RateLimitResponse.OK
+        assert reply.statuses[0].current_limit.requests_per_unit == 2**32 - 1
+        assert reply.statuses[0].limit_remaining == 2**32 - 1
+    finally:
+        await running.stop()

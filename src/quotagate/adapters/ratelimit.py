@@ -16,6 +16,7 @@ from quotagate.ratelimit.limiter import Code, Decision, DescriptorStatus, Entry,
 from quotagate.ratelimit.model import Counts, Unit
 
 _Response = rls_pb2.RateLimitResponse
+_UINT32_MAX = 2**32 - 1
 _UNITS = {
     Unit.SECOND: _Response.RateLimit.SECOND,
     Unit.MINUTE: _Response.RateLimit.MINUTE,
@@ -28,13 +29,18 @@ _UNITS = {
 def _status(status: DescriptorStatus) -> rls_pb2.RateLimitResponse.DescriptorStatus:
     out = _Response.DescriptorStatus(
         code=_Response.OVER_LIMIT if status.code is Code.OVER_LIMIT else _Response.OK,
-        limit_remaining=max(0, min(status.remaining, 2**32 - 1)),
+        limit_remaining=max(0, min(status.remaining, _UINT32_MAX)),
     )
     out.duration_until_reset.seconds = status.reset_seconds
     limit = status.limit
     if limit is not None and not limit.unlimited:
         out.current_limit.CopyFrom(
-            _Response.RateLimit(name=limit.name, requests_per_unit=limit.requests_per_unit, unit=_UNITS[limit.unit])
+            _Response.RateLimit(
+                name=limit.name,
+                # The wire field is 32 bits; a monthly token limit can be larger.
+                requests_per_unit=min(limit.requests_per_unit, _UINT32_MAX),
+                unit=_UNITS[limit.unit],
+            )
         )
     return out
 
