@@ -206,4 +206,3 @@ async def test_an_edited_config_applies_within_seconds_and_a_broken_edit_keeps_t
 async def _post_status(stack: Stack, user: str) -> int:
     response = await stack.http.post("/v1/chat/completions", json=chat_body(), headers=headers(user))
     return response.status_code
-
