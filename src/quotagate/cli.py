@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from quotagate.admin_cli import add_admin_parser, run_admin
 from quotagate.config import ConfigError, load_settings
 from quotagate.ratelimit.config import RateLimitConfigError, load_ratelimit_config
 
@@ -41,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="apply pending PostgreSQL migrations")
     migrate.add_argument("--config", type=Path)
+
+    add_admin_parser(sub)
 
     check = sub.add_parser("check-config", help="validate a config or rate-limit file; exits 1 naming the file and key")
     check.add_argument("file", type=Path)
@@ -73,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return _check_config(args.file)
+        if args.command == "admin":
+            return run_admin(args)
         if args.command == "up":
             from quotagate.up import UpOptions, run_up
 

@@ -1,0 +1,145 @@
+"""`quotagate admin`: the operators' daily tasks from the shell, over the Admin gRPC API.
+
+Human-readable output by default, `--json` for scripts. Errors are one line on stderr, and the exit code says
+what kind of failure it was (see EXIT_CODES), so scripts can branch on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
+
+from quotagate.v1 import admin_pb2, admin_pb2_grpc, usage_pb2
+
+EXIT_CODES: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 2,
+    grpc.StatusCode.UNAUTHENTICATED: 3,
+    grpc.StatusCode.PERMISSION_DENIED: 4,
+    grpc.StatusCode.NOT_FOUND: 5,
+    grpc.StatusCode.UNAVAILABLE: 6,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 6,
+}
+BAR_WIDTH = 24
+
+Call = Callable[[admin_pb2_grpc.AdminStub, list[tuple[str, str]]], Awaitable[Message]]
+
+
+def add_admin_parser(sub: Any) -> None:
+    admin = sub.add_parser("admin", help="operators' tasks over the Admin API (accounts, credits, ...)")
+    admin.add_argument(
+        "--server", default=os.environ.get("QUOTAGATE_ADMIN_SERVER", "127.0.0.1:50051"), help="quotagate gRPC address"
+    )
+    admin.add_argument("--token", help="admin token (default: $QUOTAGATE_ADMIN_TOKEN)")
+    admin.add_argument("--json", action="store_true", help="print the API's answer as JSON")
+    tasks = admin.add_subparsers(dest="task", required=True)
+
+    account = tasks.add_parser("account", help="one account").add_subparsers(dest="action", required=True)
+    show = account.add_parser("show", help="an account with its live balance")
+    show.add_argument("user")
+
+    grant = tasks.add_parser("grant", help="add credit tokens to an account (unblocks it at once)")
+    grant.add_argument("user")
+    grant.add_argument("amount", type=int)
+    grant.add_argument("--reason", required=True, help="why: written to the ledger and the audit log")
+    grant.add_argument("--expires", help="when the credits expire (ISO 8601, e.g. 2026-12-31T23:59:59-03:00)")
+    grant.add_argument("--source", default="admin")
+
+    for name, text in (("suspend", "refuse the account's requests (403)"), ("activate", "serve the account again")):
+        action = tasks.add_parser(name, help=text)
+        action.add_argument("user")
+        action.add_argument("--reason", required=True)
+
+
+def _timestamp(value: str) -> timestamp_pb2.Timestamp:
+    at = datetime.fromisoformat(value)
+    if at.tzinfo is None:
+        raise ValueError(f"{value!r} needs a timezone offset (e.g. -03:00 or Z)")
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(at.astimezone(UTC))
+    return ts
+
+
+def _call(args: argparse.Namespace) -> Call:
+    if args.task == "account":
+        request = admin_pb2.GetAccountRequest(user_id=args.user)
+        return lambda stub, md: stub.GetAccount(request, metadata=md, timeout=10)
+    if args.task == "grant":
+        grant = admin_pb2.GrantCreditsRequest(
+            user_id=args.user, amount=args.amount, reason=args.reason, source=args.source
+        )
+        if args.expires:
+            grant.expires_at.CopyFrom(_timestamp(args.expires))
+        return lambda stub, md: stub.GrantCredits(grant, metadata=md, timeout=10)
+    status = admin_pb2.SetAccountStatusRequest(user_id=args.user, reason=args.reason)
+    if args.task == "suspend":
+        return lambda stub, md: stub.SuspendAccount(status, metadata=md, timeout=10)
+    return lambda stub, md: stub.ActivateAccount(status, metadata=md, timeout=10)
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get("QUOTAGATE_ADMIN_TOKEN", "")
+    if not token:
+        print("quotagate admin: no admin token: pass --token or set QUOTAGATE_ADMIN_TOKEN", file=sys.stderr)
+        return EXIT_CODES[grpc.StatusCode.UNAUTHENTICATED]
+    try:
+        call = _call(args)
+    except ValueError as exc:
+        print(f"quotagate admin: {exc}", file=sys.stderr)
+        return 2
+    try:
+        reply = asyncio.run(_send(args.server, token, call))
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        print(f"quotagate admin: {code.name.lower()}: {exc.details()}", file=sys.stderr)
+        return EXIT_CODES.get(code, 1)
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+    else:
+        print(render(reply))
+    return 0
+
+
+async def _send(server: str, token: str, call: Call) -> Message:
+    async with grpc.aio.insecure_channel(server) as channel:
+        return await call(admin_pb2_grpc.AdminStub(channel), [("authorization", f"Bearer {token}")])
+
+
+def bar(used: int, allowance: int, width: int = BAR_WIDTH) -> str:
+    """A used/allowance bar; an overdraft fills it and is marked with '!'."""
+    if allowance <= 0:
+        return "[" + "!" * width + "]"
+    filled = min(width, round(used / allowance * width))
+    return "[" + "#" * filled + "." * (width - filled) + "]" + ("!" if used > allowance else "")
+
+
+def render_balance(balance: usage_pb2.Balance) -> list[str]:
+    reset = balance.reset_at.ToDatetime(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        f"state      {balance.state}",
+        f"cycle      {balance.cycle}  (resets {reset})",
+        f"allowance  {bar(balance.allowance_used, balance.allowance)} {balance.used_percent:5.1f}%  "
+        f"{balance.allowance_used:,} of {balance.allowance:,} used",
+        f"credits    {balance.credits:,}",
+        f"reserved   {balance.reserved:,}",
+        f"remaining  {balance.remaining:,}",
+    ]
+
+
+def render(reply: Message) -> str:
+    if isinstance(reply, admin_pb2.Account):
+        who = reply.user_id + (f"  <{reply.email}>" if reply.email else "") + (f"  {reply.name}" if reply.name else "")
+        lines = [f"account    {who}", f"plan       {reply.plan}", f"status     {reply.status}"]
+        return "\n".join(lines + render_balance(reply.balance))
+    if isinstance(reply, admin_pb2.GrantCreditsResponse):
+        return "\n".join([f"grant      #{reply.grant_id} added", *render_balance(reply.balance)])
+    return json_format.MessageToJson(reply)

@@ -1,0 +1,88 @@
+"""`quotagate admin` as an operator runs it, against a real server with real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+from harness import ADMIN_TOKEN, make_settings
+
+from quotagate.admin_cli import bar
+from quotagate.server import Running, start
+from quotagate.service import UsageReport
+
+
+@pytest.fixture
+async def server(database_url: str, redis_url: str, redis_prefix: str) -> AsyncIterator[Running]:
+    running = await start(make_settings(database_url, redis_url, redis_prefix))
+    yield running
+    await running.stop()
+
+
+async def admin(running: Running, *args: str, token: str | None = ADMIN_TOKEN) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "QUOTAGATE_ADMIN_TOKEN"}
+    if token is not None:
+        env["QUOTAGATE_ADMIN_TOKEN"] = token
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "quotagate.cli", "admin", "--server", f"127.0.0.1:{running.grpc_port}", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_show_grant_suspend_activate(server: Running, uid: str) -> None:
+    await server.service.report_usage(UsageReport("cli-1", uid, "demo-small", 600, 150))
+    code, out, _ = await admin(server, "account", "show", uid)
+    assert code == 0
+    assert f"account    {uid}" in out
+    assert "750 of 1,000 used" in out and "75.0%" in out
+    assert bar(750, 1000) in out
+
+    code, out, _ = await admin(server, "--json", "grant", uid, "500", "--reason", "Paid by bank transfer, ticket 17.")
+    assert code == 0
+    granted = json.loads(out)
+    assert granted["balance"]["credits"] == "500" and int(granted["grant_id"]) > 0
+
+    code, out, _ = await admin(server, "suspend", uid, "--reason", "Chargeback opened.")
+    assert code == 0 and "status     suspended" in out
+    code, out, _ = await admin(server, "--json", "activate", uid, "--reason", "Chargeback closed.")
+    assert code == 0 and json.loads(out)["status"] == "active"
+
+    audit = await server.service.ledger.audit_entries(uid)  # type: ignore[attr-defined]
+    assert [(a["action"], a["reason"], a["actor"]) for a in audit[1:]] == [
+        ("credits.grant", "Paid by bank transfer, ticket 17.", "env"),
+        ("account.suspend", "Chargeback opened.", "env"),
+        ("account.activate", "Chargeback closed.", "env"),
+    ]
+
+
+async def test_errors_are_one_line_with_exit_codes_scripts_can_rely_on(server: Running, uid: str) -> None:
+    code, out, err = await admin(server, "account", "show", "nobody-" + uid)
+    assert (code, out) == (5, "")
+    assert err.startswith("quotagate admin: not_found:") and err.count("\n") == 1
+
+    code, _, err = await admin(server, "account", "show", uid, token="wrong-token")
+    assert code == 3 and "unauthenticated" in err
+
+    code, _, err = await admin(server, "account", "show", uid, token=None)
+    assert code == 3 and "QUOTAGATE_ADMIN_TOKEN" in err
+
+    await server.service.report_usage(UsageReport("cli-2", uid, "demo-small", 1, 0))
+    code, _, err = await admin(server, "grant", uid, "0", "--reason", "Nothing at all.")
+    assert code == 2 and "amount" in err
+
+    code, _, err = await admin(server, "grant", uid, "10", "--reason", "Promo.", "--expires", "2030-01-01T00:00:00")
+    assert code == 2 and "timezone" in err
+    assert (await server.service.account(uid))[1].credits == 0
+
+
+def test_bar_shows_use_and_overdraft() -> None:
+    assert bar(0, 100, 10) == "[..........]"
+    assert bar(50, 100, 10) == "[#####.....]"
+    assert bar(130, 100, 10) == "[##########]!"
+    assert bar(1, 0, 4) == "[!!!!]"
