@@ -224,10 +224,14 @@ def _print_banner(lines: list[str], port: int, running: Running, admin_token: st
             "    -H 'x-user-id: alice@example.com' -H 'content-type: application/json' \\\n"
             '    -d \'{"model":"demo-small","max_tokens":50,"messages":[{"role":"user","content":"hello"}]}\'\n'
         )
-        print("Add credits (grpcurl is in .venv/bin):\n")
+        print("Look at the account and add credits (in another shell; quotagate and grpcurl are in .venv/bin):\n")
+        server = f"--server 127.0.0.1:{running.grpc_port} --token {admin_token}"
+        print(f"  quotagate admin {server} account show alice@example.com")
+        print(f"  quotagate admin {server} grant alice@example.com 500 --reason 'Asked by e-mail for more tokens.'")
         print(
             f'  grpcurl -plaintext -H \'authorization: Bearer {admin_token}\' -d \'{{"user_id":"alice@example.com",'
             f'"amount":500,"reason":"Asked by e-mail for more tokens."}}\' \\\n'
             f"    127.0.0.1:{running.grpc_port} quotagate.v1.Admin/GrantCredits\n"
         )
+        print("  Rate limits: 60 requests a minute per user (see rate_limits in the config).\n")
     print("Ctrl-C stops everything.")
