@@ -131,14 +131,8 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         return _empty_answer(kind), False
 
     def _request_body(self, ex: Exchange, body: bytes) -> pb.BodyResponse:
-        try:
-            data = json.loads(body) if body else None
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            data = None
-        if isinstance(data, dict):
-            model = data.get("model")
-            ex.model = model if isinstance(model, str) else ""
-            ex.prompt_chars = _prompt_chars(data)
+        # Asked for only when Check said the stream must be asked for its usage; model and prompt size came
+        # with Check's metadata already.
         changed = ask_for_stream_usage(body) if ex.known else None
         if changed is None:
             return pb.BodyResponse()
@@ -239,19 +233,6 @@ def _empty_answer(kind: str | None) -> pb.ProcessingResponse:
     if kind == "request_trailers":
         return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
     return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
-
-
-def _prompt_chars(data: dict[str, Any]) -> int:
-    chars = 0
-    messages = data.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                chars += len(content)
-            elif isinstance(content, list):
-                chars += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return chars
 
 
 def _json_content_chars(body: bytes) -> int:
