@@ -9,6 +9,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from quotagate.config import Settings
 from quotagate.core.clock import Clock
@@ -22,19 +23,23 @@ from quotagate.core.model import (
     Balance,
     LedgerSnapshot,
     ModelWeight,
+    QuotaState,
     Reservation,
 )
 from quotagate.core.weights import weight_for, weighted_cost
 from quotagate.metrics import Metrics
 from quotagate.store.ports import (
     AccountRecord,
+    Adjustment,
     HotState,
     HotView,
     Ledger,
+    LedgerQueries,
     NewAccount,
     NewGrant,
     SettleOutcome,
     UsageRecord,
+    UsageTotals,
 )
 
 log = logging.getLogger("quotagate.service")
@@ -43,6 +48,31 @@ log = logging.getLogger("quotagate.service")
 MAX_REPORTED_TOKENS = 1_000_000_000
 MAX_ID_CHARS = 256
 MAX_GRANT = 1_000_000_000_000
+MIN_REASON_CHARS = 3
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+GROUPINGS = ("none", "day", "model")
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidRequest("page_size must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def require_reason(reason: str, what: str) -> str:
+    reason = reason.strip()
+    if len(reason) < MIN_REASON_CHARS:
+        raise InvalidRequest(f"reason is required: say why {what}")
+    return reason
+
+
+def cycle_bounds(key: str, tz: ZoneInfo) -> Cycle:
+    """The cycle named "YYYY-MM" in the configured timezone."""
+    year, _, month = key.partition("-")
+    if len(year) != 4 or len(month) != 2 or not (year + month).isdigit() or not 1 <= int(month) <= 12:
+        raise InvalidRequest(f"cycle must look like 2026-11, not {key!r}")
+    return cycle_at(datetime(int(year), int(month), 15, 12, tzinfo=tz), tz)
 
 
 @dataclass(frozen=True)
@@ -345,3 +375,88 @@ class QuotaService:
         snapshot = await self.ledger.set_status(user_id, status, reason, actor, cycle.key, now)
         await self._push(snapshot)
         return await self._live_balance(snapshot, cycle, now)
+
+    async def adjust(self, user_id: str, amount: int, reason: str, actor: str) -> tuple[int, Balance]:
+        """Removes up to `amount` credit tokens; returns the tokens removed and the balance after."""
+        user_id = validate_id("user_id", user_id)
+        if amount <= 0 or amount > MAX_GRANT:
+            raise InvalidRequest(f"amount must be between 1 and {MAX_GRANT}")
+        reason = require_reason(reason, "the credits are removed")
+        if await self.ledger.get_account(user_id) is None:
+            raise NotFound(f"no account {user_id!r}")
+        now = self.clock.now()
+        cycle = self.cycle(now)
+        removed, snapshot = await self.ledger.adjust(Adjustment(user_id, amount, reason, actor), cycle.key, now)
+        await self._push(snapshot)
+        return removed, await self._live_balance(snapshot, cycle, now)
+
+    async def reset_cycle(self, user_id: str, reason: str, actor: str) -> Balance:
+        """Zeroes the allowance used in the current cycle."""
+        user_id = validate_id("user_id", user_id)
+        reason = require_reason(reason, "the cycle is reset")
+        if await self.ledger.get_account(user_id) is None:
+            raise NotFound(f"no account {user_id!r}")
+        now = self.clock.now()
+        cycle = self.cycle(now)
+        snapshot = await self.ledger.reset_cycle(user_id, reason, actor, cycle.key, now)
+        await self._push(snapshot)
+        return await self._live_balance(snapshot, cycle, now)
+
+    # -- admin queries ----------------------------------------------------------------------------------
+
+    def queries(self) -> LedgerQueries:
+        if not isinstance(self.ledger, LedgerQueries):
+            raise InvalidRequest("this ledger does not answer admin queries")
+        return self.ledger
+
+    async def list_accounts(
+        self, state: str, plan: str, query: str, size: int, after: str
+    ) -> tuple[list[tuple[AccountRecord, Balance]], str]:
+        """One page of accounts with live balances, and the user_id to continue after ("" on the last page).
+
+        The state comes from the live balance (reservations included), so it is filtered here, reading the
+        ledger in batches until the page is full."""
+        states = {s.value for s in QuotaState}
+        if state and state not in states:
+            raise InvalidRequest(f"state must be one of {', '.join(sorted(states))}")
+        size = page_size(size)
+        queries = self.queries()
+        now = self.clock.now()
+        cycle = self.cycle(now)
+        found: list[tuple[AccountRecord, Balance]] = []
+        cursor = after
+        while True:
+            batch = await queries.list_accounts(cursor, max(size, 100), plan, query, cycle.key, now)
+            for account, snapshot in batch.items:
+                balance = await self._live_balance(snapshot, cycle, now)
+                if not state or balance.state.value == state:
+                    found.append((account, balance))
+                    if len(found) > size:
+                        return found[:size], found[size - 1][0].user_id
+            if batch.exhausted or not batch.items:
+                return found, ""
+            cursor = batch.items[-1][0].user_id
+
+    async def usage(
+        self, user_id: str, cycle_key: str, start: datetime | None, end: datetime | None, group_by: str
+    ) -> tuple[datetime, datetime, list[UsageTotals]]:
+        user_id = validate_id("user_id", user_id)
+        group_by = group_by or "none"
+        if group_by not in GROUPINGS:
+            raise InvalidRequest(f"group_by must be one of {', '.join(GROUPINGS)}")
+        if cycle_key and (start or end):
+            raise InvalidRequest("give either cycle or start/end, not both")
+        if cycle_key:
+            cycle = cycle_bounds(cycle_key, self.settings.timezone)
+            start, end = cycle.starts_at, cycle.resets_at
+        elif start is None and end is None:
+            cycle = self.cycle(self.clock.now())
+            start, end = cycle.starts_at, cycle.resets_at
+        elif start is None or end is None:
+            raise InvalidRequest("a date range needs both start and end")
+        if start >= end:
+            raise InvalidRequest("start must be before end")
+        if await self.ledger.get_account(user_id) is None:
+            raise NotFound(f"no account {user_id!r}")
+        rows = await self.queries().usage_totals(user_id, start, end, group_by, self.settings.timezone.key)
+        return start, end, rows

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 from datetime import UTC
+from typing import Any
 
 import grpc
 
@@ -11,8 +14,9 @@ from quotagate.adapters.convert import balance_message, timestamp
 from quotagate.adapters.errors import PermissionDenied, Unauthenticated, grpc_errors
 from quotagate.config import AdminToken, Settings, sha256_hex
 from quotagate.core.errors import InvalidRequest
-from quotagate.core.model import AccountStatus
-from quotagate.service import QuotaService
+from quotagate.core.model import AccountStatus, Balance
+from quotagate.service import QuotaService, page_size, validate_id
+from quotagate.store.ports import AccountRecord, UsageTotals
 from quotagate.v1 import admin_pb2, admin_pb2_grpc
 
 _ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
@@ -54,17 +58,121 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def _account(self, user_id: str) -> admin_pb2.Account:
         account, balance = await self._service.account(user_id)
-        return admin_pb2.Account(
-            user_id=account.user_id,
-            email=account.email,
-            name=account.name,
-            plan=account.plan_id,
-            status=account.status.value,
-            allowance_override=account.allowance_override or 0,
-            has_allowance_override=account.allowance_override is not None,
-            balance=balance_message(balance),
-            created_at=timestamp(account.created_at),
+        return _account_message(account, balance)
+
+    @grpc_errors
+    async def ListAccounts(
+        self, request: admin_pb2.ListAccountsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListAccountsResponse:
+        authorize(self._service.settings, context, "viewer")
+        items, last = await self._service.list_accounts(
+            request.state.strip().lower(),
+            request.plan.strip(),
+            request.query.strip(),
+            request.page_size,
+            _decode_token(request.page_token, "a"),
         )
+        return admin_pb2.ListAccountsResponse(
+            accounts=[_account_message(a, b) for a, b in items],
+            next_page_token=_encode_token("a", last) if last else "",
+        )
+
+    @grpc_errors
+    async def AdjustCredits(
+        self, request: admin_pb2.AdjustCreditsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AdjustCreditsResponse:
+        token = authorize(self._service.settings, context, "operator")
+        removed, balance = await self._service.adjust(request.user_id, request.amount, request.reason, token.name)
+        return admin_pb2.AdjustCreditsResponse(removed=removed, balance=balance_message(balance))
+
+    @grpc_errors
+    async def GetUsage(
+        self, request: admin_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetUsageResponse:
+        authorize(self._service.settings, context, "viewer")
+        start, end, rows = await self._service.usage(
+            request.user_id,
+            request.cycle.strip(),
+            request.start.ToDatetime(UTC) if request.HasField("start") else None,
+            request.end.ToDatetime(UTC) if request.HasField("end") else None,
+            request.group_by.strip().lower(),
+        )
+        total = UsageTotals(
+            "",
+            "",
+            sum(r.requests for r in rows),
+            sum(r.prompt_tokens for r in rows),
+            sum(r.completion_tokens for r in rows),
+            sum(r.cost for r in rows),
+        )
+        return admin_pb2.GetUsageResponse(
+            user_id=request.user_id.strip(),
+            start=timestamp(start),
+            end=timestamp(end),
+            rows=[_usage_row(r) for r in rows],
+            total=_usage_row(total),
+        )
+
+    @grpc_errors
+    async def ListAuditLog(
+        self, request: admin_pb2.ListAuditLogRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListAuditLogResponse:
+        authorize(self._service.settings, context, "viewer")
+        size = page_size(request.page_size)
+        rows = await self._service.queries().audit_log(
+            request.target.strip(), request.action.strip(), _id_token(request.page_token, "l"), size + 1
+        )
+        return admin_pb2.ListAuditLogResponse(
+            entries=[
+                admin_pb2.AuditEntry(
+                    id=r["id"],
+                    actor=r["actor"],
+                    action=r["action"],
+                    target=r["target"],
+                    before_json=r["before"] or "",
+                    after_json=r["after"] or "",
+                    reason=r["reason"],
+                    created_at=timestamp(r["created_at"]),
+                )
+                for r in rows[:size]
+            ],
+            next_page_token=_next_id_token("l", rows, size),
+        )
+
+    @grpc_errors
+    async def ListLedger(
+        self, request: admin_pb2.ListLedgerRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListLedgerResponse:
+        authorize(self._service.settings, context, "viewer")
+        size = page_size(request.page_size)
+        user_id = validate_id("user_id", request.user_id)
+        rows = await self._service.queries().ledger_entries(user_id, _id_token(request.page_token, "e"), size + 1)
+        return admin_pb2.ListLedgerResponse(
+            entries=[
+                admin_pb2.LedgerEntry(
+                    id=r["id"],
+                    cycle=r["cycle"],
+                    kind=r["kind"],
+                    draws_from=r["draws_from"],
+                    amount=r["amount"],
+                    grant_id=r["grant_id"] or 0,
+                    request_id=r["request_id"] or "",
+                    reason=r["reason"],
+                    actor=r["actor"],
+                    created_at=timestamp(r["created_at"]),
+                )
+                for r in rows[:size]
+            ],
+            next_page_token=_next_id_token("e", rows, size),
+        )
+
+    @grpc_errors
+    async def ResetCycle(
+        self, request: admin_pb2.ResetCycleRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Account:
+        token = authorize(self._service.settings, context, "admin")
+        await self._service.reset_cycle(request.user_id, request.reason, token.name)
+        return await self._account(request.user_id)
 
     @grpc_errors
     async def GrantCredits(
@@ -100,3 +208,61 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             raise InvalidRequest("reason is required: say why the account's status changes")
         await self._service.set_status(request.user_id, status, request.reason.strip(), token.name)
         return await self._account(request.user_id)
+
+
+def _account_message(account: AccountRecord, balance: Balance) -> admin_pb2.Account:
+    return admin_pb2.Account(
+        user_id=account.user_id,
+        email=account.email,
+        name=account.name,
+        plan=account.plan_id,
+        status=account.status.value,
+        allowance_override=account.allowance_override or 0,
+        has_allowance_override=account.allowance_override is not None,
+        balance=balance_message(balance),
+        created_at=timestamp(account.created_at),
+    )
+
+
+def _usage_row(row: UsageTotals) -> admin_pb2.UsageRow:
+    return admin_pb2.UsageRow(
+        period=row.period,
+        model=row.model,
+        requests=row.requests,
+        prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens,
+        cost=row.cost,
+    )
+
+
+# Page tokens are opaque to clients: a kind letter and the keyset position, base64url-encoded.
+
+
+def _encode_token(kind: str, position: str) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str, kind: str) -> str:
+    if not token:
+        return ""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidRequest("page_token is not valid") from None
+    found, sep, position = raw.partition(":")
+    if found != kind or not sep or not position:
+        raise InvalidRequest("page_token is not valid")
+    return position
+
+
+def _id_token(token: str, kind: str) -> int:
+    position = _decode_token(token, kind)
+    if not position:
+        return 0
+    if not position.isdigit() or int(position) <= 0:
+        raise InvalidRequest("page_token is not valid")
+    return int(position)
+
+
+def _next_id_token(kind: str, rows: list[dict[str, Any]], size: int) -> str:
+    return _encode_token(kind, str(rows[size - 1]["id"])) if len(rows) > size else ""

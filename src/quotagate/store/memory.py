@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from quotagate.core.charge import OpenGrant, allowance_used_after, split_charge
+from quotagate.core.charge import OpenGrant, allowance_used_after, spend_order, split_charge
 from quotagate.core.decide import Verdict, admits
-from quotagate.core.errors import NotFound
+from quotagate.core.errors import InvalidRequest, NotFound
 from quotagate.core.model import (
     AccountStatus,
     AdmissionMode,
@@ -29,6 +29,7 @@ from quotagate.core.model import (
 )
 from quotagate.store.ports import (
     AccountRecord,
+    Adjustment,
     HotView,
     LimitsOf,
     NewAccount,
@@ -338,6 +339,67 @@ class MemoryLedger:
             user_id,
             {"status": before.value},
             {"status": status.value},
+            reason,
+        )
+        return self._snapshot(user_id, cycle, now)
+
+    async def adjust(self, adjustment: Adjustment, cycle: str, now: datetime) -> tuple[int, LedgerSnapshot]:
+        if adjustment.amount <= 0:
+            raise InvalidRequest("amount must be positive")
+        account = self._account(adjustment.user_id)
+        before = self._snapshot(adjustment.user_id, cycle, now)
+        grants = {g.id: g for g in self._open_grants(adjustment.user_id, now)}
+        rest = adjustment.amount
+        draws: list[tuple[int, int]] = []
+        for grant in spend_order(
+            [OpenGrant(g.id, g.remaining, g.expires_at, g.created_at) for g in grants.values()], now
+        ):
+            if rest == 0:
+                break
+            take = min(rest, grant.remaining)
+            draws.append((grant.id, take))
+            rest -= take
+        removed = adjustment.amount - rest
+        if removed == 0:
+            raise InvalidRequest(f"account {adjustment.user_id!r} has no credits to remove")
+        for grant_id, take in draws:
+            grants[grant_id].remaining -= take
+            self._write_entry(
+                adjustment.user_id,
+                cycle,
+                "adjustment",
+                "credit",
+                -take,
+                grant_id,
+                None,
+                adjustment.reason,
+                adjustment.actor,
+            )
+        account.version += 1
+        after = self._snapshot(adjustment.user_id, cycle, now)
+        self._write_audit(
+            adjustment.actor,
+            "credits.adjust",
+            adjustment.user_id,
+            {"credits": before.credits},
+            {"credits": after.credits, "requested": adjustment.amount, "removed": removed},
+            adjustment.reason,
+        )
+        return removed, after
+
+    async def reset_cycle(self, user_id: str, reason: str, actor: str, cycle: str, now: datetime) -> LedgerSnapshot:
+        account = self._account(user_id)
+        row = self._cycles.setdefault((user_id, cycle), _CycleRow())
+        used = row.allowance_used
+        row.allowance_used = 0
+        self._write_entry(user_id, cycle, "reset", "allowance", used, None, None, reason, actor)
+        account.version += 1
+        self._write_audit(
+            actor,
+            "cycle.reset",
+            user_id,
+            {"cycle": cycle, "allowance_used": used},
+            {"cycle": cycle, "allowance_used": 0},
             reason,
         )
         return self._snapshot(user_id, cycle, now)

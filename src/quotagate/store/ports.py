@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from quotagate.core.errors import InvalidRequest
 from quotagate.core.model import (
@@ -104,6 +104,63 @@ class Ledger(Protocol):
     async def set_status(
         self, user_id: str, status: AccountStatus, reason: str, actor: str, cycle: str, now: datetime
     ) -> LedgerSnapshot: ...
+
+    async def adjust(self, adjustment: Adjustment, cycle: str, now: datetime) -> tuple[int, LedgerSnapshot]:
+        """Removes up to adjustment.amount credit tokens (earliest-expiring grants first, never below 0);
+        returns the tokens removed and the snapshot after. Ledger entries kind 'adjustment', one audit row."""
+        ...
+
+    async def reset_cycle(self, user_id: str, reason: str, actor: str, cycle: str, now: datetime) -> LedgerSnapshot:
+        """Zeroes allowance_used in `cycle`; a ledger entry kind 'reset' and an audit row."""
+        ...
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    user_id: str
+    amount: int  # tokens to remove, > 0
+    reason: str
+    actor: str = ""
+
+
+@dataclass(frozen=True)
+class AccountPage:
+    """One batch of accounts in user_id order, each with its settled snapshot."""
+
+    items: list[tuple[AccountRecord, LedgerSnapshot]]
+    exhausted: bool  # no account after the last one in `items` matches
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    period: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int
+
+
+@runtime_checkable
+class LedgerQueries(Protocol):
+    """Read-only admin queries; only the PostgreSQL ledger answers them."""
+
+    async def list_accounts(
+        self, after: str, limit: int, plan: str, query: str, cycle: str, now: datetime
+    ) -> AccountPage: ...
+
+    async def usage_totals(
+        self, user_id: str, start: datetime, end: datetime, group_by: str, timezone: str
+    ) -> list[UsageTotals]:
+        """Succeeded usage with start <= occurred_at < end, grouped by 'day' (in `timezone`), 'model' or
+        'none'."""
+        ...
+
+    async def audit_log(self, target: str, action: str, before_id: int, limit: int) -> list[dict[str, Any]]:
+        """Audit rows newest first, with id < before_id when before_id > 0."""
+        ...
+
+    async def ledger_entries(self, user_id: str, before_id: int, limit: int) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,32 @@ from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
-from quotagate.core.charge import OpenGrant, allowance_used_after, split_charge
-from quotagate.core.errors import NotFound, StoreUnavailable
+from quotagate.core.charge import OpenGrant, allowance_used_after, spend_order, split_charge
+from quotagate.core.errors import InvalidRequest, NotFound, StoreUnavailable
 from quotagate.core.model import AccountStatus, LedgerSnapshot, Plan
-from quotagate.store.ports import AccountRecord, LimitsOf, NewAccount, NewGrant, SettleOutcome, UsageRecord
+from quotagate.store.ports import (
+    AccountPage,
+    AccountRecord,
+    Adjustment,
+    LimitsOf,
+    NewAccount,
+    NewGrant,
+    SettleOutcome,
+    UsageRecord,
+    UsageTotals,
+)
 
 _ACCOUNT_COLUMNS = """a.user_id, a.email, a.name, a.plan_id, a.status, a.status_reason, a.allowance_override,
     a.warn_threshold, a.critical_threshold, a.created_at"""
+
+# An account with its settled position: $2 is the cycle, $3 the time credits are valued at.
+_SNAPSHOT_COLUMNS = f"""{_ACCOUNT_COLUMNS}, a.version,
+    coalesce(ac.allowance_used, 0) AS allowance_used,
+    coalesce((SELECT sum(g.remaining) FROM credit_grants g
+              WHERE g.user_id = a.user_id AND g.remaining > 0
+                AND (g.expires_at IS NULL OR g.expires_at > $3)), 0)::bigint AS credits,
+    (SELECT min(g.expires_at) FROM credit_grants g
+      WHERE g.user_id = a.user_id AND g.remaining > 0 AND g.expires_at > $3) AS next_expiry"""
 
 # A fixed key for pg_advisory_xact_lock, so two processes never migrate at once.
 _MIGRATION_LOCK = 0x71676D6967
@@ -173,13 +192,7 @@ class PostgresLedger:
 
     async def _snapshot(self, conn: asyncpg.Connection, user_id: str, cycle: str, now: datetime) -> LedgerSnapshot:
         row = await conn.fetchrow(
-            f"""SELECT {_ACCOUNT_COLUMNS}, a.version,
-                   coalesce(ac.allowance_used, 0) AS allowance_used,
-                   coalesce((SELECT sum(g.remaining) FROM credit_grants g
-                             WHERE g.user_id = a.user_id AND g.remaining > 0
-                               AND (g.expires_at IS NULL OR g.expires_at > $3)), 0)::bigint AS credits,
-                   (SELECT min(g.expires_at) FROM credit_grants g
-                     WHERE g.user_id = a.user_id AND g.remaining > 0 AND g.expires_at > $3) AS next_expiry
+            f"""SELECT {_SNAPSHOT_COLUMNS}
                 FROM accounts a
                 LEFT JOIN account_cycles ac ON ac.user_id = a.user_id AND ac.cycle = $2
                 WHERE a.user_id = $1""",
@@ -189,8 +202,11 @@ class PostgresLedger:
         )
         if row is None:
             raise NotFound(f"no account {user_id!r}")
+        return self._snapshot_of(row, cycle)
+
+    def _snapshot_of(self, row: asyncpg.Record, cycle: str) -> LedgerSnapshot:
         return LedgerSnapshot(
-            user_id=user_id,
+            user_id=row["user_id"],
             cycle=cycle,
             limits=self._limits_of(_account(row)),
             allowance_used=row["allowance_used"],
@@ -356,6 +372,176 @@ class PostgresLedger:
                 reason,
             )
             return await self._snapshot(conn, user_id, cycle, now)
+
+    @_store
+    async def adjust(self, adjustment: Adjustment, cycle: str, now: datetime) -> tuple[int, LedgerSnapshot]:
+        if adjustment.amount <= 0:
+            raise InvalidRequest("amount must be positive")
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._lock_account(conn, adjustment.user_id)
+            before = await self._snapshot(conn, adjustment.user_id, cycle, now)
+            rows = await conn.fetch(
+                """SELECT id, remaining, expires_at, created_at FROM credit_grants
+                   WHERE user_id = $1 AND remaining > 0 AND (expires_at IS NULL OR expires_at > $2)
+                   FOR UPDATE""",
+                adjustment.user_id,
+                now,
+            )
+            grants = [OpenGrant(r["id"], r["remaining"], r["expires_at"], r["created_at"]) for r in rows]
+            rest = adjustment.amount
+            draws: list[tuple[int, int]] = []
+            for grant in spend_order(grants, now):
+                if rest == 0:
+                    break
+                take = min(rest, grant.remaining)
+                draws.append((grant.id, take))
+                rest -= take
+            removed = adjustment.amount - rest
+            if removed == 0:
+                raise InvalidRequest(f"account {adjustment.user_id!r} has no credits to remove")
+            await conn.executemany("UPDATE credit_grants SET remaining = remaining - $2 WHERE id = $1", draws)
+            await conn.executemany(
+                """INSERT INTO ledger_entries (user_id, cycle, kind, draws_from, amount, grant_id, reason, actor)
+                   VALUES ($1, $2, 'adjustment', 'credit', $3, $4, $5, $6)""",
+                [
+                    (adjustment.user_id, cycle, -take, grant_id, adjustment.reason, adjustment.actor)
+                    for grant_id, take in draws
+                ],
+            )
+            await _bump_version(conn, adjustment.user_id)
+            after = await self._snapshot(conn, adjustment.user_id, cycle, now)
+            await _audit(
+                conn,
+                adjustment.actor,
+                "credits.adjust",
+                adjustment.user_id,
+                {"credits": before.credits},
+                {"credits": after.credits, "requested": adjustment.amount, "removed": removed},
+                adjustment.reason,
+            )
+        return removed, after
+
+    @_store
+    async def reset_cycle(self, user_id: str, reason: str, actor: str, cycle: str, now: datetime) -> LedgerSnapshot:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._lock_account(conn, user_id)
+            used = await conn.fetchval(
+                "SELECT allowance_used FROM account_cycles WHERE user_id = $1 AND cycle = $2", user_id, cycle
+            )
+            await conn.execute(
+                """INSERT INTO account_cycles (user_id, cycle, allowance_used) VALUES ($1, $2, 0)
+                   ON CONFLICT (user_id, cycle) DO UPDATE SET allowance_used = 0""",
+                user_id,
+                cycle,
+            )
+            await conn.execute(
+                """INSERT INTO ledger_entries (user_id, cycle, kind, draws_from, amount, reason, actor)
+                   VALUES ($1, $2, 'reset', 'allowance', $3, $4, $5)""",
+                user_id,
+                cycle,
+                used or 0,
+                reason,
+                actor,
+            )
+            await _bump_version(conn, user_id)
+            await _audit(
+                conn,
+                actor,
+                "cycle.reset",
+                user_id,
+                {"cycle": cycle, "allowance_used": used or 0},
+                {"cycle": cycle, "allowance_used": 0},
+                reason,
+            )
+            return await self._snapshot(conn, user_id, cycle, now)
+
+    # -- admin queries (LedgerQueries) -------------------------------------------------------------------
+
+    @_store
+    async def list_accounts(
+        self, after: str, limit: int, plan: str, query: str, cycle: str, now: datetime
+    ) -> AccountPage:
+        pattern = ""
+        if query:
+            escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            pattern = f"%{escaped}%"
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"""SELECT {_SNAPSHOT_COLUMNS}
+                    FROM accounts a
+                    LEFT JOIN account_cycles ac ON ac.user_id = a.user_id AND ac.cycle = $2
+                    WHERE a.user_id > $1
+                      AND ($4 = '' OR a.plan_id = $4)
+                      AND ($5 = '' OR a.user_id ILIKE $5 OR a.email ILIKE $5 OR a.name ILIKE $5)
+                    ORDER BY a.user_id
+                    LIMIT $6""",
+                after,
+                cycle,
+                now,
+                plan,
+                pattern,
+                limit + 1,
+            )
+        items = [(_account(r), self._snapshot_of(r, cycle)) for r in rows[:limit]]
+        return AccountPage(items=items, exhausted=len(rows) <= limit)
+
+    @_store
+    async def usage_totals(
+        self, user_id: str, start: datetime, end: datetime, group_by: str, timezone: str
+    ) -> list[UsageTotals]:
+        period = "to_char(occurred_at AT TIME ZONE $4, 'YYYY-MM-DD')" if group_by == "day" else "''"
+        model = "model" if group_by == "model" else "''"
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"""SELECT {period} AS period, {model} AS model, count(*) AS requests,
+                        coalesce(sum(prompt_tokens), 0)::bigint AS prompt_tokens,
+                        coalesce(sum(completion_tokens), 0)::bigint AS completion_tokens,
+                        coalesce(sum(cost), 0)::bigint AS cost
+                    FROM usage_events
+                    WHERE user_id = $1 AND status = 'succeeded' AND occurred_at >= $2 AND occurred_at < $3
+                      AND $4::text IS NOT NULL
+                    GROUP BY 1, 2
+                    HAVING count(*) > 0
+                    ORDER BY 1, 2""",
+                user_id,
+                start,
+                end,
+                timezone,
+            )
+        return [
+            UsageTotals(r["period"], r["model"], r["requests"], r["prompt_tokens"], r["completion_tokens"], r["cost"])
+            for r in rows
+        ]
+
+    @_store
+    async def audit_log(self, target: str, action: str, before_id: int, limit: int) -> list[dict[str, Any]]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT id, actor, action, target, before::text AS before, after::text AS after, reason,
+                          created_at
+                   FROM audit_log
+                   WHERE ($1 = '' OR target = $1) AND ($2 = '' OR action = $2) AND ($3 = 0 OR id < $3)
+                   ORDER BY id DESC LIMIT $4""",
+                target,
+                action,
+                before_id,
+                limit,
+            )
+        return [dict(r) for r in rows]
+
+    @_store
+    async def ledger_entries(self, user_id: str, before_id: int, limit: int) -> list[dict[str, Any]]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT id, cycle, kind, draws_from, amount, grant_id, request_id, reason, actor, created_at
+                   FROM ledger_entries
+                   WHERE user_id = $1 AND ($2 = 0 OR id < $2)
+                   ORDER BY id DESC LIMIT $3""",
+                user_id,
+                before_id,
+                limit,
+            )
+        return [dict(r) for r in rows]
 
     async def usage_events(self, user_id: str) -> list[dict[str, Any]]:
         async with self._pool.acquire() as conn:

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from quotagate.v1 import usage_pb2 as quotagate_dot_v1_dot_usage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18quotagate/v1/admin.proto\x12\x0cquotagate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18quotagate/v1/usage.proto\"$\n\x11GetAccountRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\xe9\x01\n\x07\x41\x63\x63ount\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04plan\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x1a\n\x12\x61llowance_override\x18\x06 \x01(\x03\x12\x1e\n\x16has_allowance_override\x18\x07 \x01(\x08\x12&\n\x07\x62\x61lance\x18\x08 \x01(\x0b\x32\x15.quotagate.v1.Balance\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x86\x01\n\x13GrantCreditsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x05 \x01(\t\"P\n\x14GrantCreditsResponse\x12\x10\n\x08grant_id\x18\x01 \x01(\x03\x12&\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x15.quotagate.v1.Balance\":\n\x17SetAccountStatusRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xc5\x02\n\x05\x41\x64min\x12\x44\n\nGetAccount\x12\x1f.quotagate.v1.GetAccountRequest\x1a\x15.quotagate.v1.Account\x12U\n\x0cGrantCredits\x12!.quotagate.v1.GrantCreditsRequest\x1a\".quotagate.v1.GrantCreditsResponse\x12N\n\x0eSuspendAccount\x12%.quotagate.v1.SetAccountStatusRequest\x1a\x15.quotagate.v1.Account\x12O\n\x0f\x41\x63tivateAccount\x12%.quotagate.v1.SetAccountStatusRequest\x1a\x15.quotagate.v1.Accountb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18quotagate/v1/admin.proto\x12\x0cquotagate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18quotagate/v1/usage.proto\"$\n\x11GetAccountRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\xe9\x01\n\x07\x41\x63\x63ount\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04plan\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x1a\n\x12\x61llowance_override\x18\x06 \x01(\x03\x12\x1e\n\x16has_allowance_override\x18\x07 \x01(\x08\x12&\n\x07\x62\x61lance\x18\x08 \x01(\x0b\x32\x15.quotagate.v1.Balance\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x86\x01\n\x13GrantCreditsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x05 \x01(\t\"P\n\x14GrantCreditsResponse\x12\x10\n\x08grant_id\x18\x01 \x01(\x03\x12&\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x15.quotagate.v1.Balance\":\n\x17SetAccountStatusRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"h\n\x13ListAccountsRequest\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"X\n\x14ListAccountsResponse\x12\'\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x15.quotagate.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x14\x41\x64justCreditsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"P\n\x15\x41\x64justCreditsResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x03\x12&\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x15.quotagate.v1.Balance\"\x97\x01\n\x0fGetUsageRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x63ycle\x18\x02 \x01(\t\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08group_by\x18\x05 \x01(\t\"{\n\x08UsageRow\x12\x0e\n\x06period\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x03\x12\x0c\n\x04\x63ost\x18\x06 \x01(\x03\"\xc4\x01\n\x10GetUsageResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12)\n\x05start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x04rows\x18\x04 \x03(\x0b\x32\x16.quotagate.v1.UsageRow\x12%\n\x05total\x18\x05 \x01(\x0b\x32\x16.quotagate.v1.UsageRow\"\\\n\x13ListAuditLogRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\xb0\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x65\x66ore_json\x18\x05 \x01(\t\x12\x12\n\nafter_json\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Z\n\x14ListAuditLogResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.quotagate.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n\x11ListLedgerRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xcf\x01\n\x0bLedgerEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05\x63ycle\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\ndraws_from\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x03\x12\x10\n\x08grant_id\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\r\n\x05\x61\x63tor\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x12ListLedgerResponse\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.quotagate.v1.LedgerEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x11ResetCycleRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xaf\x06\n\x05\x41\x64min\x12\x44\n\nGetAccount\x12\x1f.quotagate.v1.GetAccountRequest\x1a\x15.quotagate.v1.Account\x12U\n\x0cGrantCredits\x12!.quotagate.v1.GrantCreditsRequest\x1a\".quotagate.v1.GrantCreditsResponse\x12N\n\x0eSuspendAccount\x12%.quotagate.v1.SetAccountStatusRequest\x1a\x15.quotagate.v1.Account\x12O\n\x0f\x41\x63tivateAccount\x12%.quotagate.v1.SetAccountStatusRequest\x1a\x15.quotagate.v1.Account\x12U\n\x0cListAccounts\x12!.quotagate.v1.ListAccountsRequest\x1a\".quotagate.v1.ListAccountsResponse\x12X\n\rAdjustCredits\x12\".quotagate.v1.AdjustCreditsRequest\x1a#.quotagate.v1.AdjustCreditsResponse\x12I\n\x08GetUsage\x12\x1d.quotagate.v1.GetUsageRequest\x1a\x1e.quotagate.v1.GetUsageResponse\x12U\n\x0cListAuditLog\x12!.quotagate.v1.ListAuditLogRequest\x1a\".quotagate.v1.ListAuditLogResponse\x12O\n\nListLedger\x12\x1f.quotagate.v1.ListLedgerRequest\x1a .quotagate.v1.ListLedgerResponse\x12\x44\n\nResetCycle\x12\x1f.quotagate.v1.ResetCycleRequest\x1a\x15.quotagate.v1.Accountb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRANTCREDITSRESPONSE']._serialized_end=592
   _globals['_SETACCOUNTSTATUSREQUEST']._serialized_start=594
   _globals['_SETACCOUNTSTATUSREQUEST']._serialized_end=652
-  _globals['_ADMIN']._serialized_start=655
-  _globals['_ADMIN']._serialized_end=980
+  _globals['_LISTACCOUNTSREQUEST']._serialized_start=654
+  _globals['_LISTACCOUNTSREQUEST']._serialized_end=758
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=760
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=848
+  _globals['_ADJUSTCREDITSREQUEST']._serialized_start=850
+  _globals['_ADJUSTCREDITSREQUEST']._serialized_end=921
+  _globals['_ADJUSTCREDITSRESPONSE']._serialized_start=923
+  _globals['_ADJUSTCREDITSRESPONSE']._serialized_end=1003
+  _globals['_GETUSAGEREQUEST']._serialized_start=1006
+  _globals['_GETUSAGEREQUEST']._serialized_end=1157
+  _globals['_USAGEROW']._serialized_start=1159
+  _globals['_USAGEROW']._serialized_end=1282
+  _globals['_GETUSAGERESPONSE']._serialized_start=1285
+  _globals['_GETUSAGERESPONSE']._serialized_end=1481
+  _globals['_LISTAUDITLOGREQUEST']._serialized_start=1483
+  _globals['_LISTAUDITLOGREQUEST']._serialized_end=1575
+  _globals['_AUDITENTRY']._serialized_start=1578
+  _globals['_AUDITENTRY']._serialized_end=1754
+  _globals['_LISTAUDITLOGRESPONSE']._serialized_start=1756
+  _globals['_LISTAUDITLOGRESPONSE']._serialized_end=1846
+  _globals['_LISTLEDGERREQUEST']._serialized_start=1848
+  _globals['_LISTLEDGERREQUEST']._serialized_end=1923
+  _globals['_LEDGERENTRY']._serialized_start=1926
+  _globals['_LEDGERENTRY']._serialized_end=2133
+  _globals['_LISTLEDGERRESPONSE']._serialized_start=2135
+  _globals['_LISTLEDGERRESPONSE']._serialized_end=2224
+  _globals['_RESETCYCLEREQUEST']._serialized_start=2226
+  _globals['_RESETCYCLEREQUEST']._serialized_end=2278
+  _globals['_ADMIN']._serialized_start=2281
+  _globals['_ADMIN']._serialized_end=3096
 # @@protoc_insertion_point(module_scope)

@@ -55,6 +55,36 @@ class AdminStub:
                 request_serializer=quotagate_dot_v1_dot_admin__pb2.SetAccountStatusRequest.SerializeToString,
                 response_deserializer=quotagate_dot_v1_dot_admin__pb2.Account.FromString,
                 _registered_method=True)
+        self.ListAccounts = channel.unary_unary(
+                '/quotagate.v1.Admin/ListAccounts',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.ListAccountsRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.ListAccountsResponse.FromString,
+                _registered_method=True)
+        self.AdjustCredits = channel.unary_unary(
+                '/quotagate.v1.Admin/AdjustCredits',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.AdjustCreditsRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.AdjustCreditsResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/quotagate.v1.Admin/GetUsage',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
+        self.ListAuditLog = channel.unary_unary(
+                '/quotagate.v1.Admin/ListAuditLog',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.ListAuditLogRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.ListAuditLogResponse.FromString,
+                _registered_method=True)
+        self.ListLedger = channel.unary_unary(
+                '/quotagate.v1.Admin/ListLedger',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.ListLedgerRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.ListLedgerResponse.FromString,
+                _registered_method=True)
+        self.ResetCycle = channel.unary_unary(
+                '/quotagate.v1.Admin/ResetCycle',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.ResetCycleRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.Account.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -88,6 +118,49 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAccounts(self, request, context):
+        """Accounts with their live balances, filtered, in pages ordered by user_id. Role viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdjustCredits(self, request, context):
+        """Removes credit tokens (a negative adjustment), earliest-expiring grants first, never below 0. Role operator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """Usage of one account in a cycle or a time range, by day (configured timezone), by model or in total.
+        Role viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditLog(self, request, context):
+        """The audit log, newest first. Role viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLedger(self, request, context):
+        """One account's ledger entries, newest first. Role viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetCycle(self, request, context):
+        """Zeroes the allowance used in the account's current cycle. Role admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +182,36 @@ def add_AdminServicer_to_server(servicer, server):
             'ActivateAccount': grpc.unary_unary_rpc_method_handler(
                     servicer.ActivateAccount,
                     request_deserializer=quotagate_dot_v1_dot_admin__pb2.SetAccountStatusRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'ListAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccounts,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.ListAccountsRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.ListAccountsResponse.SerializeToString,
+            ),
+            'AdjustCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdjustCredits,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.AdjustCreditsRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.AdjustCreditsResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.GetUsageRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ListAuditLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditLog,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.ListAuditLogRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.ListAuditLogResponse.SerializeToString,
+            ),
+            'ListLedger': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLedger,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.ListLedgerRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.ListLedgerResponse.SerializeToString,
+            ),
+            'ResetCycle': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetCycle,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.ResetCycleRequest.FromString,
                     response_serializer=quotagate_dot_v1_dot_admin__pb2.Account.SerializeToString,
             ),
     }
@@ -220,6 +323,168 @@ class Admin:
             target,
             '/quotagate.v1.Admin/ActivateAccount',
             quotagate_dot_v1_dot_admin__pb2.SetAccountStatusRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/ListAccounts',
+            quotagate_dot_v1_dot_admin__pb2.ListAccountsRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.ListAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdjustCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/AdjustCredits',
+            quotagate_dot_v1_dot_admin__pb2.AdjustCreditsRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.AdjustCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/GetUsage',
+            quotagate_dot_v1_dot_admin__pb2.GetUsageRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/ListAuditLog',
+            quotagate_dot_v1_dot_admin__pb2.ListAuditLogRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.ListAuditLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/ListLedger',
+            quotagate_dot_v1_dot_admin__pb2.ListLedgerRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.ListLedgerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetCycle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/ResetCycle',
+            quotagate_dot_v1_dot_admin__pb2.ResetCycleRequest.SerializeToString,
             quotagate_dot_v1_dot_admin__pb2.Account.FromString,
             options,
             channel_credentials,

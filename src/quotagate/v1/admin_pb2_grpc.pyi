@@ -40,6 +40,20 @@ class AdminStub:
     SuspendAccount: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAccountStatusRequest, _admin_pb2.Account]
     """Refuses the account's requests with 403 until it is activated again."""
     ActivateAccount: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAccountStatusRequest, _admin_pb2.Account]
+    ListAccounts: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAccountsRequest, _admin_pb2.ListAccountsResponse]
+    """Accounts with their live balances, filtered, in pages ordered by user_id. Role viewer."""
+    AdjustCredits: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AdjustCreditsRequest, _admin_pb2.AdjustCreditsResponse]
+    """Removes credit tokens (a negative adjustment), earliest-expiring grants first, never below 0. Role operator."""
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetUsageRequest, _admin_pb2.GetUsageResponse]
+    """Usage of one account in a cycle or a time range, by day (configured timezone), by model or in total.
+    Role viewer.
+    """
+    ListAuditLog: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditLogRequest, _admin_pb2.ListAuditLogResponse]
+    """The audit log, newest first. Role viewer."""
+    ListLedger: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListLedgerRequest, _admin_pb2.ListLedgerResponse]
+    """One account's ledger entries, newest first. Role viewer."""
+    ResetCycle: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResetCycleRequest, _admin_pb2.Account]
+    """Zeroes the allowance used in the account's current cycle. Role admin."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -53,6 +67,20 @@ class AdminAsyncStub(AdminStub):
     SuspendAccount: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAccountStatusRequest, _admin_pb2.Account]  # type: ignore[assignment]
     """Refuses the account's requests with 403 until it is activated again."""
     ActivateAccount: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAccountStatusRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    ListAccounts: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAccountsRequest, _admin_pb2.ListAccountsResponse]  # type: ignore[assignment]
+    """Accounts with their live balances, filtered, in pages ordered by user_id. Role viewer."""
+    AdjustCredits: _aio.UnaryUnaryMultiCallable[_admin_pb2.AdjustCreditsRequest, _admin_pb2.AdjustCreditsResponse]  # type: ignore[assignment]
+    """Removes credit tokens (a negative adjustment), earliest-expiring grants first, never below 0. Role operator."""
+    GetUsage: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetUsageRequest, _admin_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """Usage of one account in a cycle or a time range, by day (configured timezone), by model or in total.
+    Role viewer.
+    """
+    ListAuditLog: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditLogRequest, _admin_pb2.ListAuditLogResponse]  # type: ignore[assignment]
+    """The audit log, newest first. Role viewer."""
+    ListLedger: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListLedgerRequest, _admin_pb2.ListLedgerResponse]  # type: ignore[assignment]
+    """One account's ledger entries, newest first. Role viewer."""
+    ResetCycle: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResetCycleRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """Zeroes the allowance used in the account's current cycle. Role admin."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Admin is the operators' API. Every call needs `authorization: Bearer <admin token>`."""
@@ -87,5 +115,55 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetAccountStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAccounts(
+        self,
+        request: _admin_pb2.ListAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAccountsResponse, _abc.Awaitable[_admin_pb2.ListAccountsResponse]]:
+        """Accounts with their live balances, filtered, in pages ordered by user_id. Role viewer."""
+
+    @_abc_1.abstractmethod
+    def AdjustCredits(
+        self,
+        request: _admin_pb2.AdjustCreditsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AdjustCreditsResponse, _abc.Awaitable[_admin_pb2.AdjustCreditsResponse]]:
+        """Removes credit tokens (a negative adjustment), earliest-expiring grants first, never below 0. Role operator."""
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _admin_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetUsageResponse, _abc.Awaitable[_admin_pb2.GetUsageResponse]]:
+        """Usage of one account in a cycle or a time range, by day (configured timezone), by model or in total.
+        Role viewer.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditLog(
+        self,
+        request: _admin_pb2.ListAuditLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAuditLogResponse, _abc.Awaitable[_admin_pb2.ListAuditLogResponse]]:
+        """The audit log, newest first. Role viewer."""
+
+    @_abc_1.abstractmethod
+    def ListLedger(
+        self,
+        request: _admin_pb2.ListLedgerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListLedgerResponse, _abc.Awaitable[_admin_pb2.ListLedgerResponse]]:
+        """One account's ledger entries, newest first. Role viewer."""
+
+    @_abc_1.abstractmethod
+    def ResetCycle(
+        self,
+        request: _admin_pb2.ResetCycleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """Zeroes the allowance used in the account's current cycle. Role admin."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
