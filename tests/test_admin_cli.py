@@ -86,3 +86,40 @@ def test_bar_shows_use_and_overdraft() -> None:
     assert bar(50, 100, 10) == "[#####.....]"
     assert bar(130, 100, 10) == "[##########]!"
     assert bar(1, 0, 4) == "[!!!!]"
+
+
+async def test_lists_usage_ledger_audit_adjust_and_reset(server: Running, uid: str) -> None:
+    service = server.service
+    await service.report_usage(UsageReport("cli-a", uid, "demo-small", 100, 20))
+    await service.report_usage(UsageReport("cli-b", uid, "demo-large", 30, 5))
+    await service.grant(uid, 400, "Bought a package by e-mail.", None, "admin", "ops")
+
+    code, out, _ = await admin(server, "accounts", "list", "--search", uid)
+    assert code == 0
+    header, row = out.splitlines()[:2]
+    assert header.split() == ["user", "plan", "state", "allowance", "used", "credits"]
+    assert row.split()[0] == uid and "155/1,000" in row and row.split()[-1] == "400"
+
+    code, out, _ = await admin(server, "usage", uid, "--by", "model")
+    assert code == 0
+    lines = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
+    assert lines["demo-small"] == ["1", "100", "20", "120"]
+    assert lines["demo-large"] == ["1", "30", "5", "35"]
+    assert lines["total"] == ["2", "130", "25", "155"]
+
+    code, out, _ = await admin(server, "adjust", uid, "150", "--reason", "Refund of the unspent part.")
+    assert code == 0 and "removed    150 credit tokens" in out and "credits    250" in out
+
+    code, out, _ = await admin(server, "--json", "ledger", uid)
+    assert code == 0
+    kinds = [e["kind"] for e in json.loads(out)["entries"]]
+    assert kinds[0] == "adjustment" and "grant" in kinds and kinds.count("usage") == 2
+
+    code, out, err = await admin(server, "reset", uid, "--reason", "Billing error last week.")
+    assert code == 0, err
+    assert "0 of 1,000 used" in out
+
+    code, out, _ = await admin(server, "audit", uid)
+    assert code == 0
+    actions = [line.split()[3] for line in out.splitlines()[1:]]
+    assert actions[:3] == ["cycle.reset", "credits.adjust", "credits.grant"]

@@ -54,10 +54,38 @@ def add_admin_parser(sub: Any) -> None:
     grant.add_argument("--expires", help="when the credits expire (ISO 8601, e.g. 2026-12-31T23:59:59-03:00)")
     grant.add_argument("--source", default="admin")
 
-    for name, text in (("suspend", "refuse the account's requests (403)"), ("activate", "serve the account again")):
+    for name, text in (
+        ("suspend", "refuse the account's requests (403)"),
+        ("activate", "serve the account again"),
+        ("reset", "zero the allowance used in the current cycle (role admin)"),
+    ):
         action = tasks.add_parser(name, help=text)
         action.add_argument("user")
         action.add_argument("--reason", required=True)
+
+    adjust = tasks.add_parser("adjust", help="remove credit tokens (a negative adjustment)")
+    adjust.add_argument("user")
+    adjust.add_argument("amount", type=int, help="tokens to remove")
+    adjust.add_argument("--reason", required=True)
+
+    accounts = tasks.add_parser("accounts", help="many accounts").add_subparsers(dest="action", required=True)
+    listing = accounts.add_parser("list", help="accounts with their balances, one line each")
+    listing.add_argument("--state", choices=["normal", "warn", "critical", "blocked", "suspended"])
+    listing.add_argument("--plan")
+    listing.add_argument("--search", help="part of the user id, e-mail or name")
+    listing.add_argument("--limit", type=int, default=50, help="accounts per page (at most 500)")
+    listing.add_argument("--page", default="", help="the page token printed after the previous page")
+
+    usage = tasks.add_parser("usage", help="an account's usage in a cycle (default: the current one)")
+    usage.add_argument("user")
+    usage.add_argument("--by", choices=["day", "model", "none"], default="none")
+    usage.add_argument("--cycle", default="", help='e.g. "2026-11"')
+
+    for name, text in (("ledger", "an account's ledger entries"), ("audit", "the audit log (of one account)")):
+        log = tasks.add_parser(name, help=text + ", newest first")
+        log.add_argument("user", nargs="?" if name == "audit" else None, default="")
+        log.add_argument("--limit", type=int, default=50)
+        log.add_argument("--page", default="")
 
 
 def _timestamp(value: str) -> timestamp_pb2.Timestamp:
@@ -80,6 +108,27 @@ def _call(args: argparse.Namespace) -> Call:
         if args.expires:
             grant.expires_at.CopyFrom(_timestamp(args.expires))
         return lambda stub, md: stub.GrantCredits(grant, metadata=md, timeout=10)
+    if args.task == "accounts":
+        listing = admin_pb2.ListAccountsRequest(
+            state=args.state or "", plan=args.plan or "", query=args.search or "", page_size=args.limit,
+            page_token=args.page,
+        )  # fmt: skip
+        return lambda stub, md: stub.ListAccounts(listing, metadata=md, timeout=30)
+    if args.task == "usage":
+        usage = admin_pb2.GetUsageRequest(user_id=args.user, cycle=args.cycle, group_by=args.by)
+        return lambda stub, md: stub.GetUsage(usage, metadata=md, timeout=30)
+    if args.task == "ledger":
+        ledger = admin_pb2.ListLedgerRequest(user_id=args.user, page_size=args.limit, page_token=args.page)
+        return lambda stub, md: stub.ListLedger(ledger, metadata=md, timeout=30)
+    if args.task == "audit":
+        audit = admin_pb2.ListAuditLogRequest(target=args.user, page_size=args.limit, page_token=args.page)
+        return lambda stub, md: stub.ListAuditLog(audit, metadata=md, timeout=30)
+    if args.task == "adjust":
+        adjust = admin_pb2.AdjustCreditsRequest(user_id=args.user, amount=args.amount, reason=args.reason)
+        return lambda stub, md: stub.AdjustCredits(adjust, metadata=md, timeout=10)
+    if args.task == "reset":
+        reset = admin_pb2.ResetCycleRequest(user_id=args.user, reason=args.reason)
+        return lambda stub, md: stub.ResetCycle(reset, metadata=md, timeout=10)
     status = admin_pb2.SetAccountStatusRequest(user_id=args.user, reason=args.reason)
     if args.task == "suspend":
         return lambda stub, md: stub.SuspendAccount(status, metadata=md, timeout=10)
@@ -142,4 +191,44 @@ def render(reply: Message) -> str:
         return "\n".join(lines + render_balance(reply.balance))
     if isinstance(reply, admin_pb2.GrantCreditsResponse):
         return "\n".join([f"grant      #{reply.grant_id} added", *render_balance(reply.balance)])
+    if isinstance(reply, admin_pb2.AdjustCreditsResponse):
+        return "\n".join([f"removed    {reply.removed:,} credit tokens", *render_balance(reply.balance)])
+    if isinstance(reply, admin_pb2.ListAccountsResponse):
+        rows = [
+            [a.user_id, a.plan, a.balance.state, bar(a.balance.allowance_used, a.balance.allowance, 12),
+             f"{a.balance.allowance_used:,}/{a.balance.allowance:,}", f"{a.balance.credits:,}"]
+            for a in reply.accounts
+        ]  # fmt: skip
+        return table(["user", "plan", "state", "allowance", "used", "credits"], rows, reply.next_page_token)
+    if isinstance(reply, admin_pb2.GetUsageResponse):
+        rows = [
+            [r.period or r.model or "total", f"{r.requests:,}", f"{r.prompt_tokens:,}", f"{r.completion_tokens:,}",
+             f"{r.cost:,}"]
+            for r in [*reply.rows, reply.total]
+        ]  # fmt: skip
+        return table(["period/model", "requests", "prompt", "completion", "charged"], rows, "")
+    if isinstance(reply, admin_pb2.ListLedgerResponse):
+        rows = [
+            [_when(e.created_at), e.kind, e.draws_from, f"{e.amount:+,}", e.request_id or "-", e.reason, e.actor or "-"]
+            for e in reply.entries
+        ]
+        return table(["when", "kind", "from", "amount", "request", "reason", "by"], rows, reply.next_page_token)
+    if isinstance(reply, admin_pb2.ListAuditLogResponse):
+        rows = [[_when(e.created_at), e.actor, e.action, e.target, e.reason] for e in reply.entries]
+        return table(["when", "by", "action", "target", "reason"], rows, reply.next_page_token)
     return json_format.MessageToJson(reply)
+
+
+def _when(ts: timestamp_pb2.Timestamp) -> str:
+    return ts.ToDatetime(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def table(headers: list[str], rows: list[list[str]], next_page: str) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if not rows:
+        lines.append("(none)")
+    if next_page:
+        lines.append(f"more: --page {next_page}")
+    return "\n".join(lines)
