@@ -81,6 +81,27 @@ def add_admin_parser(sub: Any) -> None:
     usage.add_argument("--by", choices=["day", "model", "none"], default="none")
     usage.add_argument("--cycle", default="", help='e.g. "2026-11"')
 
+    keys = tasks.add_parser("keys", help="client keys for Check (role admin)").add_subparsers(
+        dest="action", required=True
+    )
+    create = keys.add_parser("create", help="a new client key; its secret is printed once")
+    create.add_argument("name")
+    acts_as = create.add_mutually_exclusive_group(required=True)
+    acts_as.add_argument("--trusted", action="store_true", help="the client may assert users with x-user-id")
+    acts_as.add_argument("--user", help="the one user an untrusted key acts for")
+    create.add_argument("--reason", default="", help="written to the audit log")
+    key_list = keys.add_parser("list", help="the client keys in the database (never their secrets)")
+    key_list.add_argument("--active", action="store_true", help="leave out revoked keys")
+    revoke = keys.add_parser("revoke", help="refuse a client key (401) from now on")
+    revoke.add_argument("name")
+    revoke.add_argument("--reason", required=True)
+
+    export = tasks.add_parser("export", help="usage events as CSV or JSON lines, streamed (role viewer)")
+    export.add_argument("--user", default="", help="one account (default: every account)")
+    export.add_argument("--cycle", default="", help='e.g. "2026-11" (default: the current cycle)')
+    export.add_argument("--format", choices=["csv", "jsonl"], required=True)
+    export.add_argument("-o", "--output", help="file to write (default: standard output)")
+
     for name, text in (("ledger", "an account's ledger entries"), ("audit", "the audit log (of one account)")):
         log = tasks.add_parser(name, help=text + ", newest first")
         log.add_argument("user", nargs="?" if name == "audit" else None, default="")
@@ -123,6 +144,8 @@ def _call(args: argparse.Namespace) -> Call:
     if args.task == "audit":
         audit = admin_pb2.ListAuditLogRequest(target=args.user, page_size=args.limit, page_token=args.page)
         return lambda stub, md: stub.ListAuditLog(audit, metadata=md, timeout=30)
+    if args.task == "keys":
+        return _key_call(args)
     if args.task == "adjust":
         adjust = admin_pb2.AdjustCreditsRequest(user_id=args.user, amount=args.amount, reason=args.reason)
         return lambda stub, md: stub.AdjustCredits(adjust, metadata=md, timeout=10)
@@ -135,11 +158,26 @@ def _call(args: argparse.Namespace) -> Call:
     return lambda stub, md: stub.ActivateAccount(status, metadata=md, timeout=10)
 
 
+def _key_call(args: argparse.Namespace) -> Call:
+    if args.action == "create":
+        create = admin_pb2.CreateClientKeyRequest(
+            name=args.name, trusted=args.trusted, user_id=args.user or "", reason=args.reason
+        )
+        return lambda stub, md: stub.CreateClientKey(create, metadata=md, timeout=10)
+    if args.action == "list":
+        listing = admin_pb2.ListClientKeysRequest(active_only=args.active)
+        return lambda stub, md: stub.ListClientKeys(listing, metadata=md, timeout=30)
+    revoke = admin_pb2.RevokeClientKeyRequest(name=args.name, reason=args.reason)
+    return lambda stub, md: stub.RevokeClientKey(revoke, metadata=md, timeout=10)
+
+
 def run_admin(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("QUOTAGATE_ADMIN_TOKEN", "")
     if not token:
         print("quotagate admin: no admin token: pass --token or set QUOTAGATE_ADMIN_TOKEN", file=sys.stderr)
         return EXIT_CODES[grpc.StatusCode.UNAUTHENTICATED]
+    if args.task == "export":
+        return _run_export(args, token)
     try:
         call = _call(args)
     except ValueError as exc:
@@ -156,6 +194,37 @@ def run_admin(args: argparse.Namespace) -> int:
     else:
         print(render(reply))
     return 0
+
+
+def _run_export(args: argparse.Namespace, token: str) -> int:
+    request = admin_pb2.ExportUsageRequest(user_id=args.user, cycle=args.cycle, format=args.format)
+    try:
+        if args.output:
+            with open(args.output, "wb") as out:
+                written = asyncio.run(_export(args.server, token, request, out.write))
+            print(f"wrote {written:,} bytes to {args.output}", file=sys.stderr)
+        else:
+            asyncio.run(_export(args.server, token, request, sys.stdout.buffer.write))
+            sys.stdout.buffer.flush()
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        print(f"quotagate admin: {code.name.lower()}: {exc.details()}", file=sys.stderr)
+        return EXIT_CODES.get(code, 1)
+    except OSError as exc:
+        print(f"quotagate admin: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _export(server: str, token: str, request: admin_pb2.ExportUsageRequest, write: Callable[[bytes], Any]) -> int:
+    """Writes each chunk as it arrives (nothing is gathered in memory); returns the bytes written."""
+    written = 0
+    async with grpc.aio.insecure_channel(server) as channel:
+        stream = admin_pb2_grpc.AdminStub(channel).ExportUsage(request, metadata=[("authorization", f"Bearer {token}")])
+        async for chunk in stream:
+            write(chunk.data)
+            written += len(chunk.data)
+    return written
 
 
 async def _send(server: str, token: str, call: Call) -> Message:
@@ -216,7 +285,30 @@ def render(reply: Message) -> str:
     if isinstance(reply, admin_pb2.ListAuditLogResponse):
         rows = [[_when(e.created_at), e.actor, e.action, e.target, e.reason] for e in reply.entries]
         return table(["when", "by", "action", "target", "reason"], rows, reply.next_page_token)
+    if isinstance(reply, admin_pb2.CreateClientKeyResponse):
+        return "\n".join(
+            [
+                f"key        {reply.key.name} created",
+                f"secret     {reply.secret}",
+                "           (shown only now: store it where the client reads it)",
+                f"acts for   {_acts_for(reply.key)}",
+            ]
+        )
+    if isinstance(reply, admin_pb2.ClientKey):
+        revoked = _when(reply.revoked_at) if reply.HasField("revoked_at") else "-"
+        return "\n".join([f"key        {reply.name}", f"acts for   {_acts_for(reply)}", f"revoked    {revoked}"])
+    if isinstance(reply, admin_pb2.ListClientKeysResponse):
+        rows = [
+            [k.name, "yes" if k.trusted else "no", k.user_id or "-", _when(k.created_at), k.created_by or "-",
+             _when(k.revoked_at) if k.HasField("revoked_at") else "-"]
+            for k in reply.keys
+        ]  # fmt: skip
+        return table(["name", "trusted", "user", "created", "by", "revoked"], rows, "")
     return json_format.MessageToJson(reply)
+
+
+def _acts_for(key: admin_pb2.ClientKey) -> str:
+    return "any user (trusted: x-user-id)" if key.trusted else key.user_id
 
 
 def _when(ts: timestamp_pb2.Timestamp) -> str:

@@ -77,6 +77,7 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         if applied:
             log.info("migrations applied: %s", ", ".join(applied))
     await ledger.sync_plans(settings.plans)
+    await service.refresh_client_keys()
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 8 << 20)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(service), server)
@@ -142,6 +143,11 @@ async def _sweep(service: QuotaService) -> None:
             await service.expire_due()
         except Exception:  # the sweeper must outlive a store hiccup; it retries next round
             log.exception("expiring reservations failed")
+        try:
+            # Keys created or revoked by other processes reach this one's cache within one round.
+            await service.refresh_client_keys()
+        except Exception:
+            log.exception("refreshing client keys failed")
 
 
 async def serve_forever(settings: Settings, migrate: bool = True) -> None:

@@ -5,13 +5,19 @@ No grpc or protobuf here: adapters/ translate the wire formats and call these me
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
+import secrets
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
-from quotagate.config import Settings
+from quotagate.config import Client, Settings, sha256_hex
 from quotagate.core.clock import Clock
 from quotagate.core.cycles import Cycle, cycle_at
 from quotagate.core.decide import Decision, Verdict
@@ -31,6 +37,8 @@ from quotagate.metrics import Metrics
 from quotagate.store.ports import (
     AccountRecord,
     Adjustment,
+    ClientKeyRecord,
+    ClientKeyStore,
     HotState,
     HotView,
     Ledger,
@@ -52,6 +60,13 @@ MIN_REASON_CHARS = 3
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 GROUPINGS = ("none", "day", "model")
+CLIENT_KEY_PREFIX = "qg_"
+EXPORT_FORMATS = ("csv", "jsonl")
+EXPORT_BATCH_ROWS = 1000
+EXPORT_FIELDS = (
+    "request_id", "user_id", "model", "prompt_tokens", "completion_tokens", "cost", "cycle", "status", "estimated",
+    "source", "occurred_at", "recorded_at",
+)  # fmt: skip
 
 
 def page_size(requested: int) -> int:
@@ -110,6 +125,67 @@ class QuotaService:
         # Users whose ledger changed while Redis could not be told; refresh_stale() catches them up.
         self._stale: set[str] = set()
         self._current_cycle: Cycle | None = None
+        # SHA-256 -> client, for the active keys stored in the database: Check reads this map, never the
+        # database. Refreshed at startup, after each create/revoke here, and periodically by the sweeper.
+        self._db_clients: dict[str, Client] = {}
+
+    # -- client keys ----------------------------------------------------------------------------------
+
+    def client_by_key(self, key: str) -> Client | None:
+        """The configured client, else the database one, with this bearer key (no I/O)."""
+        digest = sha256_hex(key)
+        for client in self.settings.clients:
+            if client.key_sha256 == digest:
+                return client
+        return self._db_clients.get(digest)
+
+    def key_store(self) -> ClientKeyStore:
+        if not isinstance(self.ledger, ClientKeyStore):
+            raise InvalidRequest("this ledger does not keep client keys")
+        return self.ledger
+
+    async def refresh_client_keys(self) -> int:
+        """Reloads the active database keys into the in-process cache; returns how many there are."""
+        if not isinstance(self.ledger, ClientKeyStore):
+            return 0
+        keys = await self.ledger.client_keys(include_revoked=False)
+        self._db_clients = {
+            k.key_sha256: Client(name=k.name, key_sha256=k.key_sha256, trusted=k.trusted, user_id=k.user_id)
+            for k in keys
+        }
+        return len(keys)
+
+    async def create_client_key(
+        self, name: str, trusted: bool, user_id: str, reason: str, actor: str
+    ) -> tuple[str, ClientKeyRecord]:
+        """A new random client key: the secret (shown once) and the stored record (its digest only)."""
+        name = validate_id("name", name)
+        user_id = user_id.strip()
+        if trusted and user_id:
+            raise InvalidRequest("a trusted key asserts users with x-user-id; give trusted or user_id, not both")
+        if not trusted:
+            user_id = validate_id("user_id (an untrusted key acts for one user)", user_id)
+        if any(c.name == name for c in self.settings.clients):
+            raise InvalidRequest(f"a configured client is named {name!r}")
+        secret = CLIENT_KEY_PREFIX + secrets.token_urlsafe(32)
+        record = ClientKeyRecord(
+            name=name,
+            key_sha256=sha256_hex(secret),
+            trusted=trusted,
+            user_id=user_id or None,
+            created_at=self.clock.now(),
+            created_by=actor,
+        )
+        created = await self.key_store().create_client_key(record, reason.strip())
+        await self.refresh_client_keys()
+        return secret, created
+
+    async def revoke_client_key(self, name: str, reason: str, actor: str) -> ClientKeyRecord:
+        name = validate_id("name", name)
+        reason = require_reason(reason, "the key is revoked")
+        revoked = await self.key_store().revoke_client_key(name, reason, actor)
+        await self.refresh_client_keys()
+        return revoked
 
     # -- pure helpers -------------------------------------------------------------------------------
 
@@ -437,13 +513,8 @@ class QuotaService:
                 return found, ""
             cursor = batch.items[-1][0].user_id
 
-    async def usage(
-        self, user_id: str, cycle_key: str, start: datetime | None, end: datetime | None, group_by: str
-    ) -> tuple[datetime, datetime, list[UsageTotals]]:
-        user_id = validate_id("user_id", user_id)
-        group_by = group_by or "none"
-        if group_by not in GROUPINGS:
-            raise InvalidRequest(f"group_by must be one of {', '.join(GROUPINGS)}")
+    def time_range(self, cycle_key: str, start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
+        """A cycle ("2026-11"), or start/end, or (neither) the current cycle, as [start, end)."""
         if cycle_key and (start or end):
             raise InvalidRequest("give either cycle or start/end, not both")
         if cycle_key:
@@ -456,7 +527,65 @@ class QuotaService:
             raise InvalidRequest("a date range needs both start and end")
         if start >= end:
             raise InvalidRequest("start must be before end")
+        return start, end
+
+    def export_usage(
+        self, user_id: str, cycle_key: str, start: datetime | None, end: datetime | None, fmt: str
+    ) -> AsyncIterator[bytes]:
+        """Usage events as CSV (with a header row) or JSON lines, one chunk of whole lines per database batch.
+
+        The arguments are checked here, before the first chunk, so a bad request fails as one error."""
+        user_id = user_id.strip()
+        if user_id:
+            user_id = validate_id("user_id", user_id)
+        fmt = fmt.strip().lower()
+        if fmt not in EXPORT_FORMATS:
+            raise InvalidRequest(f"format must be one of {', '.join(EXPORT_FORMATS)}")
+        start, end = self.time_range(cycle_key, start, end)
+        return self._export_chunks(self.queries(), user_id, start, end, fmt)
+
+    @staticmethod
+    async def _export_chunks(
+        queries: LedgerQueries, user_id: str, start: datetime, end: datetime, fmt: str
+    ) -> AsyncIterator[bytes]:
+        if fmt == "csv":
+            yield _csv_lines([list(EXPORT_FIELDS)])
+        async for batch in queries.export_usage(user_id, start, end, EXPORT_BATCH_ROWS):
+            if fmt == "csv":
+                yield _csv_lines([[_export_value(row[f]) for f in EXPORT_FIELDS] for row in batch])
+            else:
+                yield "".join(
+                    json.dumps({f: _json_value(row[f]) for f in EXPORT_FIELDS}, ensure_ascii=False) + "\n"
+                    for row in batch
+                ).encode()
+
+    async def usage(
+        self, user_id: str, cycle_key: str, start: datetime | None, end: datetime | None, group_by: str
+    ) -> tuple[datetime, datetime, list[UsageTotals]]:
+        user_id = validate_id("user_id", user_id)
+        group_by = group_by or "none"
+        if group_by not in GROUPINGS:
+            raise InvalidRequest(f"group_by must be one of {', '.join(GROUPINGS)}")
+        start, end = self.time_range(cycle_key, start, end)
         if await self.ledger.get_account(user_id) is None:
             raise NotFound(f"no account {user_id!r}")
         rows = await self.queries().usage_totals(user_id, start, end, group_by, self.settings.timezone.key)
         return start, end, rows
+
+
+def _export_value(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _json_value(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _csv_lines(rows: list[list[str]]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue().encode()

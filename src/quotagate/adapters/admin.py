@@ -5,19 +5,23 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import logging
+from collections.abc import AsyncIterator
 from datetime import UTC
 from typing import Any
 
 import grpc
 
 from quotagate.adapters.convert import balance_message, timestamp
-from quotagate.adapters.errors import PermissionDenied, Unauthenticated, grpc_errors
+from quotagate.adapters.errors import PermissionDenied, Unauthenticated, grpc_errors, status_code_of
 from quotagate.config import AdminToken, Settings, sha256_hex
 from quotagate.core.errors import InvalidRequest
 from quotagate.core.model import AccountStatus, Balance
 from quotagate.service import QuotaService, page_size, validate_id
-from quotagate.store.ports import AccountRecord, UsageTotals
+from quotagate.store.ports import AccountRecord, ClientKeyRecord, UsageTotals
 from quotagate.v1 import admin_pb2, admin_pb2_grpc
+
+log = logging.getLogger("quotagate.rpc")
 
 _ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
 
@@ -113,6 +117,28 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             total=_usage_row(total),
         )
 
+    async def ExportUsage(
+        self, request: admin_pb2.ExportUsageRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[admin_pb2.ExportChunk]:
+        try:
+            authorize(self._service.settings, context, "viewer")
+            chunks = self._service.export_usage(
+                request.user_id,
+                request.cycle.strip(),
+                request.start.ToDatetime(UTC) if request.HasField("start") else None,
+                request.end.ToDatetime(UTC) if request.HasField("end") else None,
+                request.format,
+            )
+            async for data in chunks:
+                yield admin_pb2.ExportChunk(data=data)
+            return
+        except Exception as exc:
+            code = status_code_of(exc)
+            if code is None:
+                log.exception("unexpected error in ExportUsage")
+            failure = (code or grpc.StatusCode.INTERNAL, str(exc) if code else "internal error; see the quotagate log")
+        await context.abort(*failure)
+
     @grpc_errors
     async def ListAuditLog(
         self, request: admin_pb2.ListAuditLogRequest, context: grpc.aio.ServicerContext
@@ -175,6 +201,32 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return await self._account(request.user_id)
 
     @grpc_errors
+    async def CreateClientKey(
+        self, request: admin_pb2.CreateClientKeyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CreateClientKeyResponse:
+        token = authorize(self._service.settings, context, "admin")
+        secret, record = await self._service.create_client_key(
+            request.name, request.trusted, request.user_id, request.reason, token.name
+        )
+        return admin_pb2.CreateClientKeyResponse(secret=secret, key=_client_key_message(record))
+
+    @grpc_errors
+    async def ListClientKeys(
+        self, request: admin_pb2.ListClientKeysRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListClientKeysResponse:
+        authorize(self._service.settings, context, "admin")
+        keys = await self._service.key_store().client_keys(include_revoked=not request.active_only)
+        return admin_pb2.ListClientKeysResponse(keys=[_client_key_message(k) for k in keys])
+
+    @grpc_errors
+    async def RevokeClientKey(
+        self, request: admin_pb2.RevokeClientKeyRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ClientKey:
+        token = authorize(self._service.settings, context, "admin")
+        record = await self._service.revoke_client_key(request.name, request.reason, token.name)
+        return _client_key_message(record)
+
+    @grpc_errors
     async def GrantCredits(
         self, request: admin_pb2.GrantCreditsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GrantCreditsResponse:
@@ -222,6 +274,19 @@ def _account_message(account: AccountRecord, balance: Balance) -> admin_pb2.Acco
         balance=balance_message(balance),
         created_at=timestamp(account.created_at),
     )
+
+
+def _client_key_message(key: ClientKeyRecord) -> admin_pb2.ClientKey:
+    message = admin_pb2.ClientKey(
+        name=key.name,
+        trusted=key.trusted,
+        user_id=key.user_id or "",
+        created_at=timestamp(key.created_at),
+        created_by=key.created_by,
+    )
+    if key.revoked_at is not None:
+        message.revoked_at.CopyFrom(timestamp(key.revoked_at))
+    return message
 
 
 def _usage_row(row: UsageTotals) -> admin_pb2.UsageRow:

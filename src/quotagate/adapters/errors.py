@@ -33,6 +33,14 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
 R = TypeVar("R")
 
 
+def status_code_of(exc: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status of a known exception; None for anything else."""
+    for kind, code in _STATUS:
+        if isinstance(exc, kind):
+            return code
+    return None
+
+
 def grpc_errors(
     method: Callable[..., Awaitable[R]],
 ) -> Callable[..., Awaitable[R]]:

@@ -6,7 +6,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -52,10 +52,15 @@ def bearer(headers: Mapping[str, str]) -> str | None:
     return token.strip()
 
 
-def identify(settings: Settings, headers: Mapping[str, str]) -> tuple[Client, NewAccount]:
-    """The client from its key and the user it speaks for; Rejected with a 401 otherwise."""
+def identify(
+    settings: Settings, headers: Mapping[str, str], lookup: Callable[[str], Client | None] | None = None
+) -> tuple[Client, NewAccount]:
+    """The client from its key and the user it speaks for; Rejected with a 401 otherwise.
+
+    `lookup` finds a key among the configured clients and any others (the database keys, cached in
+    memory); without it only the configured clients are known."""
     key = bearer(headers)
-    client = settings.client_by_key(key) if key else None
+    client = (lookup or settings.client_by_key)(key) if key else None
     if client is None:
         raise Rejected(auth_denial(settings, MessageKey.INVALID_KEY), "unauthenticated")
     asserted = headers.get("x-user-id", "").strip()
@@ -130,7 +135,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         http = request.attributes.request.http
         headers = http.headers  # Envoy sends header names in lower case
         try:
-            client, user = identify(self._settings, headers)
+            client, user = identify(self._settings, headers, self._service.client_by_key)
             try:
                 completion = parse_body(http.raw_body or http.body.encode())
             except InvalidRequest as exc:

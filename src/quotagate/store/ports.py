@@ -6,7 +6,7 @@ of them (tests/test_stores.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -161,6 +161,41 @@ class LedgerQueries(Protocol):
         ...
 
     async def ledger_entries(self, user_id: str, before_id: int, limit: int) -> list[dict[str, Any]]: ...
+
+    def export_usage(
+        self, user_id: str, start: datetime, end: datetime, batch_size: int
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Usage events with start <= occurred_at < end (of `user_id`, or of everyone when empty), ordered by
+        occurred_at and request_id, in batches read through a server-side cursor (memory stays flat)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ClientKeyRecord:
+    """A client key stored in the database (never its secret)."""
+
+    name: str
+    key_sha256: str
+    trusted: bool
+    user_id: str | None
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None = None
+
+
+@runtime_checkable
+class ClientKeyStore(Protocol):
+    """Client keys created through the Admin API; only the PostgreSQL ledger keeps them."""
+
+    async def create_client_key(self, key: ClientKeyRecord, reason: str) -> ClientKeyRecord:
+        """Stores the key and an audit row; InvalidRequest when the name (or digest) is taken."""
+        ...
+
+    async def revoke_client_key(self, name: str, reason: str, actor: str) -> ClientKeyRecord:
+        """Marks the key revoked (NotFound for an unknown name, InvalidRequest when already revoked)."""
+        ...
+
+    async def client_keys(self, include_revoked: bool) -> list[ClientKeyRecord]: ...
 
 
 @dataclass(frozen=True)

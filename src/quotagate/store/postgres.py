@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import datetime
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
@@ -19,6 +19,7 @@ from quotagate.store.ports import (
     AccountPage,
     AccountRecord,
     Adjustment,
+    ClientKeyRecord,
     LimitsOf,
     NewAccount,
     NewGrant,
@@ -38,6 +39,10 @@ _SNAPSHOT_COLUMNS = f"""{_ACCOUNT_COLUMNS}, a.version,
                 AND (g.expires_at IS NULL OR g.expires_at > $3)), 0)::bigint AS credits,
     (SELECT min(g.expires_at) FROM credit_grants g
       WHERE g.user_id = a.user_id AND g.remaining > 0 AND g.expires_at > $3) AS next_expiry"""
+
+# The columns of a usage export, in order (the CSV header).
+EXPORT_COLUMNS = """request_id, user_id, model, prompt_tokens, completion_tokens, cost, cycle, status, estimated,
+    source, occurred_at, recorded_at"""
 
 # A fixed key for pg_advisory_xact_lock, so two processes never migrate at once.
 _MIGRATION_LOCK = 0x71676D6967
@@ -543,6 +548,71 @@ class PostgresLedger:
             )
         return [dict(r) for r in rows]
 
+    async def export_usage(
+        self, user_id: str, start: datetime, end: datetime, batch_size: int
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+                cursor = await conn.cursor(
+                    f"""SELECT {EXPORT_COLUMNS} FROM usage_events
+                        WHERE ($1 = '' OR user_id = $1) AND occurred_at >= $2 AND occurred_at < $3
+                        ORDER BY occurred_at, request_id""",
+                    user_id,
+                    start,
+                    end,
+                )
+                while rows := await cursor.fetch(batch_size):
+                    yield [dict(r) for r in rows]
+        except _CONNECTION_ERRORS as exc:
+            raise StoreUnavailable(f"postgresql: {type(exc).__name__}: {exc}") from exc
+
+    # -- client keys (ClientKeyStore) ---------------------------------------------------------------------
+
+    @_store
+    async def create_client_key(self, key: ClientKeyRecord, reason: str) -> ClientKeyRecord:
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"""INSERT INTO client_keys (name, key_sha256, trusted, user_id, created_at, created_by)
+                    VALUES ($1, $2, $3, $4, $5, $6)
+                    ON CONFLICT DO NOTHING RETURNING {_KEY_COLUMNS}""",
+                key.name,
+                key.key_sha256,
+                key.trusted,
+                key.user_id,
+                key.created_at,
+                key.created_by,
+            )
+            if row is None:
+                raise InvalidRequest(f"a client key named {key.name!r} exists already")
+            created = _client_key(row)
+            await _audit(conn, key.created_by, "client_key.create", key.name, None, _key_json(created), reason)
+        return created
+
+    @_store
+    async def revoke_client_key(self, name: str, reason: str, actor: str) -> ClientKeyRecord:
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(f"SELECT {_KEY_COLUMNS} FROM client_keys WHERE name = $1 FOR UPDATE", name)
+            if row is None:
+                raise NotFound(f"no client key {name!r}")
+            before = _client_key(row)
+            if before.revoked_at is not None:
+                raise InvalidRequest(f"client key {name!r} is revoked already")
+            row = await conn.fetchrow(
+                f"UPDATE client_keys SET revoked_at = now() WHERE name = $1 RETURNING {_KEY_COLUMNS}", name
+            )
+            after = _client_key(row)
+            await _audit(conn, actor, "client_key.revoke", name, _key_json(before), _key_json(after), reason)
+        return after
+
+    @_store
+    async def client_keys(self, include_revoked: bool) -> list[ClientKeyRecord]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_KEY_COLUMNS} FROM client_keys WHERE $1 OR revoked_at IS NULL ORDER BY name",
+                include_revoked,
+            )
+        return [_client_key(r) for r in rows]
+
     async def usage_events(self, user_id: str) -> list[dict[str, Any]]:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
@@ -554,6 +624,31 @@ class PostgresLedger:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch("SELECT * FROM audit_log WHERE target = $1 ORDER BY id", target)
         return [dict(r) for r in rows]
+
+
+_KEY_COLUMNS = "name, key_sha256, trusted, user_id, created_at, created_by, revoked_at"
+
+
+def _client_key(row: asyncpg.Record) -> ClientKeyRecord:
+    return ClientKeyRecord(
+        name=row["name"],
+        key_sha256=row["key_sha256"],
+        trusted=row["trusted"],
+        user_id=row["user_id"],
+        created_at=row["created_at"],
+        created_by=row["created_by"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _key_json(key: ClientKeyRecord) -> dict[str, Any]:
+    """A client key for the audit log: never the secret, nor its digest."""
+    return {
+        "name": key.name,
+        "trusted": key.trusted,
+        "user_id": key.user_id,
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+    }
 
 
 def _usage_reason(usage: UsageRecord) -> str:

@@ -85,6 +85,26 @@ class AdminStub:
                 request_serializer=quotagate_dot_v1_dot_admin__pb2.ResetCycleRequest.SerializeToString,
                 response_deserializer=quotagate_dot_v1_dot_admin__pb2.Account.FromString,
                 _registered_method=True)
+        self.CreateClientKey = channel.unary_unary(
+                '/quotagate.v1.Admin/CreateClientKey',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.CreateClientKeyRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.CreateClientKeyResponse.FromString,
+                _registered_method=True)
+        self.ListClientKeys = channel.unary_unary(
+                '/quotagate.v1.Admin/ListClientKeys',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.ListClientKeysRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.ListClientKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeClientKey = channel.unary_unary(
+                '/quotagate.v1.Admin/RevokeClientKey',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.RevokeClientKeyRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.ClientKey.FromString,
+                _registered_method=True)
+        self.ExportUsage = channel.unary_stream(
+                '/quotagate.v1.Admin/ExportUsage',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.ExportUsageRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.ExportChunk.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -161,6 +181,35 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateClientKey(self, request, context):
+        """Creates a client key for Check; the secret is returned once and only its SHA-256 is stored. Role admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListClientKeys(self, request, context):
+        """The client keys stored in the database (never their secrets). Role admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeClientKey(self, request, context):
+        """Revokes a client key: Check refuses it with 401 (every process within a few seconds). Role admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportUsage(self, request, context):
+        """Usage events (of one account or of all) in a cycle or a time range, as CSV with a header row or as JSON
+        lines, streamed in chunks read from the database in batches. Role viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +262,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ResetCycle,
                     request_deserializer=quotagate_dot_v1_dot_admin__pb2.ResetCycleRequest.FromString,
                     response_serializer=quotagate_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'CreateClientKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateClientKey,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.CreateClientKeyRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.CreateClientKeyResponse.SerializeToString,
+            ),
+            'ListClientKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClientKeys,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.ListClientKeysRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.ListClientKeysResponse.SerializeToString,
+            ),
+            'RevokeClientKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeClientKey,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.RevokeClientKeyRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.ClientKey.SerializeToString,
+            ),
+            'ExportUsage': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportUsage,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.ExportUsageRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.ExportChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +555,114 @@ class Admin:
             '/quotagate.v1.Admin/ResetCycle',
             quotagate_dot_v1_dot_admin__pb2.ResetCycleRequest.SerializeToString,
             quotagate_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateClientKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/CreateClientKey',
+            quotagate_dot_v1_dot_admin__pb2.CreateClientKeyRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.CreateClientKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClientKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/ListClientKeys',
+            quotagate_dot_v1_dot_admin__pb2.ListClientKeysRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.ListClientKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeClientKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/RevokeClientKey',
+            quotagate_dot_v1_dot_admin__pb2.RevokeClientKeyRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.ClientKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/quotagate.v1.Admin/ExportUsage',
+            quotagate_dot_v1_dot_admin__pb2.ExportUsageRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.ExportChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,16 @@ class AdminStub:
     """One account's ledger entries, newest first. Role viewer."""
     ResetCycle: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResetCycleRequest, _admin_pb2.Account]
     """Zeroes the allowance used in the account's current cycle. Role admin."""
+    CreateClientKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateClientKeyRequest, _admin_pb2.CreateClientKeyResponse]
+    """Creates a client key for Check; the secret is returned once and only its SHA-256 is stored. Role admin."""
+    ListClientKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListClientKeysRequest, _admin_pb2.ListClientKeysResponse]
+    """The client keys stored in the database (never their secrets). Role admin."""
+    RevokeClientKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeClientKeyRequest, _admin_pb2.ClientKey]
+    """Revokes a client key: Check refuses it with 401 (every process within a few seconds). Role admin."""
+    ExportUsage: _grpc.UnaryStreamMultiCallable[_admin_pb2.ExportUsageRequest, _admin_pb2.ExportChunk]
+    """Usage events (of one account or of all) in a cycle or a time range, as CSV with a header row or as JSON
+    lines, streamed in chunks read from the database in batches. Role viewer.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -81,6 +91,16 @@ class AdminAsyncStub(AdminStub):
     """One account's ledger entries, newest first. Role viewer."""
     ResetCycle: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResetCycleRequest, _admin_pb2.Account]  # type: ignore[assignment]
     """Zeroes the allowance used in the account's current cycle. Role admin."""
+    CreateClientKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateClientKeyRequest, _admin_pb2.CreateClientKeyResponse]  # type: ignore[assignment]
+    """Creates a client key for Check; the secret is returned once and only its SHA-256 is stored. Role admin."""
+    ListClientKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListClientKeysRequest, _admin_pb2.ListClientKeysResponse]  # type: ignore[assignment]
+    """The client keys stored in the database (never their secrets). Role admin."""
+    RevokeClientKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeClientKeyRequest, _admin_pb2.ClientKey]  # type: ignore[assignment]
+    """Revokes a client key: Check refuses it with 401 (every process within a few seconds). Role admin."""
+    ExportUsage: _aio.UnaryStreamMultiCallable[_admin_pb2.ExportUsageRequest, _admin_pb2.ExportChunk]  # type: ignore[assignment]
+    """Usage events (of one account or of all) in a cycle or a time range, as CSV with a header row or as JSON
+    lines, streamed in chunks read from the database in batches. Role viewer.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Admin is the operators' API. Every call needs `authorization: Bearer <admin token>`."""
@@ -165,5 +185,39 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
         """Zeroes the allowance used in the account's current cycle. Role admin."""
+
+    @_abc_1.abstractmethod
+    def CreateClientKey(
+        self,
+        request: _admin_pb2.CreateClientKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CreateClientKeyResponse, _abc.Awaitable[_admin_pb2.CreateClientKeyResponse]]:
+        """Creates a client key for Check; the secret is returned once and only its SHA-256 is stored. Role admin."""
+
+    @_abc_1.abstractmethod
+    def ListClientKeys(
+        self,
+        request: _admin_pb2.ListClientKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListClientKeysResponse, _abc.Awaitable[_admin_pb2.ListClientKeysResponse]]:
+        """The client keys stored in the database (never their secrets). Role admin."""
+
+    @_abc_1.abstractmethod
+    def RevokeClientKey(
+        self,
+        request: _admin_pb2.RevokeClientKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ClientKey, _abc.Awaitable[_admin_pb2.ClientKey]]:
+        """Revokes a client key: Check refuses it with 401 (every process within a few seconds). Role admin."""
+
+    @_abc_1.abstractmethod
+    def ExportUsage(
+        self,
+        request: _admin_pb2.ExportUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.ExportChunk], _abc.AsyncIterator[_admin_pb2.ExportChunk]]:
+        """Usage events (of one account or of all) in a cycle or a time range, as CSV with a header row or as JSON
+        lines, streamed in chunks read from the database in batches. Role viewer.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
