@@ -45,6 +45,19 @@ class AdminToken:
 
 
 @dataclass(frozen=True)
+class NotificationSettings:
+    """Customer e-mails by SMTP; off unless `notifications.enabled` with an smtp_host."""
+
+    enabled: bool = False
+    smtp_host: str = ""
+    smtp_port: int = 25
+    sender: str = ""  # the `from` key
+    poll_seconds: float = 5.0  # how often the sender looks for due e-mails
+    retry_seconds: float = 30.0  # the first retry's delay; it doubles up to max_retry_seconds
+    max_retry_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Settings:
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
     language: Language = Language.EN
@@ -68,6 +81,7 @@ class Settings:
     production: bool = False
     # envoyproxy/ratelimit-format files (or folders); empty: the built-in default (60 requests a minute a user).
     rate_limit_files: tuple[Path, ...] = ()
+    notifications: NotificationSettings = field(default_factory=NotificationSettings)
     source: str = "<defaults>"
 
     def plan(self, plan_id: str) -> Plan:
@@ -229,6 +243,30 @@ def _admin_token(item: _Section) -> AdminToken:
     return AdminToken(name, digest, role)
 
 
+def _notifications(section: _Section) -> NotificationSettings:
+    defaults = NotificationSettings()
+    result = NotificationSettings(
+        enabled=section.take("enabled", bool, False),
+        smtp_host=section.take("smtp_host", str, ""),
+        smtp_port=_positive_int(section, "smtp_port", defaults.smtp_port, 1),
+        sender=section.take("from", str, ""),
+        poll_seconds=section.take("poll_seconds", float, defaults.poll_seconds),
+        retry_seconds=section.take("retry_seconds", float, defaults.retry_seconds),
+        max_retry_seconds=section.take("max_retry_seconds", float, defaults.max_retry_seconds),
+    )
+    for name in ("poll_seconds", "retry_seconds", "max_retry_seconds"):
+        if getattr(result, name) <= 0:
+            raise section.fail(name, "must be positive")
+    if result.smtp_port > 65535:
+        raise section.fail("smtp_port", "must be a TCP port")
+    if result.enabled and not result.smtp_host:
+        raise section.fail("smtp_host", "required when notifications are enabled")
+    if result.enabled and not result.sender:
+        raise section.fail("from", "required when notifications are enabled")
+    section.done()
+    return result
+
+
 def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     top = _Section(source, "", data if data is not None else {})
     defaults = Settings()
@@ -248,6 +286,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     upstream = top.sub("upstream")
     upstream_key = upstream.take("api_key", str, "")
     upstream.done()
+    notifications = _notifications(top.sub("notifications"))
     settings = Settings(
         timezone=top.take_choice("timezone", ZoneInfo, defaults.timezone, "IANA time zone names"),
         language=top.take_choice("language", Language, defaults.language, "pt-BR, en"),
@@ -270,6 +309,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         http_listen=env.get("QUOTAGATE_HTTP_LISTEN", top.take("http_listen", str, defaults.http_listen)),
         production=top.take("production", bool, False) or env.get("QUOTAGATE_ENV", "") == "production",
         rate_limit_files=_paths(top, "rate_limits", Path(source).parent),
+        notifications=notifications,
         source=source,
     )
     top.done()

@@ -28,6 +28,7 @@ from quotagate.config import Settings
 from quotagate.core.clock import Clock, SystemClock
 from quotagate.http import build_http_app
 from quotagate.metrics import Metrics
+from quotagate.notify import NotificationSender
 from quotagate.ratelimit.limiter import RateLimiter
 from quotagate.ratelimit.reload import ReloadingConfig
 from quotagate.ratelimit.store import RedisRateLimitStore
@@ -68,7 +69,10 @@ class Running:
 async def start(settings: Settings, clock: Clock | None = None, migrate: bool = True) -> Running:
     metrics = Metrics()
     service_box: list[QuotaService] = []
-    ledger = await PostgresLedger.connect(settings.database_url, lambda a: service_box[0].limits_of(a))
+    notifying = settings.notifications.enabled
+    ledger = await PostgresLedger.connect(
+        settings.database_url, lambda a: service_box[0].limits_of(a), notifications=notifying
+    )
     hot = RedisHotState.from_url(settings.redis_url, settings.redis_prefix)
     service = QuotaService(settings, ledger, hot, clock or SystemClock(), metrics)
     service_box.append(service)
@@ -116,11 +120,14 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
 
     sweeper = asyncio.create_task(_sweep(service), name="reservation-sweeper")
     watcher = asyncio.create_task(rate_limits.watch(), name="rate-limit-config-watcher")
+    tasks = [sweeper, watcher]
+    if notifying:
+        tasks.append(asyncio.create_task(NotificationSender(ledger, settings).run(), name="notification-sender"))
 
     async def stop() -> None:
         # Health turns NOT_SERVING first so balancers stop sending, then in-flight calls get time to finish.
         await health_servicer.enter_graceful_shutdown()
-        for task in (sweeper, watcher):
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

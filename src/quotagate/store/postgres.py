@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
@@ -15,6 +16,7 @@ import asyncpg
 from quotagate.core.charge import OpenGrant, allowance_used_after, spend_order, split_charge
 from quotagate.core.errors import InvalidRequest, NotFound, StoreUnavailable
 from quotagate.core.model import AccountStatus, LedgerSnapshot, Plan
+from quotagate.core.notifications import NotificationKind, crossed, usage_state
 from quotagate.store.ports import (
     AccountPage,
     AccountRecord,
@@ -120,15 +122,33 @@ def _account(row: asyncpg.Record) -> AccountRecord:
     )
 
 
+@dataclass(frozen=True)
+class PendingNotification:
+    """An outbox row claimed for delivery, with the address it goes to."""
+
+    id: int
+    user_id: str
+    cycle: str
+    kind: NotificationKind
+    amount: int
+    attempts: int
+    email: str
+    name: str
+
+
 class PostgresLedger:
-    def __init__(self, pool: asyncpg.Pool, limits_of: LimitsOf) -> None:
+    def __init__(self, pool: asyncpg.Pool, limits_of: LimitsOf, notifications: bool = False) -> None:
         self._pool = pool
         self._limits_of = limits_of
+        # Whether balance changes enqueue customer e-mails in the outbox (off unless notifications are enabled).
+        self._notifications = notifications
 
     @classmethod
-    async def connect(cls, dsn: str, limits_of: LimitsOf, max_size: int = 10) -> PostgresLedger:
+    async def connect(
+        cls, dsn: str, limits_of: LimitsOf, max_size: int = 10, notifications: bool = False
+    ) -> PostgresLedger:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, command_timeout=10)
-        return cls(pool, limits_of)
+        return cls(pool, limits_of, notifications)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -278,6 +298,24 @@ class PostgresLedger:
         )
         grants = [OpenGrant(r["id"], r["remaining"], r["expires_at"], r["created_at"]) for r in rows]
         split = split_charge(usage.cost, limits.allowance, used or 0, grants, now)
+        if self._notifications:
+            credits_before = sum(g.remaining for g in grants)
+            credits_after = credits_before - sum(d.amount for d in split.credits)
+            kind = crossed(
+                usage_state(limits, used or 0, credits_before),
+                usage_state(limits, allowance_used_after(used or 0, split), credits_after),
+            )
+            if kind is not None:
+                await _enqueue(conn, account.user_id, cycle, kind, 0)
+            if used is None:
+                renewed = await conn.fetchval(
+                    """SELECT EXISTS (SELECT 1 FROM account_cycles
+                                     WHERE user_id = $1 AND cycle = $2 AND tokens_charged > 0)""",
+                    account.user_id,
+                    previous_cycle(cycle),
+                )
+                if renewed:
+                    await _enqueue(conn, account.user_id, cycle, NotificationKind.RENEWED, 0)
         if split.credits:
             await conn.executemany(
                 "UPDATE credit_grants SET remaining = remaining - $2 WHERE id = $1",
@@ -336,6 +374,8 @@ class PostgresLedger:
                 grant.actor,
             )
             await _bump_version(conn, grant.user_id)
+            if self._notifications:
+                await _enqueue(conn, grant.user_id, cycle, NotificationKind.CREDITS, grant.amount)
             after = await self._snapshot(conn, grant.user_id, cycle, now)
             await _audit(
                 conn,
@@ -459,6 +499,61 @@ class PostgresLedger:
                 reason,
             )
             return await self._snapshot(conn, user_id, cycle, now)
+
+    # -- the notification outbox -------------------------------------------------------------------------
+
+    @_store
+    async def claim_notifications(self, limit: int, lease_seconds: float) -> list[PendingNotification]:
+        """Due pending rows, leased for lease_seconds so no other sender takes them meanwhile.
+
+        Time here is the database's: retries are operational, not part of the billing clock."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """UPDATE notifications n
+                   SET attempts = n.attempts + 1, next_attempt_at = now() + make_interval(secs => $2)
+                   FROM accounts a
+                   WHERE a.user_id = n.user_id AND n.id IN (
+                       SELECT id FROM notifications
+                       WHERE status = 'pending' AND next_attempt_at <= now()
+                       ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                   RETURNING n.id, n.user_id, n.cycle, n.kind, n.amount, n.attempts, a.email, a.name""",
+                limit,
+                float(lease_seconds),
+            )
+        return [
+            PendingNotification(
+                r["id"], r["user_id"], r["cycle"], NotificationKind(r["kind"]), r["amount"], r["attempts"],
+                r["email"], r["name"],
+            )
+            for r in sorted(rows, key=lambda r: int(r["id"]))
+        ]
+
+    @_store
+    async def finish_notification(self, notification_id: int, status: str) -> None:
+        """Marks a row sent (the SMTP server accepted it) or skipped (no address)."""
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                """UPDATE notifications SET status = $2, sent_at = CASE WHEN $2 = 'sent' THEN now() END,
+                       last_error = '' WHERE id = $1""",
+                notification_id,
+                status,
+            )
+
+    @_store
+    async def retry_notification(self, notification_id: int, error: str, delay_seconds: float) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                """UPDATE notifications SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3)
+                   WHERE id = $1 AND status = 'pending'""",
+                notification_id,
+                error[:1000],
+                float(delay_seconds),
+            )
+
+    async def notifications_of(self, user_id: str) -> list[dict[str, Any]]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch("SELECT * FROM notifications WHERE user_id = $1 ORDER BY id", user_id)
+        return [dict(r) for r in rows]
 
     # -- admin queries (LedgerQueries) -------------------------------------------------------------------
 
@@ -654,6 +749,24 @@ def _key_json(key: ClientKeyRecord) -> dict[str, Any]:
 def _usage_reason(usage: UsageRecord) -> str:
     kind = "estimated" if usage.estimated else "reported"
     return f"{usage.model or 'unknown model'}: {kind} by {usage.source or 'api'}"
+
+
+def previous_cycle(cycle: str) -> str:
+    """The cycle key before "2026-11" is "2026-10"; before "2027-01" is "2026-12"."""
+    year, month = (int(part) for part in cycle.split("-", 1))
+    return f"{year - 1:04d}-12" if month == 1 else f"{year:04d}-{month - 1:02d}"
+
+
+async def _enqueue(conn: asyncpg.Connection, user_id: str, cycle: str, kind: NotificationKind, amount: int) -> None:
+    """Puts an e-mail in the outbox within the caller's transaction; a kind already there this cycle stays."""
+    await conn.execute(
+        """INSERT INTO notifications (user_id, cycle, kind, amount) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (user_id, cycle, kind) DO NOTHING""",
+        user_id,
+        cycle,
+        kind.value,
+        amount,
+    )
 
 
 async def _bump_version(conn: asyncpg.Connection, user_id: str) -> None:
