@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import pathlib
+import random
 import shutil
 import signal
 import socket
@@ -37,12 +38,34 @@ __all__ = [
 _POLL_INTERVAL = 0.05
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a server to listen on.
+
+    Picked below the kernel's ephemeral range: a port the kernel hands out itself can be taken meanwhile by
+    any outgoing connection (to Redis, say) before the server binds it.
+    """
+    ephemeral_low, _ = _ephemeral_range()
+    low, high = 10000, max(10001, ephemeral_low - 1)
+    for _ in range(500):
+        port = random.randint(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        fallback: int = sock.getsockname()[1]
+        return fallback
 
 
 class ManagedProcess:
