@@ -123,3 +123,28 @@ async def test_lists_usage_ledger_audit_adjust_and_reset(server: Running, uid: s
     assert code == 0
     actions = [line.split()[3] for line in out.splitlines()[1:]]
     assert actions[:3] == ["cycle.reset", "credits.adjust", "credits.grant"]
+
+
+async def test_account_set_creates_changes_plan_and_allowance_and_is_audited(server: Running, uid: str) -> None:
+    code, out, err = await admin(
+        server, "account", "set", uid, "--email", "maria@example.com", "--name", "Maria",
+        "--allowance", "5000", "--reason", "New customer, contract 42.",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"account    {uid}  <maria@example.com>  Maria" in out
+    assert "of 5,000 used" in out
+
+    code, out, _ = await admin(
+        server, "--json", "account", "set", uid, "--plan-allowance", "--reason", "Contract ended."
+    )
+    account = json.loads(out)
+    assert code == 0 and account["balance"]["allowance"] == "1000" and account["email"] == "maria@example.com"
+
+    code, _, err = await admin(server, "account", "set", uid, "--plan", "gold", "--reason", "Upgrade.")
+    assert code == 2 and "no plan 'gold'" in err
+
+    audit = await server.service.ledger.audit_entries(uid)  # type: ignore[attr-defined]
+    upserts = [a for a in audit if a["action"] == "account.upsert"]
+    assert [a["reason"] for a in upserts] == ["New customer, contract 42.", "Contract ended."]
+    assert json.loads(upserts[1]["before"])["allowance_override"] == 5000
+    assert json.loads(upserts[1]["after"])["allowance_override"] is None

@@ -181,3 +181,12 @@ async def test_client_key_never_reaches_the_upstream_without_an_upstream_key(sta
     assert (await stack.chat(uid)).status_code == 200
     seen = (await stack.upstream_requests())[-1]["headers"]
     assert "authorization" not in seen
+
+
+async def test_an_allowance_set_by_an_admin_applies_to_the_next_request(stack: Stack, uid: str) -> None:
+    assert (await stack.chat(uid)).headers["x-quota-limit"] == "1000"
+    auth = [("authorization", f"Bearer {ADMIN_TOKEN}")]
+    request = admin_pb2.UpsertAccountRequest(user_id=uid, allowance_override=250_000, reason="Enterprise trial.")
+    account = await stack.admin.UpsertAccount(request, metadata=auth)
+    assert account.has_allowance_override and account.allowance_override == 250_000
+    assert (await stack.chat(uid)).headers["x-quota-limit"] == "250000"

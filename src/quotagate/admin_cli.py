@@ -46,6 +46,15 @@ def add_admin_parser(sub: Any) -> None:
     account = tasks.add_parser("account", help="one account").add_subparsers(dest="action", required=True)
     show = account.add_parser("show", help="an account with its live balance")
     show.add_argument("user")
+    edit = account.add_parser("set", help="create an account or change its details, plan or allowance (role admin)")
+    edit.add_argument("user")
+    edit.add_argument("--email")
+    edit.add_argument("--name")
+    edit.add_argument("--plan")
+    allowance = edit.add_mutually_exclusive_group()
+    allowance.add_argument("--allowance", type=int, help="the account's own monthly allowance")
+    allowance.add_argument("--plan-allowance", action="store_true", help="back to the plan's allowance")
+    edit.add_argument("--reason", required=True)
 
     grant = tasks.add_parser("grant", help="add credit tokens to an account (unblocks it at once)")
     grant.add_argument("user")
@@ -119,6 +128,16 @@ def _timestamp(value: str) -> timestamp_pb2.Timestamp:
 
 
 def _call(args: argparse.Namespace) -> Call:
+    if args.task == "account" and args.action == "set":
+        upsert = admin_pb2.UpsertAccountRequest(
+            user_id=args.user, reason=args.reason, clear_allowance_override=args.plan_allowance
+        )
+        for field in ("email", "name", "plan"):
+            if getattr(args, field) is not None:
+                setattr(upsert, field, getattr(args, field))
+        if args.allowance is not None:
+            upsert.allowance_override = args.allowance
+        return lambda stub, md: stub.UpsertAccount(upsert, metadata=md, timeout=10)
     if args.task == "account":
         request = admin_pb2.GetAccountRequest(user_id=args.user)
         return lambda stub, md: stub.GetAccount(request, metadata=md, timeout=10)

@@ -35,6 +35,7 @@ from quotagate.core.model import (
 from quotagate.core.weights import weight_for, weighted_cost
 from quotagate.metrics import Metrics
 from quotagate.store.ports import (
+    AccountChanges,
     AccountRecord,
     Adjustment,
     ClientKeyRecord,
@@ -441,6 +442,26 @@ class QuotaService:
         )
         await self._push(snapshot)
         return grant_id, await self._live_balance(snapshot, cycle, now)
+
+    async def upsert_account(self, user_id: str, changes: AccountChanges, reason: str, actor: str) -> Balance:
+        user_id = validate_id("user_id", user_id)
+        if len(reason.strip()) < 3:
+            raise InvalidRequest("reason is required: say why the account changes")
+        if changes.plan_id is not None and not any(p.id == changes.plan_id for p in self.settings.plans):
+            raise InvalidRequest(f"no plan {changes.plan_id!r}; plans: {', '.join(p.id for p in self.settings.plans)}")
+        if changes.allowance_override is not None and not 0 <= changes.allowance_override <= MAX_GRANT:
+            raise InvalidRequest(f"allowance_override must be between 0 and {MAX_GRANT}")
+        for name, value in (("email", changes.email), ("name", changes.name)):
+            if value is not None and (len(value) > 320 or not value.isprintable()):
+                raise InvalidRequest(f"{name} must be at most 320 printable characters")
+        now = self.clock.now()
+        cycle = self.cycle(now)
+        snapshot = await self.ledger.upsert_account(
+            user_id, changes, self.settings.default_plan, reason.strip(), actor, cycle.key, now
+        )
+        self._plan_of.pop(user_id, None)  # the next estimate uses the new plan's weights
+        await self._push(snapshot)
+        return await self._live_balance(snapshot, cycle, now)
 
     async def set_status(self, user_id: str, status: AccountStatus, reason: str, actor: str) -> Balance:
         user_id = validate_id("user_id", user_id)

@@ -18,7 +18,7 @@ from quotagate.config import AdminToken, Settings, sha256_hex
 from quotagate.core.errors import InvalidRequest
 from quotagate.core.model import AccountStatus, Balance
 from quotagate.service import QuotaService, page_size, validate_id
-from quotagate.store.ports import AccountRecord, ClientKeyRecord, UsageTotals
+from quotagate.store.ports import AccountChanges, AccountRecord, ClientKeyRecord, UsageTotals
 from quotagate.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger("quotagate.rpc")
@@ -198,6 +198,23 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.Account:
         token = authorize(self._service.settings, context, "admin")
         await self._service.reset_cycle(request.user_id, request.reason, token.name)
+        return await self._account(request.user_id)
+
+    @grpc_errors
+    async def UpsertAccount(
+        self, request: admin_pb2.UpsertAccountRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Account:
+        token = authorize(self._service.settings, context, "admin")
+        if request.clear_allowance_override and request.HasField("allowance_override"):
+            raise InvalidRequest("give allowance_override or clear_allowance_override, not both")
+        changes = AccountChanges(
+            email=request.email if request.HasField("email") else None,
+            name=request.name if request.HasField("name") else None,
+            plan_id=request.plan if request.HasField("plan") else None,
+            allowance_override=request.allowance_override if request.HasField("allowance_override") else None,
+            clear_allowance_override=request.clear_allowance_override,
+        )
+        await self._service.upsert_account(request.user_id, changes, request.reason, token.name)
         return await self._account(request.user_id)
 
     @grpc_errors

@@ -28,6 +28,7 @@ from quotagate.core.model import (
     Reservation,
 )
 from quotagate.store.ports import (
+    AccountChanges,
     AccountRecord,
     Adjustment,
     HotView,
@@ -37,6 +38,7 @@ from quotagate.store.ports import (
     ReserveResult,
     SettleOutcome,
     UsageRecord,
+    account_fields,
 )
 
 __all__ = ["MemoryHotState", "MemoryLedger"]
@@ -325,6 +327,28 @@ class MemoryLedger:
             grant.reason,
         )
         return stored.id, after
+
+    async def upsert_account(
+        self,
+        user_id: str,
+        changes: AccountChanges,
+        default_plan: str,
+        reason: str,
+        actor: str,
+        cycle: str,
+        now: datetime,
+    ) -> LedgerSnapshot:
+        existing = self._accounts.get(user_id)
+        if existing is None:
+            await self.ensure_account(NewAccount(user_id), changes.plan_id or default_plan)
+            existing = self._accounts[user_id]
+            before: dict[str, object] | None = None
+        else:
+            before = account_fields(existing.record)
+        existing.record = changes.apply(existing.record)
+        existing.version += 1
+        self._write_audit(actor, "account.upsert", user_id, before, account_fields(existing.record), reason)
+        return self._snapshot(user_id, cycle, now)
 
     async def set_status(
         self, user_id: str, status: AccountStatus, reason: str, actor: str, cycle: str, now: datetime

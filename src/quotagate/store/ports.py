@@ -7,7 +7,7 @@ of them (tests/test_stores.py).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -105,6 +105,19 @@ class Ledger(Protocol):
         self, user_id: str, status: AccountStatus, reason: str, actor: str, cycle: str, now: datetime
     ) -> LedgerSnapshot: ...
 
+    async def upsert_account(
+        self,
+        user_id: str,
+        changes: AccountChanges,
+        default_plan: str,
+        reason: str,
+        actor: str,
+        cycle: str,
+        now: datetime,
+    ) -> LedgerSnapshot:
+        """Creates the account (with `default_plan` unless the changes name a plan) or updates it; audited."""
+        ...
+
     async def adjust(self, adjustment: Adjustment, cycle: str, now: datetime) -> tuple[int, LedgerSnapshot]:
         """Removes up to adjustment.amount credit tokens (earliest-expiring grants first, never below 0);
         returns the tokens removed and the snapshot after. Ledger entries kind 'adjustment', one audit row."""
@@ -113,6 +126,38 @@ class Ledger(Protocol):
     async def reset_cycle(self, user_id: str, reason: str, actor: str, cycle: str, now: datetime) -> LedgerSnapshot:
         """Zeroes allowance_used in `cycle`; a ledger entry kind 'reset' and an audit row."""
         ...
+
+
+@dataclass(frozen=True)
+class AccountChanges:
+    """What an admin sets on an account; None leaves a field as it is."""
+
+    email: str | None = None
+    name: str | None = None
+    plan_id: str | None = None
+    allowance_override: int | None = None
+    clear_allowance_override: bool = False
+
+    def apply(self, record: AccountRecord) -> AccountRecord:
+        return replace(
+            record,
+            email=record.email if self.email is None else self.email,
+            name=record.name if self.name is None else self.name,
+            plan_id=record.plan_id if self.plan_id is None else self.plan_id,
+            allowance_override=None
+            if self.clear_allowance_override
+            else (record.allowance_override if self.allowance_override is None else self.allowance_override),
+        )
+
+
+def account_fields(record: AccountRecord) -> dict[str, object]:
+    """The fields an upsert can change, as the audit log shows them."""
+    return {
+        "email": record.email,
+        "name": record.name,
+        "plan": record.plan_id,
+        "allowance_override": record.allowance_override,
+    }
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from quotagate.core.errors import InvalidRequest, NotFound, StoreUnavailable
 from quotagate.core.model import AccountStatus, LedgerSnapshot, Plan
 from quotagate.core.notifications import NotificationKind, crossed, usage_state
 from quotagate.store.ports import (
+    AccountChanges,
     AccountPage,
     AccountRecord,
     Adjustment,
@@ -28,6 +29,7 @@ from quotagate.store.ports import (
     SettleOutcome,
     UsageRecord,
     UsageTotals,
+    account_fields,
 )
 
 _ACCOUNT_COLUMNS = """a.user_id, a.email, a.name, a.plan_id, a.status, a.status_reason, a.allowance_override,
@@ -395,6 +397,40 @@ class PostgresLedger:
         return grant_id, after
 
     @_store
+    async def upsert_account(
+        self,
+        user_id: str,
+        changes: AccountChanges,
+        default_plan: str,
+        reason: str,
+        actor: str,
+        cycle: str,
+        now: datetime,
+    ) -> LedgerSnapshot:
+        async with self._pool.acquire() as conn, conn.transaction():
+            created = await conn.fetchval(
+                """INSERT INTO accounts (user_id, plan_id) VALUES ($1, $2)
+                   ON CONFLICT (user_id) DO NOTHING RETURNING true""",
+                user_id,
+                changes.plan_id or default_plan,
+            )
+            account = await self._lock_account(conn, user_id)
+            after = changes.apply(account)
+            await conn.execute(
+                """UPDATE accounts SET email = $2, name = $3, plan_id = $4, allowance_override = $5,
+                       updated_at = now() WHERE user_id = $1""",
+                user_id,
+                after.email,
+                after.name,
+                after.plan_id,
+                after.allowance_override,
+            )
+            await _bump_version(conn, user_id)
+            before = None if created else account_fields(account)
+            await _audit(conn, actor, "account.upsert", user_id, before, account_fields(after), reason)
+            return await self._snapshot(conn, user_id, cycle, now)
+
+    @_store
     async def set_status(
         self, user_id: str, status: AccountStatus, reason: str, actor: str, cycle: str, now: datetime
     ) -> LedgerSnapshot:
@@ -522,8 +558,14 @@ class PostgresLedger:
             )
         return [
             PendingNotification(
-                r["id"], r["user_id"], r["cycle"], NotificationKind(r["kind"]), r["amount"], r["attempts"],
-                r["email"], r["name"],
+                r["id"],
+                r["user_id"],
+                r["cycle"],
+                NotificationKind(r["kind"]),
+                r["amount"],
+                r["attempts"],
+                r["email"],
+                r["name"],
             )
             for r in sorted(rows, key=lambda r: int(r["id"]))
         ]

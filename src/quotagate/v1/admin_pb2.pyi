@@ -827,3 +827,60 @@ class ExportChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportChunk: _TypeAlias = ExportChunk  # noqa: Y015
+
+@_typing.final
+class UpsertAccountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    ALLOWANCE_OVERRIDE_FIELD_NUMBER: _builtins.int
+    CLEAR_ALLOWANCE_OVERRIDE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    email: _builtins.str
+    """unset: unchanged"""
+    name: _builtins.str
+    plan: _builtins.str
+    """a configured plan id"""
+    allowance_override: _builtins.int
+    """the account's own monthly allowance instead of the plan's"""
+    clear_allowance_override: _builtins.bool
+    """back to the plan's allowance"""
+    reason: _builtins.str
+    """required, written to the audit log"""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        email: _builtins.str | None = ...,
+        name: _builtins.str | None = ...,
+        plan: _builtins.str | None = ...,
+        allowance_override: _builtins.int | None = ...,
+        clear_allowance_override: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allowance_override", b"_allowance_override", "_email", b"_email", "_name", b"_name", "_plan", b"_plan", "allowance_override", b"allowance_override", "email", b"email", "name", b"name", "plan", b"plan"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allowance_override", b"_allowance_override", "_email", b"_email", "_name", b"_name", "_plan", b"_plan", "allowance_override", b"allowance_override", "clear_allowance_override", b"clear_allowance_override", "email", b"email", "name", b"name", "plan", b"plan", "reason", b"reason", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__allowance_override: _TypeAlias = _typing.Literal["allowance_override"]  # noqa: Y015
+    _WhichOneofArgType__allowance_override: _TypeAlias = _typing.Literal["_allowance_override", b"_allowance_override"]  # noqa: Y015
+    _WhichOneofReturnType__email: _TypeAlias = _typing.Literal["email"]  # noqa: Y015
+    _WhichOneofArgType__email: _TypeAlias = _typing.Literal["_email", b"_email"]  # noqa: Y015
+    _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
+    _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
+    _WhichOneofReturnType__plan: _TypeAlias = _typing.Literal["plan"]  # noqa: Y015
+    _WhichOneofArgType__plan: _TypeAlias = _typing.Literal["_plan", b"_plan"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__allowance_override) -> _WhichOneofReturnType__allowance_override | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__email) -> _WhichOneofReturnType__email | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__name) -> _WhichOneofReturnType__name | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__plan) -> _WhichOneofReturnType__plan | None: ...
+
+Global___UpsertAccountRequest: _TypeAlias = UpsertAccountRequest  # noqa: Y015

@@ -85,6 +85,11 @@ class AdminStub:
                 request_serializer=quotagate_dot_v1_dot_admin__pb2.ResetCycleRequest.SerializeToString,
                 response_deserializer=quotagate_dot_v1_dot_admin__pb2.Account.FromString,
                 _registered_method=True)
+        self.UpsertAccount = channel.unary_unary(
+                '/quotagate.v1.Admin/UpsertAccount',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.UpsertAccountRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.Account.FromString,
+                _registered_method=True)
         self.CreateClientKey = channel.unary_unary(
                 '/quotagate.v1.Admin/CreateClientKey',
                 request_serializer=quotagate_dot_v1_dot_admin__pb2.CreateClientKeyRequest.SerializeToString,
@@ -181,6 +186,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpsertAccount(self, request, context):
+        """Creates an account or changes its e-mail, name, plan or allowance override; the next decision uses them.
+        Role admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateClientKey(self, request, context):
         """Creates a client key for Check; the secret is returned once and only its SHA-256 is stored. Role admin.
         """
@@ -261,6 +274,11 @@ def add_AdminServicer_to_server(servicer, server):
             'ResetCycle': grpc.unary_unary_rpc_method_handler(
                     servicer.ResetCycle,
                     request_deserializer=quotagate_dot_v1_dot_admin__pb2.ResetCycleRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'UpsertAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertAccount,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.UpsertAccountRequest.FromString,
                     response_serializer=quotagate_dot_v1_dot_admin__pb2.Account.SerializeToString,
             ),
             'CreateClientKey': grpc.unary_unary_rpc_method_handler(
@@ -554,6 +572,33 @@ class Admin:
             target,
             '/quotagate.v1.Admin/ResetCycle',
             quotagate_dot_v1_dot_admin__pb2.ResetCycleRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/UpsertAccount',
+            quotagate_dot_v1_dot_admin__pb2.UpsertAccountRequest.SerializeToString,
             quotagate_dot_v1_dot_admin__pb2.Account.FromString,
             options,
             channel_credentials,

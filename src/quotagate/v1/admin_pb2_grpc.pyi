@@ -54,6 +54,10 @@ class AdminStub:
     """One account's ledger entries, newest first. Role viewer."""
     ResetCycle: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResetCycleRequest, _admin_pb2.Account]
     """Zeroes the allowance used in the account's current cycle. Role admin."""
+    UpsertAccount: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpsertAccountRequest, _admin_pb2.Account]
+    """Creates an account or changes its e-mail, name, plan or allowance override; the next decision uses them.
+    Role admin.
+    """
     CreateClientKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateClientKeyRequest, _admin_pb2.CreateClientKeyResponse]
     """Creates a client key for Check; the secret is returned once and only its SHA-256 is stored. Role admin."""
     ListClientKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListClientKeysRequest, _admin_pb2.ListClientKeysResponse]
@@ -91,6 +95,10 @@ class AdminAsyncStub(AdminStub):
     """One account's ledger entries, newest first. Role viewer."""
     ResetCycle: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResetCycleRequest, _admin_pb2.Account]  # type: ignore[assignment]
     """Zeroes the allowance used in the account's current cycle. Role admin."""
+    UpsertAccount: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpsertAccountRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """Creates an account or changes its e-mail, name, plan or allowance override; the next decision uses them.
+    Role admin.
+    """
     CreateClientKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateClientKeyRequest, _admin_pb2.CreateClientKeyResponse]  # type: ignore[assignment]
     """Creates a client key for Check; the secret is returned once and only its SHA-256 is stored. Role admin."""
     ListClientKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListClientKeysRequest, _admin_pb2.ListClientKeysResponse]  # type: ignore[assignment]
@@ -185,6 +193,16 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
         """Zeroes the allowance used in the account's current cycle. Role admin."""
+
+    @_abc_1.abstractmethod
+    def UpsertAccount(
+        self,
+        request: _admin_pb2.UpsertAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """Creates an account or changes its e-mail, name, plan or allowance override; the next decision uses them.
+        Role admin.
+        """
 
     @_abc_1.abstractmethod
     def CreateClientKey(
