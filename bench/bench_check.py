@@ -118,18 +118,9 @@ async def check_load(
     payload: Payload, concurrency: int, seconds: float, warmup: float, ready: Callable[[], Awaitable[None]]
 ) -> common.LoadResult:
     """The load entry (common.run_load): one channel per client process, `concurrency` calls in flight."""
-    channel = grpc.aio.insecure_channel(payload.target)
-    try:
-        await asyncio.wait_for(channel.channel_ready(), 30)
-        call = make_caller(channel, payload)
-        if warmup > 0:
-            warm = await common.closed_loop([call] * concurrency, warmup, record=False)
-            if warm.errors:
-                raise RuntimeError(f"warm-up failed: {warm.errors} errors, first: {warm.first_error}")
-        await ready()
-        return await common.closed_loop([call] * concurrency, seconds)
-    finally:
-        await channel.close()
+    return await common.grpc_load(
+        payload.target, lambda channel: make_caller(channel, payload), concurrency, seconds, warmup, ready
+    )
 
 
 async def prime(payload: Payload) -> None:

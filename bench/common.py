@@ -553,6 +553,31 @@ async def closed_loop(calls: Sequence[Call], seconds: float, record: bool = True
 LoadEntry = Callable[[Any, int, float, float, Callable[[], Awaitable[None]]], Coroutine[Any, Any, LoadResult]]
 
 
+async def grpc_load(
+    target: str,
+    make_call: Callable[[Any], Call],
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    ready: Callable[[], Awaitable[None]],
+) -> LoadResult:
+    """The body of a gRPC load entry: one channel, `concurrency` calls in flight, warm-up, then the measure."""
+    import grpc
+
+    channel = grpc.aio.insecure_channel(target)
+    try:
+        await asyncio.wait_for(channel.channel_ready(), 30)
+        call = make_call(channel)
+        if warmup > 0:
+            warm = await closed_loop([call] * concurrency, warmup, record=False)
+            if warm.errors:
+                raise RuntimeError(f"warm-up failed: {warm.errors} errors, first: {warm.first_error}")
+        await ready()
+        return await closed_loop([call] * concurrency, seconds)
+    finally:
+        await channel.close()
+
+
 def split_concurrency(concurrency: int, clients: int) -> list[int]:
     clients = max(1, min(clients, concurrency))
     base, extra = divmod(concurrency, clients)
