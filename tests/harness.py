@@ -84,6 +84,7 @@ class Stack:
                 listen_port=self.envoy_port,
                 admin_port=admin_port,
                 authz_port=self.grpc_port,
+                http_port=self.http_port,
                 ext_proc=self.ext_proc,
                 rate_limit=self.rate_limit,
                 **self.envoy_options,
@@ -101,6 +102,11 @@ class Stack:
     @property
     def grpc_port(self) -> int:
         _, _, port = self.settings.grpc_listen.rpartition(":")
+        return int(port)
+
+    @property
+    def http_port(self) -> int:
+        _, _, port = self.settings.http_listen.rpartition(":")
         return int(port)
 
     async def start_quotagate(self) -> Running:

@@ -25,6 +25,7 @@ import yaml
 
 from quotagate.config import Settings, load_settings
 from quotagate.core.weights import weight_for
+from quotagate.envoyconf import HTTP_CLUSTER
 from quotagate.server import split_listen
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,7 @@ SERVICES = ("envoy", "quotagate", "postgres", "redis", "litellm", "librechat", "
 # What an operator exports before `docker compose up` (see the comment at the top of docker-compose.yml).
 HOST_ENV = {
     "QUOTAGATE_ADMIN_TOKEN": "test-admin-token-0123456789abcdef",
+    "QUOTAGATE_LINK_SECRET": "test-link-secret-0123456789abcdef",
     "LITELLM_MASTER_KEY": "sk-test-master-key-0123456789",
 }
 # The secrets the librechat service needs on top of those.
@@ -182,11 +184,14 @@ def quotagate_settings(compose: dict[str, Any]) -> Settings:
     return load_settings(mounts[config_path], env)
 
 
-def listen_port(compose: dict[str, Any], name: str) -> int:
+def listen_port(compose: dict[str, Any], name: str, cluster: str = "") -> int:
     """The port a compose service listens on inside the network, read from that service's own config."""
     if name == "quotagate":
-        host, port = split_listen(quotagate_settings(compose).grpc_listen)
-        assert not ipaddress.ip_address(host).is_loopback, "quotagate's gRPC listens on loopback only"
+        settings = quotagate_settings(compose)
+        # The user pages go to the HTTP port; Check, ext_proc and the rate limits to the gRPC port.
+        listen = settings.http_listen if cluster == HTTP_CLUSTER else settings.grpc_listen
+        host, port = split_listen(listen)
+        assert not ipaddress.ip_address(host).is_loopback, f"quotagate's {listen} is on loopback only"
         return port
     if name == "litellm":
         return int(option(as_argv(service(compose, "litellm").get("command")), "--port"))
@@ -302,7 +307,7 @@ def test_envoy_clusters_reach_compose_services_on_their_ports(compose: dict[str,
     assert {host for _, host, _ in upstreams} >= {"quotagate", "litellm"}, upstreams
     for cluster, host, port in upstreams:
         assert host in compose["services"], f"envoy cluster {cluster} sends to {host!r}, not a compose service"
-        assert port == listen_port(compose, host), f"envoy cluster {cluster} sends to {host}:{port}"
+        assert port == listen_port(compose, host, cluster), f"envoy cluster {cluster} sends to {host}:{port}"
         exposed = exposed_ports(service(compose, host))
         assert not exposed or port in exposed, f"{host} does not expose {port}, which Envoy uses"
 

@@ -25,6 +25,7 @@ CONFIGS = Path(__file__).parent / "configs"
 VALID = CONFIGS / "valid.yaml"
 DEMO = Path(quotagate.__file__).parent / "templates" / "demo.yaml"
 REAL_TOKEN = "a-real-production-admin-token-5f2c9e"
+LINK_SECRET = "a-real-link-secret-7d41a0"
 SRC_DEMO = Path(__file__).resolve().parents[1] / "src" / "quotagate" / "templates" / "demo.yaml"
 
 
@@ -354,11 +355,20 @@ def test_production_refuses_the_default_token_even_next_to_a_good_one() -> None:
 
 
 def test_production_with_a_real_admin_token_starts() -> None:
-    s = parse_settings({}, "<test>", {"QUOTAGATE_ENV": "production", "QUOTAGATE_ADMIN_TOKEN": REAL_TOKEN})
+    env = {"QUOTAGATE_ENV": "production", "QUOTAGATE_ADMIN_TOKEN": REAL_TOKEN, "QUOTAGATE_LINK_SECRET": LINK_SECRET}
+    s = parse_settings({}, "<test>", env)
     assert s.production is True
     assert [t.token_sha256 for t in s.admin_tokens] == [sha(REAL_TOKEN)]
-    s = parse_settings({"production": True}, "<test>", {"QUOTAGATE_ADMIN_TOKEN": REAL_TOKEN})
+    assert s.link_secret == LINK_SECRET
+    s = parse_settings(
+        {"production": True, "link_secret": LINK_SECRET}, "<test>", {"QUOTAGATE_ADMIN_TOKEN": REAL_TOKEN}
+    )
     assert s.production is True
+
+
+def test_production_refuses_the_default_link_secret() -> None:
+    text = parse_error({}, {"QUOTAGATE_ENV": "production", "QUOTAGATE_ADMIN_TOKEN": REAL_TOKEN})
+    assert "link_secret" in text and "QUOTAGATE_LINK_SECRET" in text
 
 
 def test_outside_production_the_default_token_and_no_token_are_accepted() -> None:
@@ -370,12 +380,13 @@ def test_outside_production_the_default_token_and_no_token_are_accepted() -> Non
 def test_production_env_with_a_production_key_in_the_file(file_value: bool) -> None:
     # QUOTAGATE_ENV=production must not turn the file's own (valid) `production` key into an "unknown key".
     data = {"production": file_value}
-    s = parse_settings(data, "<test>", {"QUOTAGATE_ENV": "production", "QUOTAGATE_ADMIN_TOKEN": REAL_TOKEN})
+    env = {"QUOTAGATE_ENV": "production", "QUOTAGATE_ADMIN_TOKEN": REAL_TOKEN, "QUOTAGATE_LINK_SECRET": LINK_SECRET}
+    s = parse_settings(data, "<test>", env)
     assert s.production is True
 
 
 def test_valid_file_in_production_env_loads() -> None:
-    s = load_settings(VALID, {"QUOTAGATE_ENV": "production"})
+    s = load_settings(VALID, {"QUOTAGATE_ENV": "production", "QUOTAGATE_LINK_SECRET": LINK_SECRET})
     assert s.production is True
 
 

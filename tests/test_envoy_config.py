@@ -13,10 +13,12 @@ import yaml
 from quotagate.envoyconf import (
     AUTHZ_CLUSTER,
     EXTPROC_CLUSTER,
+    HTTP_CLUSTER,
     PRODUCTION_OPTIONS,
     RATELIMIT_CLUSTER,
     RATELIMIT_DOMAIN,
     UPSTREAM_CLUSTER,
+    USER_PAGES_PREFIX,
     EnvoyOptions,
     main,
     render_envoy_config,
@@ -152,9 +154,20 @@ def test_route_sends_everything_upstream_with_long_timeout() -> None:
     assert hcm["codec_type"] == "AUTO"
     assert hcm["generate_request_id"] is True
     (vhost,) = hcm["route_config"]["virtual_hosts"]
-    (route,) = vhost["routes"]
+    pages, route = vhost["routes"]
     assert route["match"] == {"prefix": "/"}
     assert route["route"] == {"cluster": UPSTREAM_CLUSTER, "timeout": "300s"}
+    # The balance and purchase pages go to quotagate's HTTP port, with Check, ext_proc and the limits off.
+    assert pages["match"] == {"path_separated_prefix": USER_PAGES_PREFIX}
+    assert pages["route"]["cluster"] == HTTP_CLUSTER
+    assert set(pages["typed_per_filter_config"]) == {
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.ext_proc",
+        "envoy.filters.http.ratelimit",
+    }
+    assert cluster(config, HTTP_CLUSTER)["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"] == {
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 8080}}
+    }
 
 
 def test_authz_timeout_rendered_as_duration() -> None:

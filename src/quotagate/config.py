@@ -19,6 +19,7 @@ from quotagate.core.estimate import EstimateSettings
 from quotagate.core.messages import Language
 from quotagate.core.model import AdmissionMode, ModelWeight, Plan
 
+DEFAULT_LINK_SECRET = "quotagate-development-link-secret"  # refused in production, like the admin token
 DEFAULT_ADMIN_TOKEN = "change-me"  # accepted only outside production, so a demo works out of the box
 MIN_PRODUCTION_TOKEN_CHARS = 16
 
@@ -70,6 +71,10 @@ class Settings:
     on_store_error: str = "deny"
     credits_email: str = ""
     purchase_url: str = ""
+    # Where people reach Envoy from a browser; personal links (balance, purchase) start with it.
+    public_url: str = "http://127.0.0.1:10000"
+    # Signs the personal links; production refuses the default.
+    link_secret: str = DEFAULT_LINK_SECRET
     clients: tuple[Client, ...] = ()
     upstream_api_key: str = ""
     admin_tokens: tuple[AdminToken, ...] = ()
@@ -299,6 +304,8 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         on_store_error=top.take_choice("on_store_error", _deny_or_allow, "deny", "deny, allow"),
         credits_email=top.take("credits_email", str, ""),
         purchase_url=top.take("purchase_url", str, ""),
+        public_url=env.get("QUOTAGATE_PUBLIC_URL", top.take("public_url", str, defaults.public_url)).rstrip("/"),
+        link_secret=env.get("QUOTAGATE_LINK_SECRET", top.take("link_secret", str, defaults.link_secret)),
         clients=tuple(_client(item) for item in top.items("clients")),
         upstream_api_key=env.get("QUOTAGATE_UPSTREAM_API_KEY", upstream_key),
         admin_tokens=tuple(_admin_token(item) for item in top.items("admin_tokens")),
@@ -326,6 +333,8 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         raise ConfigError(f"{source}: admin_tokens: production refuses the default admin token")
     if settings.production and not settings.admin_tokens:
         raise ConfigError(f"{source}: admin_tokens: production needs an admin token (QUOTAGATE_ADMIN_TOKEN)")
+    if settings.production and settings.link_secret == DEFAULT_LINK_SECRET:
+        raise ConfigError(f"{source}: link_secret: production needs a secret of its own (QUOTAGATE_LINK_SECRET)")
     return settings
 
 

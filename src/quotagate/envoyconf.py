@@ -27,10 +27,12 @@ _ENVOY_STATUS_CODES: frozenset[int] = frozenset(v for v in http_status_pb2.Statu
 __all__ = [
     "AUTHZ_CLUSTER",
     "EXTPROC_CLUSTER",
+    "HTTP_CLUSTER",
     "PRODUCTION_OPTIONS",
     "RATELIMIT_CLUSTER",
     "RATELIMIT_DOMAIN",
     "UPSTREAM_CLUSTER",
+    "USER_PAGES_PREFIX",
     "EnvoyOptions",
     "build_envoy_config",
     "main",
@@ -43,6 +45,9 @@ EXTPROC_CLUSTER = "quotagate_extproc"
 RATELIMIT_CLUSTER = "quotagate_ratelimit"
 RATELIMIT_DOMAIN = "quotagate"
 UPSTREAM_CLUSTER = "upstream"
+HTTP_CLUSTER = "quotagate_http"
+# Served by quotagate's HTTP port, not the LLM upstream: the balance page and the purchase link.
+USER_PAGES_PREFIX = "/v1/quota"
 
 _TYPE_URL = "type.googleapis.com/"
 _HCM_TYPE = _TYPE_URL + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -55,6 +60,7 @@ _ROUTER_TYPE = _TYPE_URL + "envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS_TYPE = _TYPE_URL + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _TLS_TYPE = _TYPE_URL + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_FILTER_CONFIG_TYPE = _TYPE_URL + "envoy.config.route.v3.FilterConfig"
 
 # Streamed completions can run for minutes; the route timeout covers the whole response.
 _ROUTE_TIMEOUT = "300s"
@@ -87,9 +93,13 @@ class EnvoyOptions:
     # Requests and tokens per window through Envoy's rate-limit filter (quotagate's ShouldRateLimit).
     rate_limit: bool = True
     rate_limit_timeout_ms: int = 1000
+    # quotagate's HTTP port, which serves the balance and purchase pages through Envoy under /v1/quota.
+    # The host defaults to authz_host.
+    http_port: int = 8080
+    http_host: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("listen_port", "admin_port", "authz_port", "upstream_port"):
+        for name in ("listen_port", "admin_port", "authz_port", "upstream_port", "http_port"):
             port: int = getattr(self, name)
             if not 0 < port < 65536:
                 raise ValueError(f"{name} must be a TCP port (1-65535), got {port}")
@@ -306,6 +316,27 @@ def _ext_authz_filter(opts: EnvoyOptions) -> dict[str, Any]:
     }
 
 
+def _user_pages_route(opts: EnvoyOptions) -> dict[str, Any]:
+    # quotagate identifies the user itself here (client key and x-user-id, or a signed personal link), and
+    # nothing is spent, so Check, ext_proc and the rate limits stay out of the way: a blocked user must
+    # still see the balance page and buy credits.
+    disabled = {"@type": _FILTER_CONFIG_TYPE, "disabled": True}
+    per_filter = {"envoy.filters.http.ext_authz": disabled}
+    if opts.ext_proc:
+        per_filter["envoy.filters.http.ext_proc"] = disabled
+    if opts.rate_limit:
+        per_filter["envoy.filters.http.ratelimit"] = disabled
+    return {
+        "match": {"path_separated_prefix": USER_PAGES_PREFIX},
+        "route": {"cluster": HTTP_CLUSTER, "timeout": "30s"},
+        "typed_per_filter_config": per_filter,
+    }
+
+
+def _http_cluster(opts: EnvoyOptions) -> dict[str, Any]:
+    return _cluster(HTTP_CLUSTER, opts.http_host or opts.authz_host, opts.http_port, "1s")
+
+
 def _listener(opts: EnvoyOptions) -> dict[str, Any]:
     hcm: dict[str, Any] = {
         "@type": _HCM_TYPE,
@@ -323,6 +354,7 @@ def _listener(opts: EnvoyOptions) -> dict[str, Any]:
                     "name": "llm",
                     "domains": ["*"],
                     "routes": [
+                        _user_pages_route(opts),
                         {
                             "match": {"prefix": "/"},
                             "route": {"cluster": UPSTREAM_CLUSTER, "timeout": _ROUTE_TIMEOUT},
@@ -366,6 +398,7 @@ def build_envoy_config(opts: EnvoyOptions) -> dict[str, Any]:
                 _authz_cluster(opts),
                 *([_extproc_cluster(opts)] if opts.ext_proc else []),
                 *([_ratelimit_cluster(opts)] if opts.rate_limit else []),
+                _http_cluster(opts),
                 _upstream_cluster(opts),
             ],
         },
@@ -412,6 +445,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ext-proc", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--rate-limit", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--rate-limit-timeout-ms", type=int)
+    parser.add_argument("--http-host", help="quotagate's HTTP port host (default: the authz host)")
+    parser.add_argument("--http-port", type=int, help="quotagate's HTTP port (balance and purchase pages)")
     args = parser.parse_args(argv)
     if not args.production and (args.upstream_host is None or args.upstream_port is None):
         parser.error("--upstream-host and --upstream-port are required without --production")

@@ -1,10 +1,11 @@
-"""The HTTP port: /healthz (process alive), /readyz (PostgreSQL and Redis reachable), /metrics."""
+"""The HTTP port: /healthz (process alive), /readyz (PostgreSQL and Redis reachable), /metrics, and the
+user-facing routes added by the composition root."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -12,9 +13,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quotagate.metrics import Metrics
 
 Probe = Callable[[], Awaitable[None]]
+# Adds more routes (the user-facing pages, webhooks) to the app.
+RouteSet = Callable[[web.Application], None]
 
 
-def build_http_app(metrics: Metrics, probes: dict[str, Probe]) -> web.Application:
+def build_http_app(metrics: Metrics, probes: dict[str, Probe], extra: Sequence[RouteSet] = ()) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -41,4 +44,6 @@ def build_http_app(metrics: Metrics, probes: dict[str, Probe]) -> web.Applicatio
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    for add_routes in extra:
+        add_routes(app)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from quotagate.adapters.usage import UsageService
 from quotagate.config import Settings
 from quotagate.core.clock import Clock, SystemClock
 from quotagate.http import build_http_app
+from quotagate.links import LinkSigner
 from quotagate.metrics import Metrics
 from quotagate.notify import NotificationSender
 from quotagate.ratelimit.limiter import RateLimiter
@@ -37,6 +39,7 @@ from quotagate.store.postgres import PostgresLedger
 from quotagate.store.redis import RedisHotState
 from quotagate.store.resp import PipelinedRedis
 from quotagate.v1 import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb2_grpc
+from quotagate.web.quota import add_quota_routes
 
 log = logging.getLogger("quotagate.server")
 
@@ -110,7 +113,12 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    http_app = build_http_app(metrics, {"postgres": ledger.ping, "redis": hot.ping})
+    links = LinkSigner(settings.link_secret.encode(), settings.public_url)
+    http_app = build_http_app(
+        metrics,
+        {"postgres": ledger.ping, "redis": hot.ping},
+        [functools.partial(add_quota_routes, service=service, links=links)],
+    )
     runner = web.AppRunner(http_app, access_log=None)
     await runner.setup()
     http_host, http_port = split_listen(settings.http_listen)

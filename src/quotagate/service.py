@@ -419,6 +419,18 @@ class QuotaService:
         snapshot = await self.ledger.snapshot(user_id, cycle.key, now)
         return account, await self._live_balance(snapshot, cycle, now)
 
+    async def balance_of(self, user: NewAccount, *, create: bool) -> tuple[AccountRecord, Balance]:
+        """The live balance; `create` makes a first-seen account as Check would (trusted identity only)."""
+        if not create:
+            return await self.account(user.user_id)
+        now = self.clock.now()
+        cycle = self.cycle(now)
+        snapshot = await self._snapshot(user, cycle, now)
+        account = await self.ledger.get_account(user.user_id)
+        if account is None:
+            raise NotFound(f"no account {user.user_id!r}")
+        return account, await self._live_balance(snapshot, cycle, now)
+
     async def grant(
         self,
         user_id: str,

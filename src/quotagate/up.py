@@ -112,6 +112,7 @@ async def run_up(opts: UpOptions) -> int:
             "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{_port_or_free(50051)}",
             "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{_port_or_free(8080)}",
             "QUOTAGATE_ADMIN_TOKEN": os.environ.get("QUOTAGATE_ADMIN_TOKEN", DEMO_ADMIN_TOKEN),
+            "QUOTAGATE_PUBLIC_URL": os.environ.get("QUOTAGATE_PUBLIC_URL", f"http://127.0.0.1:{opts.port}"),
             **({"QUOTAGATE_UPSTREAM_API_KEY": litellm_key} if litellm_key is not None else {}),
         }
         settings = load_settings(config_path, env)
@@ -162,6 +163,7 @@ async def run_up(opts: UpOptions) -> int:
                 listen_port=opts.port,
                 admin_port=admin_port,
                 authz_port=running.grpc_port,
+                http_port=running.http_port,
             ),
             state / "envoy.yaml",
         )

@@ -18,6 +18,7 @@ class MessageKey(StrEnum):
     QUOTA_INSUFFICIENT = "quota_insufficient"
     ACCOUNT_SUSPENDED = "account_suspended"
     INVALID_KEY = "invalid_key"
+    BAD_LINK = "bad_link"
     MISSING_USER = "missing_user"
     USER_NOT_ALLOWED = "user_not_allowed"
     INVALID_BODY = "invalid_body"
@@ -36,6 +37,7 @@ _TEXTS: dict[Language, dict[MessageKey, str]] = {
         ),
         MessageKey.ACCOUNT_SUSPENDED: "Sua conta está suspensa. Fale com o suporte ({how}).",
         MessageKey.INVALID_KEY: "Chave de API ausente ou inválida.",
+        MessageKey.BAD_LINK: "Este link é inválido ou expirou; abra o link mais recente que você recebeu.",
         MessageKey.MISSING_USER: "Usuário não informado: envie o cabeçalho x-user-id.",
         MessageKey.USER_NOT_ALLOWED: "Esta chave de API não pode agir em nome de outro usuário.",
         MessageKey.INVALID_BODY: "Pedido inválido: {detail}",
@@ -52,6 +54,7 @@ _TEXTS: dict[Language, dict[MessageKey, str]] = {
         ),
         MessageKey.ACCOUNT_SUSPENDED: "Your account is suspended. Contact support ({how}).",
         MessageKey.INVALID_KEY: "Missing or invalid API key.",
+        MessageKey.BAD_LINK: "This link is invalid or has expired; open the most recent link you received.",
         MessageKey.MISSING_USER: "No user given: send the x-user-id header.",
         MessageKey.USER_NOT_ALLOWED: "This API key may not act for another user.",
         MessageKey.INVALID_BODY: "Invalid request: {detail}",

@@ -1,0 +1,81 @@
+"""Through a real Envoy: /v1/quota reaches quotagate's HTTP port, and only the caller's own balance is shown."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from harness import CLIENT_KEY, PERSONAL_KEY, Stack, make_settings
+
+from quotagate.links import LinkSigner
+
+
+@pytest.fixture
+async def stack(database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    settings = make_settings(database_url, redis_url, redis_prefix, link_secret="test-link-secret")
+    async with Stack(settings, tmp_path, ext_proc=True, rate_limit=True) as running:
+        yield running
+
+
+async def test_balance_with_the_chat_credentials(stack: Stack, uid: str) -> None:
+    # ext_proc charges what the demo upstream reports: the prompt plus 840 completion tokens.
+    response = await stack.chat(uid, completion_tokens=840, max_tokens=900)
+    assert response.status_code == 200
+
+    page = await stack.http.get("/v1/quota", headers={"authorization": f"Bearer {CLIENT_KEY}", "x-user-id": uid})
+    assert page.status_code == 200, page.text
+    body = page.json()
+    account = await stack.account(uid)
+    assert body["user_id"] == uid
+    assert body["allowance"] == 1000 and body["used"] == account.balance.allowance_used > 840
+    assert body["remaining"] == 1000 - body["used"]
+    assert body["state"] == "warn"
+    assert body["purchase_url"] == "mailto:creditos@example.com"
+
+
+async def test_a_blocked_user_still_reads_the_balance(stack: Stack, uid: str) -> None:
+    response = await stack.chat(uid, completion_tokens=1000, max_tokens=900)
+    assert response.status_code == 200
+    assert (await stack.chat(uid)).status_code == 429
+    page = await stack.http.get("/v1/quota", headers={"authorization": f"Bearer {CLIENT_KEY}", "x-user-id": uid})
+    assert page.status_code == 200
+    assert page.json()["state"] == "blocked" and page.json()["remaining"] == 0
+
+
+async def test_first_sight_creates_the_account_like_a_chat_request(stack: Stack, uid: str) -> None:
+    page = await stack.http.get("/v1/quota", headers={"authorization": f"Bearer {CLIENT_KEY}", "x-user-id": uid})
+    assert page.status_code == 200
+    assert page.json()["used"] == 0 and page.json()["state"] == "normal"
+    assert (await stack.account(uid)).user_id == uid
+
+
+async def test_identity_comes_only_from_the_key_or_a_signed_link(stack: Stack, uid: str) -> None:
+    await stack.chat(uid)
+    no_key = await stack.http.get("/v1/quota", headers={"x-user-id": uid})
+    assert no_key.status_code == 401
+    assert no_key.json()["error"]["code"] == "invalid_api_key"
+    # An untrusted personal key cannot name somebody else.
+    other = await stack.http.get("/v1/quota", headers={"authorization": f"Bearer {PERSONAL_KEY}", "x-user-id": uid})
+    assert other.status_code == 401
+    own = await stack.http.get("/v1/quota", headers={"authorization": f"Bearer {PERSONAL_KEY}"})
+    assert own.status_code == 200 and own.json()["user_id"] == "personal-user"
+
+
+async def test_signed_links(stack: Stack, uid: str) -> None:
+    await stack.chat(uid)
+    now = datetime.now(UTC)
+    good = LinkSigner(b"test-link-secret", "http://unused").token(uid, now)
+    page = await stack.http.get("/v1/quota", params={"t": good})
+    assert page.status_code == 200 and page.json()["user_id"] == uid
+
+    forged = LinkSigner(b"another-secret", "http://unused").token(uid, now)
+    expired = LinkSigner(b"test-link-secret", "http://unused", ttl_seconds=60).token(uid, now - timedelta(hours=1))
+    for token in (forged, expired, good[:-2] + "xx", "garbage"):
+        refused = await stack.http.get("/v1/quota", params={"t": token})
+        assert refused.status_code == 401, token
+        assert "link" in refused.json()["error"]["message"]
+
+    unknown = LinkSigner(b"test-link-secret", "http://unused").token(uid + "-nobody", now)
+    assert (await stack.http.get("/v1/quota", params={"t": unknown})).status_code == 404
