@@ -79,3 +79,36 @@ async def test_signed_links(stack: Stack, uid: str) -> None:
 
     unknown = LinkSigner(b"test-link-secret", "http://unused").token(uid + "-nobody", now)
     assert (await stack.http.get("/v1/quota", params={"t": unknown})).status_code == 404
+
+
+async def test_purchase_links_follow_the_stripe_switch(
+    database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path, uid: str
+) -> None:
+    """With Stripe on, the warn header and the 429 point at the user's own purchase page; off, at the
+    credits address."""
+    for stripe_on in (False, True):
+        settings = make_settings(
+            database_url,
+            redis_url,
+            redis_prefix,
+            link_secret="test-link-secret",
+            public_url="https://chat.example.com",
+            stripe={"enabled": stripe_on},
+        )
+        user = f"{uid}-{stripe_on}"
+        async with Stack(settings, tmp_path / str(stripe_on), ext_proc=True) as stack:
+            warn = await stack.chat(user, completion_tokens=850, max_tokens=900)
+            assert warn.status_code == 200
+            warned = await stack.chat(user, completion_tokens=200, max_tokens=20)
+            assert warned.headers["x-quota-state"] in ("warn", "critical")
+            blocked = await stack.chat(user)
+            assert blocked.status_code == 429
+            url = blocked.json()["error"]["quota"]["purchase_url"]
+            if not stripe_on:
+                assert warned.headers["x-quota-purchase-url"] == "mailto:creditos@example.com"
+                assert url == "mailto:creditos@example.com"
+                continue
+            assert warned.headers["x-quota-purchase-url"] == url
+            assert url.startswith("https://chat.example.com/v1/quota/purchase?t=")
+            token = url.split("t=", 1)[1]
+            assert LinkSigner(b"test-link-secret", "").verify(token, datetime.now(UTC)) == user

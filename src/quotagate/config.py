@@ -59,6 +59,13 @@ class NotificationSettings:
 
 
 @dataclass(frozen=True)
+class StripeSettings:
+    """Phase 2: credits bought by card through Stripe Checkout. Off by default; the manual path stays."""
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
 class Settings:
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
     language: Language = Language.EN
@@ -87,6 +94,7 @@ class Settings:
     # envoyproxy/ratelimit-format files (or folders); empty: the built-in default (60 requests a minute a user).
     rate_limit_files: tuple[Path, ...] = ()
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
+    stripe: StripeSettings = field(default_factory=StripeSettings)
     source: str = "<defaults>"
 
     def plan(self, plan_id: str) -> Plan:
@@ -272,6 +280,12 @@ def _notifications(section: _Section) -> NotificationSettings:
     return result
 
 
+def _stripe(section: _Section) -> StripeSettings:
+    result = StripeSettings(enabled=section.take("enabled", bool, False))
+    section.done()
+    return result
+
+
 def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     top = _Section(source, "", data if data is not None else {})
     defaults = Settings()
@@ -292,6 +306,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     upstream_key = upstream.take("api_key", str, "")
     upstream.done()
     notifications = _notifications(top.sub("notifications"))
+    stripe = _stripe(top.sub("stripe"))
     settings = Settings(
         timezone=top.take_choice("timezone", ZoneInfo, defaults.timezone, "IANA time zone names"),
         language=top.take_choice("language", Language, defaults.language, "pt-BR, en"),
@@ -317,6 +332,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         production=top.take("production", bool, False) or env.get("QUOTAGATE_ENV", "") == "production",
         rate_limit_files=_paths(top, "rate_limits", Path(source).parent),
         notifications=notifications,
+        stripe=stripe,
         source=source,
     )
     top.done()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlencode
 
-__all__ = ["BALANCE_PATH", "PURCHASE_PATH", "BadLink", "LinkSigner"]
+__all__ = ["BALANCE_PATH", "PURCHASE_PATH", "BadLink", "LinkSigner", "UserLinks"]
 
 BALANCE_PATH = "/v1/quota"
 PURCHASE_PATH = "/v1/quota/purchase"
@@ -45,7 +45,8 @@ class LinkSigner:
         return _b64(hmac.new(self.secret, payload.encode(), hashlib.sha256).digest()[:20])
 
     def token(self, user_id: str, now: datetime) -> str:
-        expires = int(now.timestamp()) + self.ttl_seconds
+        # Rounded up to the hour, so a user's link stays the same for an hour (and response headers repeat).
+        expires = -(-(int(now.timestamp()) + self.ttl_seconds) // 3600) * 3600
         payload = f"{_b64(user_id.encode())}.{expires:x}"
         return f"{payload}.{self._mac(payload)}"
 
@@ -72,3 +73,21 @@ class LinkSigner:
 
     def balance_url(self, user_id: str, now: datetime) -> str:
         return self.url(BALANCE_PATH, user_id, now)
+
+
+@dataclass(frozen=True)
+class UserLinks:
+    """The links a user is shown: their balance page, and where to get more tokens."""
+
+    signer: LinkSigner
+    # Stripe Checkout is on: the personal purchase page. Off: the manual path (credits address or a fixed URL).
+    checkout: bool
+    manual: str
+
+    def balance_url(self, user_id: str, now: datetime) -> str:
+        return self.signer.url(BALANCE_PATH, user_id, now)
+
+    def purchase_url(self, user_id: str, now: datetime) -> str:
+        if self.checkout:
+            return self.signer.url(PURCHASE_PATH, user_id, now)
+        return self.manual

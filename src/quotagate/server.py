@@ -28,7 +28,6 @@ from quotagate.adapters.usage import UsageService
 from quotagate.config import Settings
 from quotagate.core.clock import Clock, SystemClock
 from quotagate.http import build_http_app
-from quotagate.links import LinkSigner
 from quotagate.metrics import Metrics
 from quotagate.notify import NotificationSender
 from quotagate.ratelimit.limiter import RateLimiter
@@ -113,11 +112,10 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    links = LinkSigner(settings.link_secret.encode(), settings.public_url)
     http_app = build_http_app(
         metrics,
         {"postgres": ledger.ping, "redis": hot.ping},
-        [functools.partial(add_quota_routes, service=service, links=links)],
+        [functools.partial(add_quota_routes, service=service)],
     )
     runner = web.AppRunner(http_app, access_log=None)
     await runner.setup()

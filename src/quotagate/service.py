@@ -33,6 +33,7 @@ from quotagate.core.model import (
     Reservation,
 )
 from quotagate.core.weights import weight_for, weighted_cost
+from quotagate.links import LinkSigner, UserLinks
 from quotagate.metrics import Metrics
 from quotagate.store.ports import (
     AccountChanges,
@@ -129,6 +130,11 @@ class QuotaService:
         # SHA-256 -> client, for the active keys stored in the database: Check reads this map, never the
         # database. Refreshed at startup, after each create/revoke here, and periodically by the sweeper.
         self._db_clients: dict[str, Client] = {}
+        self.links = UserLinks(
+            LinkSigner(settings.link_secret.encode(), settings.public_url),
+            checkout=settings.stripe.enabled,
+            manual=settings.purchase_hint,
+        )
 
     # -- client keys ----------------------------------------------------------------------------------
 

@@ -146,7 +146,9 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         request_id = headers.get("x-request-id") or http.id or str(uuid.uuid4())
         decision = await self._service.check(user, request_id[:256], completion)
         if not decision.allowed:
-            denial = quota_denial(decision, self._settings, self._service.clock.now())
+            now = self._service.clock.now()
+            purchase_url = self._service.links.purchase_url(user.user_id, now)
+            denial = quota_denial(decision, self._settings, now, purchase_url)
             code = code_pb2.PERMISSION_DENIED if denial.status == 403 else code_pb2.RESOURCE_EXHAUSTED
             return denied(denial, code), decision.state.value
         return self._allowed(decision, user.user_id, client, completion), decision.state.value
@@ -174,14 +176,18 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             fields["model"].string_value = completion.model
             fields["prompt_chars"].number_value = completion.prompt_chars
             fields["ask_usage"].bool_value = completion.needs_usage_asked
+        to_client = [_header(k, v) for k, v in quota_headers(decision.balance, decision.state).items()]
+        if decision.warn:
+            # Personal, so not worth caching among the shared header messages.
+            purchase_url = self._service.links.purchase_url(user_id, self._service.clock.now())
+            if purchase_url:
+                to_client.append(_header_uncached("x-quota-purchase-url", purchase_url))
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
                 headers=upstream,
                 headers_to_remove=remove,
-                response_headers_to_add=[
-                    _header(k, v) for k, v in quota_headers(decision.balance, decision.state).items()
-                ],
+                response_headers_to_add=to_client,
             ),
             dynamic_metadata=metadata,
         )

@@ -51,7 +51,7 @@ def error_body(message_text: str, error_type: str, code: str, quota: dict[str, A
     return json.dumps({"error": error}, ensure_ascii=False).encode()
 
 
-def _quota_json(balance: Balance, state: QuotaState, settings: Settings) -> dict[str, Any]:
+def _quota_json(balance: Balance, state: QuotaState, purchase_url: str) -> dict[str, Any]:
     return {
         "state": state.value,
         "limit": balance.allowance,
@@ -59,13 +59,14 @@ def _quota_json(balance: Balance, state: QuotaState, settings: Settings) -> dict
         "credits": balance.credits,
         "remaining": balance.remaining,
         "reset_at": rfc3339(balance.resets_at),
-        "purchase_url": settings.purchase_hint,
+        "purchase_url": purchase_url,
     }
 
 
-def quota_denial(decision: Decision, settings: Settings, now: datetime) -> HttpDenial:
+def quota_denial(decision: Decision, settings: Settings, now: datetime, purchase_url: str) -> HttpDenial:
+    """The 429 (or 403 when suspended); `purchase_url` is the user's way to more tokens."""
     balance = decision.balance
-    how = settings.purchase_hint or "-"
+    how = purchase_url or "-"
     reset = format_reset(balance.resets_at, settings.timezone, settings.language)
     if decision.state is QuotaState.SUSPENDED:
         text = message(settings.language, MessageKey.ACCOUNT_SUSPENDED, how=settings.credits_email or how)
@@ -78,7 +79,8 @@ def quota_denial(decision: Decision, settings: Settings, now: datetime) -> HttpD
         "retry-after": str(max(1, math.ceil((balance.resets_at - now).total_seconds()))),
         **quota_headers(balance, QuotaState.BLOCKED),
     }
-    body = error_body(text, "insufficient_quota", "quota_exceeded", _quota_json(balance, QuotaState.BLOCKED, settings))
+    quota = _quota_json(balance, QuotaState.BLOCKED, purchase_url)
+    body = error_body(text, "insufficient_quota", "quota_exceeded", quota)
     return HttpDenial(429, headers, body)
 
 

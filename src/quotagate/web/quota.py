@@ -9,7 +9,7 @@ from aiohttp import web
 from quotagate.adapters.openai_errors import rfc3339
 from quotagate.core.errors import NotFound
 from quotagate.core.model import Balance
-from quotagate.links import BALANCE_PATH, LinkSigner
+from quotagate.links import BALANCE_PATH
 from quotagate.service import QuotaService
 from quotagate.store.ports import AccountRecord
 from quotagate.web.identity import resolve_user
@@ -33,11 +33,13 @@ def balance_json(account: AccountRecord, balance: Balance, purchase_url: str) ->
     }
 
 
-def add_quota_routes(app: web.Application, service: QuotaService, links: LinkSigner) -> None:
+def add_quota_routes(app: web.Application, service: QuotaService) -> None:
     settings = service.settings
+    links = service.links
 
     async def quota(request: web.Request) -> web.Response:
-        user = resolve_user(request, settings, service.client_by_key, links, service.clock.now())
+        now = service.clock.now()
+        user = resolve_user(request, settings, service.client_by_key, links.signer, now)
         if isinstance(user, web.Response):
             return user
         try:
@@ -45,6 +47,6 @@ def add_quota_routes(app: web.Application, service: QuotaService, links: LinkSig
             account, balance = await service.balance_of(user.account, create=not user.by_link)
         except NotFound:
             return web.json_response({"error": {"message": "unknown user", "type": "not_found"}}, status=404)
-        return web.json_response(balance_json(account, balance, settings.purchase_hint))
+        return web.json_response(balance_json(account, balance, links.purchase_url(user.user_id, now)))
 
     app.router.add_get(BALANCE_PATH, quota)
