@@ -63,8 +63,13 @@ def _quota_json(balance: Balance, state: QuotaState, purchase_url: str) -> dict[
     }
 
 
-def quota_denial(decision: Decision, settings: Settings, now: datetime, purchase_url: str) -> HttpDenial:
-    """The 429 (or 403 when suspended); `purchase_url` is the user's way to more tokens."""
+def quota_denial(
+    decision: Decision, settings: Settings, now: datetime, purchase_url: str | None = None
+) -> HttpDenial:
+    """The 429 (or 403 when suspended); `purchase_url` is the user's way to more tokens (default: the manual
+    path from the settings)."""
+    if purchase_url is None:
+        purchase_url = settings.purchase_hint
     balance = decision.balance
     how = purchase_url or "-"
     reset = format_reset(balance.resets_at, settings.timezone, settings.language)
