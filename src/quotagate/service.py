@@ -57,7 +57,9 @@ log = logging.getLogger("quotagate.service")
 MAX_REPORTED_TOKENS = 1_000_000_000
 MAX_ID_CHARS = 256
 MAX_GRANT = 1_000_000_000_000
-MIN_REASON_CHARS = 3
+# A reason is read later by someone who was not there: ask for a sentence, not a word.
+MIN_REASON_WORDS = 3
+MIN_REASON_CHARS = 15
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 GROUPINGS = ("none", "day", "model")
@@ -77,9 +79,13 @@ def page_size(requested: int) -> int:
 
 
 def require_reason(reason: str, what: str) -> str:
+    """The trimmed reason, if it is a sentence: at least MIN_REASON_WORDS words and MIN_REASON_CHARS characters."""
     reason = reason.strip()
-    if len(reason) < MIN_REASON_CHARS:
-        raise InvalidRequest(f"reason is required: say why {what}")
+    if len(reason.split()) < MIN_REASON_WORDS or len(reason) < MIN_REASON_CHARS:
+        raise InvalidRequest(
+            f"reason must be a sentence saying why {what} (at least {MIN_REASON_WORDS} words and "
+            f"{MIN_REASON_CHARS} characters), e.g. 'Paid by bank transfer, ticket 1234.'"
+        )
     return reason
 
 
@@ -431,8 +437,7 @@ class QuotaService:
         user_id = validate_id("user_id", user_id)
         if amount <= 0 or amount > MAX_GRANT:
             raise InvalidRequest(f"amount must be between 1 and {MAX_GRANT}")
-        if len(reason.strip()) < 3:
-            raise InvalidRequest("reason is required: say why the credits are granted")
+        reason = require_reason(reason, "the credits are granted")
         if await self.ledger.get_account(user_id) is None:
             raise NotFound(f"no account {user_id!r}")
         now = self.clock.now()
@@ -445,8 +450,7 @@ class QuotaService:
 
     async def upsert_account(self, user_id: str, changes: AccountChanges, reason: str, actor: str) -> Balance:
         user_id = validate_id("user_id", user_id)
-        if len(reason.strip()) < 3:
-            raise InvalidRequest("reason is required: say why the account changes")
+        reason = require_reason(reason, "the account changes")
         if changes.plan_id is not None and not any(p.id == changes.plan_id for p in self.settings.plans):
             raise InvalidRequest(f"no plan {changes.plan_id!r}; plans: {', '.join(p.id for p in self.settings.plans)}")
         if changes.allowance_override is not None and not 0 <= changes.allowance_override <= MAX_GRANT:
@@ -465,6 +469,7 @@ class QuotaService:
 
     async def set_status(self, user_id: str, status: AccountStatus, reason: str, actor: str) -> Balance:
         user_id = validate_id("user_id", user_id)
+        reason = require_reason(reason, "the account's status changes")
         if await self.ledger.get_account(user_id) is None:
             raise NotFound(f"no account {user_id!r}")
         now = self.clock.now()
