@@ -105,6 +105,36 @@ def add_admin_parser(sub: Any) -> None:
     revoke.add_argument("name")
     revoke.add_argument("--reason", required=True)
 
+    plans = tasks.add_parser("plans", help="plans (list: role viewer; create, update: role admin)").add_subparsers(
+        dest="action", required=True
+    )
+    plan_list = plans.add_parser("list", help="the plans with their allowances and accounts")
+    plan_list.add_argument("--active", action="store_true", help="leave out inactive plans")
+    for name, text in (
+        ("create", "a new plan"),
+        ("update", "change a plan; its accounts' next decision uses the change"),
+    ):
+        plan = plans.add_parser(name, help=text)
+        plan.add_argument("id")
+        plan.add_argument("--name")
+        plan.add_argument("--allowance", type=int, required=name == "create", help="tokens a month")
+        plan.add_argument("--warn", type=float, help="warn threshold, a fraction of the allowance (e.g. 0.8)")
+        plan.add_argument("--critical", type=float, help="critical threshold (e.g. 0.95)")
+        plan.add_argument(
+            "--weight",
+            action="append",
+            default=[],
+            metavar="PATTERN=IN,OUT",
+            help="a model weight, e.g. 'gpt-4o*=2.5,10' (repeat it; on update the list replaces the plan's)",
+        )
+        if name == "update":
+            plan.add_argument("--clear-weights", action="store_true", help="remove the plan's model weights")
+        state = plan.add_mutually_exclusive_group()
+        if name == "update":
+            state.add_argument("--active", action="store_true", help="take new accounts again")
+        state.add_argument("--inactive", action="store_true", help="keep its accounts but take no new ones")
+        plan.add_argument("--reason", required=True)
+
     export = tasks.add_parser("export", help="usage events as CSV or JSON lines, streamed (role viewer)")
     export.add_argument("--user", default="", help="one account (default: every account)")
     export.add_argument("--cycle", default="", help='e.g. "2026-11" (default: the current cycle)')
@@ -165,6 +195,8 @@ def _call(args: argparse.Namespace) -> Call:
         return lambda stub, md: stub.ListAuditLog(audit, metadata=md, timeout=30)
     if args.task == "keys":
         return _key_call(args)
+    if args.task == "plans":
+        return _plan_call(args)
     if args.task == "adjust":
         adjust = admin_pb2.AdjustCreditsRequest(user_id=args.user, amount=args.amount, reason=args.reason)
         return lambda stub, md: stub.AdjustCredits(adjust, metadata=md, timeout=10)
@@ -188,6 +220,53 @@ def _key_call(args: argparse.Namespace) -> Call:
         return lambda stub, md: stub.ListClientKeys(listing, metadata=md, timeout=30)
     revoke = admin_pb2.RevokeClientKeyRequest(name=args.name, reason=args.reason)
     return lambda stub, md: stub.RevokeClientKey(revoke, metadata=md, timeout=10)
+
+
+def _weight(text: str) -> admin_pb2.ModelWeight:
+    pattern, sep, factors = text.rpartition("=")
+    parts = factors.split(",")
+    try:
+        if not sep or not pattern or len(parts) != 2:
+            raise ValueError
+        return admin_pb2.ModelWeight(pattern=pattern, input=float(parts[0]), output=float(parts[1]))
+    except ValueError:
+        raise ValueError(f"--weight {text!r}: expected PATTERN=INPUT,OUTPUT, e.g. 'gpt-4o*=2.5,10'") from None
+
+
+def _plan_call(args: argparse.Namespace) -> Call:
+    if args.action == "list":
+        listing = admin_pb2.ListPlansRequest(active_only=args.active)
+        return lambda stub, md: stub.ListPlans(listing, metadata=md, timeout=30)
+    weights = [_weight(w) for w in args.weight]
+    if args.action == "create":
+        create = admin_pb2.CreatePlanRequest(
+            id=args.id, name=args.name or "", monthly_allowance=args.allowance, model_weights=weights,
+            reason=args.reason,
+        )  # fmt: skip
+        if args.warn is not None:
+            create.warn_threshold = args.warn
+        if args.critical is not None:
+            create.critical_threshold = args.critical
+        if args.inactive:
+            create.active = False
+        return lambda stub, md: stub.CreatePlan(create, metadata=md, timeout=10)
+    if weights and args.clear_weights:
+        raise ValueError("give --weight or --clear-weights, not both")
+    update = admin_pb2.UpdatePlanRequest(
+        id=args.id, model_weights=weights, replace_model_weights=bool(weights) or args.clear_weights,
+        reason=args.reason,
+    )  # fmt: skip
+    for field, value in (
+        ("name", args.name),
+        ("monthly_allowance", args.allowance),
+        ("warn_threshold", args.warn),
+        ("critical_threshold", args.critical),
+    ):
+        if value is not None:
+            setattr(update, field, value)
+    if args.active or args.inactive:
+        update.active = args.active
+    return lambda stub, md: stub.UpdatePlan(update, metadata=md, timeout=10)
 
 
 def run_admin(args: argparse.Namespace) -> int:
@@ -323,6 +402,25 @@ def render(reply: Message) -> str:
             for k in reply.keys
         ]  # fmt: skip
         return table(["name", "trusted", "user", "created", "by", "revoked"], rows, "")
+    if isinstance(reply, admin_pb2.Plan):
+        weights = ", ".join(f"{w.pattern} in {w.input:g} out {w.output:g}" for w in reply.model_weights) or "-"
+        return "\n".join(
+            [
+                f"plan       {reply.id}" + (f"  {reply.name}" if reply.name else ""),
+                f"allowance  {reply.monthly_allowance:,} tokens a month",
+                f"thresholds warn {reply.warn_threshold:.0%}, critical {reply.critical_threshold:.0%}",
+                f"weights    {weights}",
+                f"status     {'active' if reply.active else 'inactive (takes no new accounts)'}",
+                f"accounts   {reply.accounts:,}",
+            ]
+        )
+    if isinstance(reply, admin_pb2.ListPlansResponse):
+        rows = [
+            [p.id, p.name or "-", f"{p.monthly_allowance:,}", f"{p.warn_threshold:.0%}",
+             f"{p.critical_threshold:.0%}", str(len(p.model_weights)), "yes" if p.active else "no", f"{p.accounts:,}"]
+            for p in reply.plans
+        ]  # fmt: skip
+        return table(["id", "name", "allowance", "warn", "critical", "weights", "active", "accounts"], rows, "")
     return json_format.MessageToJson(reply)
 
 

@@ -204,6 +204,7 @@ def _plan(item: _Section) -> Plan:
         warn_threshold=_fraction(item, "warn_threshold", 0.80),
         critical_threshold=_fraction(item, "critical_threshold", 0.95),
         weights=_weights(item, "model_weights"),
+        name=item.take("name", str, ""),
     )
     if plan.warn_threshold > plan.critical_threshold:
         raise item.fail("warn_threshold", "must not be above critical_threshold")

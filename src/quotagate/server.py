@@ -80,7 +80,10 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         applied = await ledger.migrate()
         if applied:
             log.info("migrations applied: %s", ", ".join(applied))
-    await ledger.sync_plans(settings.plans)
+    seeded = await ledger.sync_plans(settings.plans)
+    if seeded:
+        log.info("plans seeded from the config: %s", ", ".join(seeded))
+    await service.refresh_plans()
     await service.refresh_client_keys()
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 8 << 20)])
@@ -155,6 +158,11 @@ async def _sweep(service: QuotaService) -> None:
             await service.refresh_client_keys()
         except Exception:
             log.exception("refreshing client keys failed")
+        try:
+            # So do plan changes, with the hot state of the accounts on a changed plan.
+            await service.refresh_plans()
+        except Exception:
+            log.exception("refreshing plans failed")
 
 
 async def serve_forever(settings: Settings, migrate: bool = True) -> None:

@@ -11,10 +11,10 @@ import json
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 from zoneinfo import ZoneInfo
 
 from quotagate.config import Client, Settings, sha256_hex
@@ -29,9 +29,11 @@ from quotagate.core.model import (
     Balance,
     LedgerSnapshot,
     ModelWeight,
+    Plan,
     QuotaState,
     Reservation,
 )
+from quotagate.core.plans import PlanChanges, validate_plan
 from quotagate.core.weights import weight_for, weighted_cost
 from quotagate.metrics import Metrics
 from quotagate.store.ports import (
@@ -46,6 +48,8 @@ from quotagate.store.ports import (
     LedgerQueries,
     NewAccount,
     NewGrant,
+    PlanRecord,
+    PlanStore,
     SettleOutcome,
     UsageRecord,
     UsageTotals,
@@ -70,6 +74,14 @@ EXPORT_FIELDS = (
     "request_id", "user_id", "model", "prompt_tokens", "completion_tokens", "cost", "cycle", "status", "estimated",
     "source", "occurred_at", "recorded_at",
 )  # fmt: skip
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class UnknownPlan(KeyError):
+    """An account's plan is not in this process's copy of the plans (created elsewhere since the last reload)."""
 
 
 def page_size(requested: int) -> int:
@@ -135,6 +147,9 @@ class QuotaService:
         # SHA-256 -> client, for the active keys stored in the database: Check reads this map, never the
         # database. Refreshed at startup, after each create/revoke here, and periodically by the sweeper.
         self._db_clients: dict[str, Client] = {}
+        # id -> plan. The database is the record of plans (the config only seeds missing ones); this copy is
+        # reloaded at startup, after each change made here, and periodically by the sweeper (other processes).
+        self._plans: dict[str, Plan] = {p.id: p for p in settings.plans}
 
     # -- client keys ----------------------------------------------------------------------------------
 
@@ -205,8 +220,15 @@ class QuotaService:
         self._current_cycle = cycle
         return cycle
 
+    def plan(self, plan_id: str) -> Plan:
+        """The plan from the in-process copy; UnknownPlan when this process has not loaded it yet."""
+        plan = self._plans.get(plan_id)
+        if plan is None:
+            raise UnknownPlan(plan_id)
+        return plan
+
     def limits_of(self, account: AccountRecord) -> AccountLimits:
-        plan = self.settings.plan(account.plan_id)
+        plan = self.plan(account.plan_id)
         return AccountLimits(
             status=account.status,
             plan_id=plan.id,
@@ -216,10 +238,8 @@ class QuotaService:
         )
 
     def weight(self, plan_id: str, model: str) -> ModelWeight:
-        try:
-            plan_weights = self.settings.plan(plan_id).weights
-        except KeyError:
-            plan_weights = ()
+        plan = self._plans.get(plan_id)
+        plan_weights = plan.weights if plan is not None else ()
         return weight_for(model, plan_weights, self.settings.model_weights)
 
     def estimate(self, user_id: str, request: CompletionRequest) -> int:
@@ -267,11 +287,20 @@ class QuotaService:
 
     async def _snapshot(self, user: NewAccount, cycle: Cycle, now: datetime) -> LedgerSnapshot:
         try:
-            return await self.ledger.snapshot(user.user_id, cycle.key, now)
+            return await self._knowing_plans(self.ledger.snapshot, user.user_id, cycle.key, now)
         except NotFound:
             await self.ledger.ensure_account(user, self.settings.default_plan)
             log.info("account created", extra={"user_id": user.user_id})
-            return await self.ledger.snapshot(user.user_id, cycle.key, now)
+            return await self._knowing_plans(self.ledger.snapshot, user.user_id, cycle.key, now)
+
+    async def _knowing_plans(self, call: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Runs a ledger call; when it meets a plan created by another process since the last reload, reloads
+        the plans and runs it once more (the failed call's transaction was rolled back)."""
+        try:
+            return await call(*args, **kwargs)
+        except UnknownPlan:
+            await self.refresh_plans()
+            return await call(*args, **kwargs)
 
     @staticmethod
     def _balance(user_id: str, cycle: Cycle, view: HotView) -> Balance:
@@ -326,7 +355,7 @@ class QuotaService:
 
     async def _settle(self, usage: UsageRecord, now: datetime) -> tuple[SettleOutcome, Balance]:
         cycle = self.cycle(now)
-        outcome, snapshot = await self.ledger.record_usage(usage, cycle.key, now)
+        outcome, snapshot = await self._knowing_plans(self.ledger.record_usage, usage, cycle.key, now)
         try:
             await self.hot.settle(usage.request_id, snapshot)
         except StoreUnavailable as exc:
@@ -451,8 +480,14 @@ class QuotaService:
     async def upsert_account(self, user_id: str, changes: AccountChanges, reason: str, actor: str) -> Balance:
         user_id = validate_id("user_id", user_id)
         reason = require_reason(reason, "the account changes")
-        if changes.plan_id is not None and not any(p.id == changes.plan_id for p in self.settings.plans):
-            raise InvalidRequest(f"no plan {changes.plan_id!r}; plans: {', '.join(p.id for p in self.settings.plans)}")
+        if changes.plan_id is not None:
+            if changes.plan_id not in self._plans:
+                await self.refresh_plans()  # it may have been created by another process a moment ago
+            plan = self._plans.get(changes.plan_id)
+            if plan is None:
+                raise InvalidRequest(f"no plan {changes.plan_id!r}; plans: {', '.join(sorted(self._plans))}")
+            if not plan.active:
+                raise InvalidRequest(f"plan {plan.id!r} is inactive: it takes no new accounts")
         if changes.allowance_override is not None and not 0 <= changes.allowance_override <= MAX_GRANT:
             raise InvalidRequest(f"allowance_override must be between 0 and {MAX_GRANT}")
         for name, value in (("email", changes.email), ("name", changes.name)):
@@ -503,6 +538,74 @@ class QuotaService:
         snapshot = await self.ledger.reset_cycle(user_id, reason, actor, cycle.key, now)
         await self._push(snapshot)
         return await self._live_balance(snapshot, cycle, now)
+
+    # -- plans ----------------------------------------------------------------------------------------------
+
+    def plan_store(self) -> PlanStore:
+        if not isinstance(self.ledger, PlanStore):
+            raise InvalidRequest("this ledger does not keep plans")
+        return self.ledger
+
+    async def refresh_plans(self) -> list[str]:
+        """Reloads the plans from the database; returns the ids of those that changed since the last load.
+
+        The hot state of the accounts on a changed plan holds the old allowance and thresholds, so it is
+        reloaded here: their next decision uses the new values. Every process does this when it sees the
+        change, so one that wrote old values in the meantime puts them right."""
+        if not isinstance(self.ledger, PlanStore):
+            return []
+        fresh = {r.plan.id: r.plan for r in await self.ledger.plans()}
+        changed = [plan_id for plan_id, plan in fresh.items() if self._plans.get(plan_id, plan) != plan]
+        self._plans = fresh
+        for plan_id in changed:
+            await self._reload_accounts_of(plan_id)
+        return changed
+
+    async def _reload_accounts_of(self, plan_id: str) -> None:
+        """Rewrites the hot state of the plan's accounts that have one in this cycle (keeping what is reserved)."""
+        if not isinstance(self.ledger, LedgerQueries):
+            return
+        now = self.clock.now()
+        cycle = self.cycle(now)
+        after = ""
+        while True:
+            batch = await self.ledger.list_accounts(after, 500, plan_id, "", cycle.key, now)
+            for account, snapshot in batch.items:
+                try:
+                    present = await self.hot.view(account.user_id, cycle.key, now.timestamp()) is not None
+                except StoreUnavailable as exc:
+                    self._mark_stale(account.user_id, exc)
+                    continue
+                if present:
+                    await self._push(snapshot)
+            if batch.exhausted or not batch.items:
+                return
+            after = batch.items[-1][0].user_id
+
+    async def list_plans(self, active_only: bool) -> list[PlanRecord]:
+        return [r for r in await self.plan_store().plans() if r.plan.active or not active_only]
+
+    async def get_plan(self, plan_id: str) -> PlanRecord:
+        plan_id = validate_id("id", plan_id)
+        for record in await self.plan_store().plans():
+            if record.plan.id == plan_id:
+                return record
+        raise NotFound(f"no plan {plan_id!r}")
+
+    async def create_plan(self, plan: Plan, reason: str, actor: str) -> PlanRecord:
+        reason = require_reason(reason, "the plan is created")
+        record = await self.plan_store().create_plan(validate_plan(plan), reason, actor)
+        await self.refresh_plans()
+        return record
+
+    async def update_plan(self, plan_id: str, changes: PlanChanges, reason: str, actor: str) -> PlanRecord:
+        plan_id = validate_id("id", plan_id)
+        reason = require_reason(reason, "the plan changes")
+        if changes.active is False and plan_id == self.settings.default_plan:
+            raise InvalidRequest(f"plan {plan_id!r} is the default plan of new accounts; it cannot be inactive")
+        record = await self.plan_store().update_plan(plan_id, changes, reason, actor)
+        await self.refresh_plans()
+        return record
 
     # -- admin queries ----------------------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ import asyncpg
 
 from quotagate.core.charge import OpenGrant, allowance_used_after, spend_order, split_charge
 from quotagate.core.errors import InvalidRequest, NotFound, StoreUnavailable
-from quotagate.core.model import AccountStatus, LedgerSnapshot, Plan
+from quotagate.core.model import AccountStatus, LedgerSnapshot, ModelWeight, Plan
 from quotagate.core.notifications import NotificationKind, crossed, usage_state
+from quotagate.core.plans import PlanChanges, plan_fields, validate_plan
 from quotagate.store.ports import (
     AccountChanges,
     AccountPage,
@@ -26,6 +27,7 @@ from quotagate.store.ports import (
     LimitsOf,
     NewAccount,
     NewGrant,
+    PlanRecord,
     SettleOutcome,
     UsageRecord,
     UsageTotals,
@@ -168,24 +170,66 @@ class PostgresLedger:
         async with self._pool.acquire() as conn:
             return await migrate(conn)
 
-    async def sync_plans(self, plans: Sequence[Plan]) -> None:
-        """Makes the plans table match the configured plans (plans are referenced by accounts)."""
+    async def sync_plans(self, plans: Sequence[Plan]) -> list[str]:
+        """Seeds the configured plans that the database does not have yet; returns their ids.
+
+        A plan already in the database is left as it is: from then on the database is its record (changed with
+        the Admin API), so an older config file cannot undo a change made there."""
+        seeded: list[str] = []
         async with self._pool.acquire() as conn, conn.transaction():
             for plan in plans:
-                weights = json.dumps(
-                    [{"pattern": w.pattern, "input": w.input, "output": w.output} for w in plan.weights]
+                created = await conn.fetchval(
+                    """INSERT INTO plans (id, name, monthly_allowance, warn_threshold, critical_threshold,
+                           model_weights, active)
+                       VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)
+                       ON CONFLICT (id) DO NOTHING RETURNING true""",
+                    *_plan_args(plan),
                 )
-                await conn.execute(
-                    """INSERT INTO plans (id, monthly_allowance, warn_threshold, critical_threshold, model_weights)
-                       VALUES ($1, $2, $3, $4, $5::jsonb)
-                       ON CONFLICT (id) DO UPDATE SET monthly_allowance = $2, warn_threshold = $3,
-                           critical_threshold = $4, model_weights = $5::jsonb, updated_at = now()""",
-                    plan.id,
-                    plan.monthly_allowance,
-                    plan.warn_threshold,
-                    plan.critical_threshold,
-                    weights,
-                )
+                if created:
+                    seeded.append(plan.id)
+        return seeded
+
+    # -- plans (PlanStore) ---------------------------------------------------------------------------------
+
+    @_store
+    async def plans(self) -> list[PlanRecord]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(f"SELECT {_PLAN_COLUMNS} FROM plans p ORDER BY p.id")
+        return [_plan_record(r) for r in rows]
+
+    @_store
+    async def create_plan(self, plan: Plan, reason: str, actor: str) -> PlanRecord:
+        validate_plan(plan)
+        async with self._pool.acquire() as conn, conn.transaction():
+            created = await conn.fetchval(
+                """INSERT INTO plans (id, name, monthly_allowance, warn_threshold, critical_threshold,
+                       model_weights, active)
+                   VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)
+                   ON CONFLICT (id) DO NOTHING RETURNING true""",
+                *_plan_args(plan),
+            )
+            if not created:
+                raise InvalidRequest(f"a plan {plan.id!r} exists already; change it with UpdatePlan")
+            await _audit(conn, actor, "plan.create", f"plan:{plan.id}", None, plan_fields(plan), reason)
+            row = await conn.fetchrow(f"SELECT {_PLAN_COLUMNS} FROM plans p WHERE p.id = $1", plan.id)
+        return _plan_record(row)
+
+    @_store
+    async def update_plan(self, plan_id: str, changes: PlanChanges, reason: str, actor: str) -> PlanRecord:
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(f"SELECT {_PLAN_COLUMNS} FROM plans p WHERE p.id = $1 FOR UPDATE", plan_id)
+            if row is None:
+                raise NotFound(f"no plan {plan_id!r}")
+            before = _plan_record(row).plan
+            after = validate_plan(changes.apply(before))
+            await conn.execute(
+                """UPDATE plans SET name = $2, monthly_allowance = $3, warn_threshold = $4, critical_threshold = $5,
+                       model_weights = $6::jsonb, active = $7, updated_at = now() WHERE id = $1""",
+                *_plan_args(after),
+            )
+            await _audit(conn, actor, "plan.update", f"plan:{plan_id}", plan_fields(before), plan_fields(after), reason)
+            row = await conn.fetchrow(f"SELECT {_PLAN_COLUMNS} FROM plans p WHERE p.id = $1", plan_id)
+        return _plan_record(row)
 
     @_store
     async def ensure_account(self, account: NewAccount, plan_id: str) -> AccountRecord:
@@ -761,6 +805,41 @@ class PostgresLedger:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch("SELECT * FROM audit_log WHERE target = $1 ORDER BY id", target)
         return [dict(r) for r in rows]
+
+
+_PLAN_COLUMNS = """p.id, p.name, p.monthly_allowance, p.warn_threshold, p.critical_threshold, p.model_weights::text
+    AS model_weights, p.active, p.created_at, p.updated_at,
+    (SELECT count(*) FROM accounts a WHERE a.plan_id = p.id) AS accounts"""
+
+
+def _plan_args(plan: Plan) -> tuple[Any, ...]:
+    weights = [{"pattern": w.pattern, "input": w.input, "output": w.output} for w in plan.weights]
+    return (
+        plan.id,
+        plan.name,
+        plan.monthly_allowance,
+        plan.warn_threshold,
+        plan.critical_threshold,
+        json.dumps(weights),
+        plan.active,
+    )
+
+
+def _plan_record(row: asyncpg.Record) -> PlanRecord:
+    weights = tuple(
+        ModelWeight(w["pattern"], float(w.get("input", 1.0)), float(w.get("output", 1.0)))
+        for w in json.loads(row["model_weights"] or "[]")
+    )
+    plan = Plan(
+        id=row["id"],
+        name=row["name"],
+        monthly_allowance=row["monthly_allowance"],
+        warn_threshold=row["warn_threshold"],
+        critical_threshold=row["critical_threshold"],
+        weights=weights,
+        active=row["active"],
+    )
+    return PlanRecord(plan=plan, accounts=row["accounts"], created_at=row["created_at"], updated_at=row["updated_at"])
 
 
 _KEY_COLUMNS = "name, key_sha256, trusted, user_id, created_at, created_by, revoked_at"
