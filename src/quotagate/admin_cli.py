@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -40,6 +41,12 @@ def add_admin_parser(sub: Any) -> None:
         "--server", default=os.environ.get("QUOTAGATE_ADMIN_SERVER", "127.0.0.1:50051"), help="quotagate gRPC address"
     )
     admin.add_argument("--token", help="admin token (default: $QUOTAGATE_ADMIN_TOKEN)")
+    # Mutual TLS, for an admin port configured with admin.tls: any of them switches the channel to TLS.
+    admin.add_argument(
+        "--cacert", default=os.environ.get("QUOTAGATE_ADMIN_CACERT"), help="CA of the server's certificate (PEM)"
+    )
+    admin.add_argument("--cert", default=os.environ.get("QUOTAGATE_ADMIN_CERT"), help="client certificate (PEM)")
+    admin.add_argument("--key", default=os.environ.get("QUOTAGATE_ADMIN_KEY"), help="client private key (PEM)")
     admin.add_argument("--json", action="store_true", help="print the API's answer as JSON")
     tasks = admin.add_subparsers(dest="task", required=True)
 
@@ -278,11 +285,12 @@ def run_admin(args: argparse.Namespace) -> int:
         return _run_export(args, token)
     try:
         call = _call(args)
+        credentials = _credentials(args)
     except ValueError as exc:
         print(f"quotagate admin: {exc}", file=sys.stderr)
         return 2
     try:
-        reply = asyncio.run(_send(args.server, token, call))
+        reply = asyncio.run(_send(args.server, token, call, credentials))
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
         print(f"quotagate admin: {code.name.lower()}: {exc.details()}", file=sys.stderr)
@@ -297,12 +305,17 @@ def run_admin(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace, token: str) -> int:
     request = admin_pb2.ExportUsageRequest(user_id=args.user, cycle=args.cycle, format=args.format)
     try:
+        credentials = _credentials(args)
+    except ValueError as exc:
+        print(f"quotagate admin: {exc}", file=sys.stderr)
+        return 2
+    try:
         if args.output:
             with open(args.output, "wb") as out:
-                written = asyncio.run(_export(args.server, token, request, out.write))
+                written = asyncio.run(_export(args.server, token, request, out.write, credentials))
             print(f"wrote {written:,} bytes to {args.output}", file=sys.stderr)
         else:
-            asyncio.run(_export(args.server, token, request, sys.stdout.buffer.write))
+            asyncio.run(_export(args.server, token, request, sys.stdout.buffer.write, credentials))
             sys.stdout.buffer.flush()
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
@@ -314,10 +327,16 @@ def _run_export(args: argparse.Namespace, token: str) -> int:
     return 0
 
 
-async def _export(server: str, token: str, request: admin_pb2.ExportUsageRequest, write: Callable[[bytes], Any]) -> int:
+async def _export(
+    server: str,
+    token: str,
+    request: admin_pb2.ExportUsageRequest,
+    write: Callable[[bytes], Any],
+    credentials: grpc.ChannelCredentials | None,
+) -> int:
     """Writes each chunk as it arrives (nothing is gathered in memory); returns the bytes written."""
     written = 0
-    async with grpc.aio.insecure_channel(server) as channel:
+    async with _channel(server, credentials) as channel:
         stream = admin_pb2_grpc.AdminStub(channel).ExportUsage(request, metadata=[("authorization", f"Bearer {token}")])
         async for chunk in stream:
             write(chunk.data)
@@ -325,8 +344,32 @@ async def _export(server: str, token: str, request: admin_pb2.ExportUsageRequest
     return written
 
 
-async def _send(server: str, token: str, call: Call) -> Message:
-    async with grpc.aio.insecure_channel(server) as channel:
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials when --cacert, --cert or --key (or their variables) are given; None for plaintext."""
+    if not (args.cacert or args.cert or args.key):
+        return None
+    if bool(args.cert) != bool(args.key):
+        raise ValueError("give --cert and --key together (the client certificate and its private key)")
+    files: dict[str, bytes | None] = {}
+    for option in ("cacert", "cert", "key"):
+        path = getattr(args, option)
+        try:
+            files[option] = Path(path).read_bytes() if path else None
+        except OSError as exc:
+            raise ValueError(f"--{option} {path}: {exc.strerror}") from None
+    return grpc.ssl_channel_credentials(
+        root_certificates=files["cacert"], private_key=files["key"], certificate_chain=files["cert"]
+    )
+
+
+def _channel(server: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(server)
+    return grpc.aio.secure_channel(server, credentials)
+
+
+async def _send(server: str, token: str, call: Call, credentials: grpc.ChannelCredentials | None = None) -> Message:
+    async with _channel(server, credentials) as channel:
         return await call(admin_pb2_grpc.AdminStub(channel), [("authorization", f"Bearer {token}")])
 
 

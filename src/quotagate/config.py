@@ -45,6 +45,22 @@ class AdminToken:
 
 
 @dataclass(frozen=True)
+class AdminListener:
+    """An optional listener of its own for quotagate.v1.Admin (with health and reflection). When `listen` is set,
+    the Admin service is served only there, not on grpc_listen; with TLS files it requires a client certificate
+    signed by client_ca (mutual TLS), and the admin token is still required on every call."""
+
+    listen: str = ""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
 class NotificationSettings:
     """Customer e-mails by SMTP; off unless `notifications.enabled` with an smtp_host."""
 
@@ -82,6 +98,7 @@ class Settings:
     # envoyproxy/ratelimit-format files (or folders); empty: the built-in default (60 requests a minute a user).
     rate_limit_files: tuple[Path, ...] = ()
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
+    admin: AdminListener = field(default_factory=AdminListener)
     source: str = "<defaults>"
 
     def plan(self, plan_id: str) -> Plan:
@@ -268,6 +285,27 @@ def _notifications(section: _Section) -> NotificationSettings:
     return result
 
 
+def _admin_listener(section: _Section, env: Mapping[str, str], base: Path) -> AdminListener:
+    listen = env.get("QUOTAGATE_ADMIN_LISTEN", section.take("listen", str, ""))
+    tls = section.sub("tls")
+    files: dict[str, Path | None] = {}
+    for name in ("cert", "key", "client_ca"):
+        raw = tls.take(name, str, "")
+        path = None if not raw else (Path(raw) if Path(raw).is_absolute() else base / raw)
+        if path is not None and not path.is_file():
+            raise tls.fail(name, f"no such file: {path}")
+        files[name] = path
+    tls.done()
+    given = [name for name, path in files.items() if path is not None]
+    if given and len(given) < 3:
+        missing = next(name for name, path in files.items() if path is None)
+        raise tls.fail(missing, "required: mutual TLS needs cert, key and client_ca")
+    if given and not listen:
+        raise section.fail("listen", "required with admin.tls: the address of the admin port")
+    section.done()
+    return AdminListener(listen, files["cert"], files["key"], files["client_ca"])
+
+
 def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     top = _Section(source, "", data if data is not None else {})
     defaults = Settings()
@@ -288,6 +326,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     upstream_key = upstream.take("api_key", str, "")
     upstream.done()
     notifications = _notifications(top.sub("notifications"))
+    admin = _admin_listener(top.sub("admin"), env, Path(source).parent)
     settings = Settings(
         timezone=top.take_choice("timezone", ZoneInfo, defaults.timezone, "IANA time zone names"),
         language=top.take_choice("language", Language, defaults.language, "pt-BR, en"),
@@ -311,6 +350,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         production=top.take("production", bool, False) or env.get("QUOTAGATE_ENV", "") == "production",
         rate_limit_files=_paths(top, "rate_limits", Path(source).parent),
         notifications=notifications,
+        admin=admin,
         source=source,
     )
     top.done()
