@@ -62,15 +62,27 @@ class AdminListener:
 
 @dataclass(frozen=True)
 class NotificationSettings:
-    """Customer e-mails by SMTP; off unless `notifications.enabled` with an smtp_host."""
+    """Customer notifications, off unless `notifications.enabled`: e-mails by SMTP (with an smtp_host) and/or a
+    signed HTTP webhook (with webhook.url), each delivered from the same outbox and tracked on its own."""
 
     enabled: bool = False
     smtp_host: str = ""
     smtp_port: int = 25
     sender: str = ""  # the `from` key
-    poll_seconds: float = 5.0  # how often the sender looks for due e-mails
+    poll_seconds: float = 5.0  # how often the senders look for due notifications
     retry_seconds: float = 30.0  # the first retry's delay; it doubles up to max_retry_seconds
     max_retry_seconds: float = 3600.0
+    webhook_url: str = ""
+    webhook_secret: str = field(default="", repr=False)  # signs each POST (HMAC-SHA256); never logged
+    webhook_timeout_seconds: float = 10.0
+
+    @property
+    def mail(self) -> bool:
+        return self.enabled and bool(self.smtp_host)
+
+    @property
+    def webhook(self) -> bool:
+        return self.enabled and bool(self.webhook_url)
 
 
 @dataclass(frozen=True)
@@ -261,8 +273,25 @@ def _admin_token(item: _Section) -> AdminToken:
     return AdminToken(name, digest, role)
 
 
-def _notifications(section: _Section) -> NotificationSettings:
+MIN_WEBHOOK_SECRET_CHARS = 16
+
+
+def _notifications(section: _Section, env: Mapping[str, str]) -> NotificationSettings:
     defaults = NotificationSettings()
+    hook = section.sub("webhook")
+    url = hook.take("url", str, "")
+    secret = env.get("QUOTAGATE_WEBHOOK_SECRET", hook.take("secret", str, ""))
+    timeout = hook.take("timeout_seconds", float, defaults.webhook_timeout_seconds)
+    if url and not url.startswith(("http://", "https://")):
+        raise hook.fail("url", "must be an http:// or https:// URL")
+    if url and len(secret) < MIN_WEBHOOK_SECRET_CHARS:
+        raise hook.fail(
+            "secret",
+            f"required with a url: at least {MIN_WEBHOOK_SECRET_CHARS} characters (or QUOTAGATE_WEBHOOK_SECRET)",
+        )
+    if timeout <= 0:
+        raise hook.fail("timeout_seconds", "must be positive")
+    hook.done()
     result = NotificationSettings(
         enabled=section.take("enabled", bool, False),
         smtp_host=section.take("smtp_host", str, ""),
@@ -271,15 +300,18 @@ def _notifications(section: _Section) -> NotificationSettings:
         poll_seconds=section.take("poll_seconds", float, defaults.poll_seconds),
         retry_seconds=section.take("retry_seconds", float, defaults.retry_seconds),
         max_retry_seconds=section.take("max_retry_seconds", float, defaults.max_retry_seconds),
+        webhook_url=url,
+        webhook_secret=secret,
+        webhook_timeout_seconds=timeout,
     )
     for name in ("poll_seconds", "retry_seconds", "max_retry_seconds"):
         if getattr(result, name) <= 0:
             raise section.fail(name, "must be positive")
     if result.smtp_port > 65535:
         raise section.fail("smtp_port", "must be a TCP port")
-    if result.enabled and not result.smtp_host:
-        raise section.fail("smtp_host", "required when notifications are enabled")
-    if result.enabled and not result.sender:
+    if result.enabled and not result.smtp_host and not result.webhook_url:
+        raise section.fail("smtp_host", "required when notifications are enabled (or give webhook.url)")
+    if result.enabled and result.smtp_host and not result.sender:
         raise section.fail("from", "required when notifications are enabled")
     section.done()
     return result
@@ -325,7 +357,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     upstream = top.sub("upstream")
     upstream_key = upstream.take("api_key", str, "")
     upstream.done()
-    notifications = _notifications(top.sub("notifications"))
+    notifications = _notifications(top.sub("notifications"), env)
     admin = _admin_listener(top.sub("admin"), env, Path(source).parent)
     settings = Settings(
         timezone=top.take_choice("timezone", ZoneInfo, defaults.timezone, "IANA time zone names"),

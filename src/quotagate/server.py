@@ -28,7 +28,7 @@ from quotagate.config import Settings
 from quotagate.core.clock import Clock, SystemClock
 from quotagate.http import build_http_app
 from quotagate.metrics import Metrics
-from quotagate.notify import NotificationSender
+from quotagate.notify import NotificationSender, WebhookSender
 from quotagate.ratelimit.limiter import RateLimiter
 from quotagate.ratelimit.reload import ReloadingConfig
 from quotagate.ratelimit.store import RedisRateLimitStore
@@ -73,7 +73,11 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     service_box: list[QuotaService] = []
     notifying = settings.notifications.enabled
     ledger = await PostgresLedger.connect(
-        settings.database_url, lambda a: service_box[0].limits_of(a), notifications=notifying
+        settings.database_url,
+        lambda a: service_box[0].limits_of(a),
+        notifications=notifying,
+        mail=settings.notifications.mail,
+        webhook=settings.notifications.webhook,
     )
     hot = RedisHotState.from_url(settings.redis_url, settings.redis_prefix)
     service = QuotaService(settings, ledger, hot, clock or SystemClock(), metrics)
@@ -132,8 +136,10 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     sweeper = asyncio.create_task(_sweep(service), name="reservation-sweeper")
     watcher = asyncio.create_task(rate_limits.watch(), name="rate-limit-config-watcher")
     tasks = [sweeper, watcher]
-    if notifying:
+    if settings.notifications.mail:
         tasks.append(asyncio.create_task(NotificationSender(ledger, settings).run(), name="notification-sender"))
+    if settings.notifications.webhook:
+        tasks.append(asyncio.create_task(WebhookSender(ledger, settings).run(), name="webhook-sender"))
 
     async def stop() -> None:
         # Health turns NOT_SERVING first so balancers stop sending, then in-flight calls get time to finish.

@@ -140,19 +140,50 @@ class PendingNotification:
     name: str
 
 
+@dataclass(frozen=True)
+class WebhookEvent:
+    """An outbox row claimed for the webhook. event_id stays the same on every attempt."""
+
+    id: int
+    event_id: str
+    user_id: str
+    cycle: str
+    kind: NotificationKind
+    amount: int
+    attempts: int
+    created_at: datetime
+    email: str
+    name: str
+
+
 class PostgresLedger:
-    def __init__(self, pool: asyncpg.Pool, limits_of: LimitsOf, notifications: bool = False) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        limits_of: LimitsOf,
+        notifications: bool = False,
+        mail: bool = True,
+        webhook: bool = False,
+    ) -> None:
         self._pool = pool
         self._limits_of = limits_of
-        # Whether balance changes enqueue customer e-mails in the outbox (off unless notifications are enabled).
+        # Whether balance changes enqueue customer notifications in the outbox (off unless they are enabled),
+        # and the delivery status a new row starts with per channel: an unconfigured channel never sends it.
         self._notifications = notifications
+        self._outbox_status = ("pending" if mail else "skipped", "pending" if webhook else "none")
 
     @classmethod
     async def connect(
-        cls, dsn: str, limits_of: LimitsOf, max_size: int = 10, notifications: bool = False
+        cls,
+        dsn: str,
+        limits_of: LimitsOf,
+        max_size: int = 10,
+        notifications: bool = False,
+        mail: bool = True,
+        webhook: bool = False,
     ) -> PostgresLedger:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, command_timeout=10)
-        return cls(pool, limits_of, notifications)
+        return cls(pool, limits_of, notifications, mail, webhook)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -352,7 +383,7 @@ class PostgresLedger:
                 usage_state(limits, allowance_used_after(used or 0, split), credits_after),
             )
             if kind is not None:
-                await _enqueue(conn, account.user_id, cycle, kind, 0)
+                await _enqueue(conn, account.user_id, cycle, kind, 0, self._outbox_status)
             if used is None:
                 renewed = await conn.fetchval(
                     """SELECT EXISTS (SELECT 1 FROM account_cycles
@@ -361,7 +392,7 @@ class PostgresLedger:
                     previous_cycle(cycle),
                 )
                 if renewed:
-                    await _enqueue(conn, account.user_id, cycle, NotificationKind.RENEWED, 0)
+                    await _enqueue(conn, account.user_id, cycle, NotificationKind.RENEWED, 0, self._outbox_status)
         if split.credits:
             await conn.executemany(
                 "UPDATE credit_grants SET remaining = remaining - $2 WHERE id = $1",
@@ -421,7 +452,7 @@ class PostgresLedger:
             )
             await _bump_version(conn, grant.user_id)
             if self._notifications:
-                await _enqueue(conn, grant.user_id, cycle, NotificationKind.CREDITS, grant.amount)
+                await _enqueue(conn, grant.user_id, cycle, NotificationKind.CREDITS, grant.amount, self._outbox_status)
             after = await self._snapshot(conn, grant.user_id, cycle, now)
             await _audit(
                 conn,
@@ -631,6 +662,62 @@ class PostgresLedger:
             await conn.execute(
                 """UPDATE notifications SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3)
                    WHERE id = $1 AND status = 'pending'""",
+                notification_id,
+                error[:1000],
+                float(delay_seconds),
+            )
+
+    @_store
+    async def claim_webhooks(self, limit: int, lease_seconds: float) -> list[WebhookEvent]:
+        """Due rows for the webhook, leased as claim_notifications does for e-mails (columns of their own)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """UPDATE notifications n
+                   SET hook_attempts = n.hook_attempts + 1,
+                       hook_next_attempt_at = now() + make_interval(secs => $2)
+                   FROM accounts a
+                   WHERE a.user_id = n.user_id AND n.id IN (
+                       SELECT id FROM notifications
+                       WHERE hook_status = 'pending' AND hook_next_attempt_at <= now()
+                       ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                   RETURNING n.id, n.event_id::text AS event_id, n.user_id, n.cycle, n.kind, n.amount,
+                             n.hook_attempts, n.created_at, a.email, a.name""",
+                limit,
+                float(lease_seconds),
+            )
+        return [
+            WebhookEvent(
+                id=r["id"],
+                event_id=r["event_id"],
+                user_id=r["user_id"],
+                cycle=r["cycle"],
+                kind=NotificationKind(r["kind"]),
+                amount=r["amount"],
+                attempts=r["hook_attempts"],
+                created_at=r["created_at"],
+                email=r["email"],
+                name=r["name"],
+            )
+            for r in sorted(rows, key=lambda r: int(r["id"]))
+        ]
+
+    @_store
+    async def finish_webhook(self, notification_id: int) -> None:
+        """Marks a row delivered to the webhook (the receiver answered 2xx)."""
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                """UPDATE notifications SET hook_status = 'sent', hook_sent_at = now(), hook_last_error = ''
+                   WHERE id = $1""",
+                notification_id,
+            )
+
+    @_store
+    async def retry_webhook(self, notification_id: int, error: str, delay_seconds: float) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                """UPDATE notifications SET hook_last_error = $2,
+                       hook_next_attempt_at = now() + make_interval(secs => $3)
+                   WHERE id = $1 AND hook_status = 'pending'""",
                 notification_id,
                 error[:1000],
                 float(delay_seconds),
@@ -878,15 +965,25 @@ def previous_cycle(cycle: str) -> str:
     return f"{year - 1:04d}-12" if month == 1 else f"{year:04d}-{month - 1:02d}"
 
 
-async def _enqueue(conn: asyncpg.Connection, user_id: str, cycle: str, kind: NotificationKind, amount: int) -> None:
-    """Puts an e-mail in the outbox within the caller's transaction; a kind already there this cycle stays."""
+async def _enqueue(
+    conn: asyncpg.Connection,
+    user_id: str,
+    cycle: str,
+    kind: NotificationKind,
+    amount: int,
+    statuses: tuple[str, str],
+) -> None:
+    """Puts a notification in the outbox within the caller's transaction; a kind already there this cycle stays.
+    `statuses`: the e-mail's and the webhook's status to start with."""
     await conn.execute(
-        """INSERT INTO notifications (user_id, cycle, kind, amount) VALUES ($1, $2, $3, $4)
+        """INSERT INTO notifications (user_id, cycle, kind, amount, status, hook_status)
+           VALUES ($1, $2, $3, $4, $5, $6)
            ON CONFLICT (user_id, cycle, kind) DO NOTHING""",
         user_id,
         cycle,
         kind.value,
         amount,
+        *statuses,
     )
 
 
