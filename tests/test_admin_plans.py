@@ -131,6 +131,8 @@ async def test_plans_listed_validated_audited_and_guarded_by_roles(
             assert await code_of(admin.UpdatePlan(missing, metadata=ADMIN)) == grpc.StatusCode.NOT_FOUND
             inverted = admin_pb2.UpdatePlanRequest(id=plan_id, warn_threshold=0.99, reason=WHY)
             assert await code_of(admin.UpdatePlan(inverted, metadata=ADMIN)) == grpc.StatusCode.INVALID_ARGUMENT
+            nothing = admin_pb2.UpdatePlanRequest(id=plan_id, reason=WHY)
+            assert await code_of(admin.UpdatePlan(nothing, metadata=ADMIN)) == grpc.StatusCode.INVALID_ARGUMENT
 
             listed = await admin.ListPlans(admin_pb2.ListPlansRequest(), metadata=VIEWER)
             ids = [p.id for p in listed.plans]

@@ -150,6 +150,7 @@ class QuotaService:
         # id -> plan. The database is the record of plans (the config only seeds missing ones); this copy is
         # reloaded at startup, after each change made here, and periodically by the sweeper (other processes).
         self._plans: dict[str, Plan] = {p.id: p for p in settings.plans}
+        self._plans_loaded = False
 
     # -- client keys ----------------------------------------------------------------------------------
 
@@ -555,7 +556,9 @@ class QuotaService:
         if not isinstance(self.ledger, PlanStore):
             return []
         fresh = {r.plan.id: r.plan for r in await self.ledger.plans()}
-        changed = [plan_id for plan_id, plan in fresh.items() if self._plans.get(plan_id, plan) != plan]
+        # The first load replaces the config's copy; the hot state was put right by whoever changed a plan.
+        loaded, self._plans_loaded = self._plans_loaded, True
+        changed = [plan_id for plan_id, plan in fresh.items() if loaded and self._plans.get(plan_id, plan) != plan]
         self._plans = fresh
         for plan_id in changed:
             await self._reload_accounts_of(plan_id)
@@ -583,11 +586,11 @@ class QuotaService:
             after = batch.items[-1][0].user_id
 
     async def list_plans(self, active_only: bool) -> list[PlanRecord]:
-        return [r for r in await self.plan_store().plans() if r.plan.active or not active_only]
+        return [r for r in await self.plan_store().plans(count_accounts=True) if r.plan.active or not active_only]
 
     async def get_plan(self, plan_id: str) -> PlanRecord:
         plan_id = validate_id("id", plan_id)
-        for record in await self.plan_store().plans():
+        for record in await self.plan_store().plans(count_accounts=True):
             if record.plan.id == plan_id:
                 return record
         raise NotFound(f"no plan {plan_id!r}")
@@ -601,6 +604,8 @@ class QuotaService:
     async def update_plan(self, plan_id: str, changes: PlanChanges, reason: str, actor: str) -> PlanRecord:
         plan_id = validate_id("id", plan_id)
         reason = require_reason(reason, "the plan changes")
+        if changes == PlanChanges():
+            raise InvalidRequest("nothing to change: give a name, allowance, thresholds, model weights or active flag")
         if changes.active is False and plan_id == self.settings.default_plan:
             raise InvalidRequest(f"plan {plan_id!r} is the default plan of new accounts; it cannot be inactive")
         record = await self.plan_store().update_plan(plan_id, changes, reason, actor)

@@ -259,8 +259,8 @@ class PlanRecord:
 class PlanStore(Protocol):
     """Plans managed through the Admin API; only the PostgreSQL ledger keeps them."""
 
-    async def plans(self) -> list[PlanRecord]:
-        """Every plan, ordered by id."""
+    async def plans(self, count_accounts: bool = False) -> list[PlanRecord]:
+        """Every plan, ordered by id; PlanRecord.accounts is 0 unless count_accounts."""
         ...
 
     async def create_plan(self, plan: Plan, reason: str, actor: str) -> PlanRecord:

@@ -223,9 +223,11 @@ class PostgresLedger:
     # -- plans (PlanStore) ---------------------------------------------------------------------------------
 
     @_store
-    async def plans(self) -> list[PlanRecord]:
+    async def plans(self, count_accounts: bool = False) -> list[PlanRecord]:
+        # The periodic reload of every process skips the counts (one index scan per plan).
+        count = "(SELECT count(*) FROM accounts a WHERE a.plan_id = p.id)" if count_accounts else "0"
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(f"SELECT {_PLAN_COLUMNS} FROM plans p ORDER BY p.id")
+            rows = await conn.fetch(f"SELECT {_PLAN_COLUMNS}, {count} AS accounts FROM plans p ORDER BY p.id")
         return [_plan_record(r) for r in rows]
 
     @_store
@@ -242,13 +244,15 @@ class PostgresLedger:
             if not created:
                 raise InvalidRequest(f"a plan {plan.id!r} exists already; change it with UpdatePlan")
             await _audit(conn, actor, "plan.create", f"plan:{plan.id}", None, plan_fields(plan), reason)
-            row = await conn.fetchrow(f"SELECT {_PLAN_COLUMNS} FROM plans p WHERE p.id = $1", plan.id)
+            row = await conn.fetchrow(f"SELECT {_PLAN_COLUMNS}, {_PLAN_ACCOUNTS} FROM plans p WHERE p.id = $1", plan.id)
         return _plan_record(row)
 
     @_store
     async def update_plan(self, plan_id: str, changes: PlanChanges, reason: str, actor: str) -> PlanRecord:
         async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(f"SELECT {_PLAN_COLUMNS} FROM plans p WHERE p.id = $1 FOR UPDATE", plan_id)
+            row = await conn.fetchrow(
+                f"SELECT {_PLAN_COLUMNS}, {_PLAN_ACCOUNTS} FROM plans p WHERE p.id = $1 FOR UPDATE", plan_id
+            )
             if row is None:
                 raise NotFound(f"no plan {plan_id!r}")
             before = _plan_record(row).plan
@@ -259,7 +263,7 @@ class PostgresLedger:
                 *_plan_args(after),
             )
             await _audit(conn, actor, "plan.update", f"plan:{plan_id}", plan_fields(before), plan_fields(after), reason)
-            row = await conn.fetchrow(f"SELECT {_PLAN_COLUMNS} FROM plans p WHERE p.id = $1", plan_id)
+            row = await conn.fetchrow(f"SELECT {_PLAN_COLUMNS}, {_PLAN_ACCOUNTS} FROM plans p WHERE p.id = $1", plan_id)
         return _plan_record(row)
 
     @_store
@@ -895,8 +899,8 @@ class PostgresLedger:
 
 
 _PLAN_COLUMNS = """p.id, p.name, p.monthly_allowance, p.warn_threshold, p.critical_threshold, p.model_weights::text
-    AS model_weights, p.active, p.created_at, p.updated_at,
-    (SELECT count(*) FROM accounts a WHERE a.plan_id = p.id) AS accounts"""
+    AS model_weights, p.active, p.created_at, p.updated_at"""
+_PLAN_ACCOUNTS = "(SELECT count(*) FROM accounts a WHERE a.plan_id = p.id) AS accounts"
 
 
 def _plan_args(plan: Plan) -> tuple[Any, ...]:
