@@ -17,6 +17,7 @@ from harness import ADMIN_TOKEN, Stack, make_settings
 
 from quotagate.config import sha256_hex
 from quotagate.server import Running, start
+from quotagate.store.ports import NewAccount
 from quotagate.v1 import admin_pb2, admin_pb2_grpc
 
 VIEWER_TOKEN = "plans-viewer-token"
@@ -226,6 +227,30 @@ async def test_the_database_is_the_record_and_other_processes_follow_a_change(
             assert (account.balance.allowance, account.balance.state) == (600, "normal")
             hot = await second.service.hot.view(uid, account.balance.cycle, second.service.clock.now().timestamp())
             assert hot is not None and hot.limits.allowance == 600
+
+            # A plan created by the first process is usable through the second before its periodic reload:
+            # Check, usage with the plan's weights, and the admin calls.
+            fresh = f"fresh-{uid}"
+            weight = admin_pb2.ModelWeight(pattern="heavy-*", input=3.0, output=3.0)
+            await admin_one.CreatePlan(
+                admin_pb2.CreatePlanRequest(id=fresh, monthly_allowance=50, model_weights=[weight], reason=WHY),
+                metadata=ADMIN,
+            )
+            newcomer = f"{uid}-new"
+            await admin_one.UpsertAccount(
+                admin_pb2.UpsertAccountRequest(user_id=newcomer, plan=fresh, reason="Joined the fresh plan today."),
+                metadata=ADMIN,
+            )
+            with pytest.raises(KeyError):
+                second.service.plan(fresh)  # not reloaded yet
+            # No hot state either, so Check reads the ledger, which meets the plan the second process lacks.
+            await second.service.hot.forget(newcomer, second.service.cycle(second.service.clock.now()).key)
+            decision = await second.service.check(NewAccount(newcomer), f"{newcomer}-1", None)
+            assert decision.allowed and decision.balance.allowance == 50
+            outcome, balance = await second.service.report_usage(_usage(f"{newcomer}-2", newcomer, "heavy-1", 5, 5))
+            assert outcome.cost == 30 and balance.allowance_used == 30
+            listed = await admin_two.ListAccounts(admin_pb2.ListAccountsRequest(plan=fresh), metadata=ADMIN)
+            assert [(a.user_id, a.balance.allowance) for a in listed.accounts] == [(newcomer, 50)]
     finally:
         await second.stop()
         await first.stop()

@@ -338,6 +338,8 @@ class QuotaService:
         account = await self.ledger.get_account(user_id)
         if account is None:
             account = await self.ledger.ensure_account(NewAccount(user_id), self.settings.default_plan)
+        if account.plan_id not in self._plans:
+            await self.refresh_plans()  # created by another process since the last reload: price with its weights
         model = report.model or (reservation.model if reservation else "")
         cost = weighted_cost(report.prompt_tokens, report.completion_tokens, self.weight(account.plan_id, model))
         usage = UsageRecord(
@@ -424,7 +426,7 @@ class QuotaService:
         now = self.clock.now()
         cycle = self.cycle(now)
         for user_id in list(self._stale):
-            await self.hot.load(await self.ledger.snapshot(user_id, cycle.key, now))
+            await self.hot.load(await self._knowing_plans(self.ledger.snapshot, user_id, cycle.key, now))
             self._stale.discard(user_id)
             refreshed += 1
         return refreshed
@@ -452,7 +454,7 @@ class QuotaService:
             raise NotFound(f"no account {user_id!r}")
         now = self.clock.now()
         cycle = self.cycle(now)
-        snapshot = await self.ledger.snapshot(user_id, cycle.key, now)
+        snapshot = await self._knowing_plans(self.ledger.snapshot, user_id, cycle.key, now)
         return account, await self._live_balance(snapshot, cycle, now)
 
     async def grant(
@@ -472,8 +474,11 @@ class QuotaService:
             raise NotFound(f"no account {user_id!r}")
         now = self.clock.now()
         cycle = self.cycle(now)
-        grant_id, snapshot = await self.ledger.grant(
-            NewGrant(user_id, amount, reason.strip(), expires_at, source or "admin", actor), cycle.key, now
+        grant_id, snapshot = await self._knowing_plans(
+            self.ledger.grant,
+            NewGrant(user_id, amount, reason.strip(), expires_at, source or "admin", actor),
+            cycle.key,
+            now,
         )
         await self._push(snapshot)
         return grant_id, await self._live_balance(snapshot, cycle, now)
@@ -496,8 +501,15 @@ class QuotaService:
                 raise InvalidRequest(f"{name} must be at most 320 printable characters")
         now = self.clock.now()
         cycle = self.cycle(now)
-        snapshot = await self.ledger.upsert_account(
-            user_id, changes, self.settings.default_plan, reason.strip(), actor, cycle.key, now
+        snapshot = await self._knowing_plans(
+            self.ledger.upsert_account,
+            user_id,
+            changes,
+            self.settings.default_plan,
+            reason.strip(),
+            actor,
+            cycle.key,
+            now,
         )
         self._plan_of.pop(user_id, None)  # the next estimate uses the new plan's weights
         await self._push(snapshot)
@@ -510,7 +522,7 @@ class QuotaService:
             raise NotFound(f"no account {user_id!r}")
         now = self.clock.now()
         cycle = self.cycle(now)
-        snapshot = await self.ledger.set_status(user_id, status, reason, actor, cycle.key, now)
+        snapshot = await self._knowing_plans(self.ledger.set_status, user_id, status, reason, actor, cycle.key, now)
         await self._push(snapshot)
         return await self._live_balance(snapshot, cycle, now)
 
@@ -524,7 +536,8 @@ class QuotaService:
             raise NotFound(f"no account {user_id!r}")
         now = self.clock.now()
         cycle = self.cycle(now)
-        removed, snapshot = await self.ledger.adjust(Adjustment(user_id, amount, reason, actor), cycle.key, now)
+        adjustment = Adjustment(user_id, amount, reason, actor)
+        removed, snapshot = await self._knowing_plans(self.ledger.adjust, adjustment, cycle.key, now)
         await self._push(snapshot)
         return removed, await self._live_balance(snapshot, cycle, now)
 
@@ -536,7 +549,7 @@ class QuotaService:
             raise NotFound(f"no account {user_id!r}")
         now = self.clock.now()
         cycle = self.cycle(now)
-        snapshot = await self.ledger.reset_cycle(user_id, reason, actor, cycle.key, now)
+        snapshot = await self._knowing_plans(self.ledger.reset_cycle, user_id, reason, actor, cycle.key, now)
         await self._push(snapshot)
         return await self._live_balance(snapshot, cycle, now)
 
@@ -636,7 +649,9 @@ class QuotaService:
         found: list[tuple[AccountRecord, Balance]] = []
         cursor = after
         while True:
-            batch = await queries.list_accounts(cursor, max(size, 100), plan, query, cycle.key, now)
+            batch = await self._knowing_plans(
+                queries.list_accounts, cursor, max(size, 100), plan, query, cycle.key, now
+            )
             for account, snapshot in batch.items:
                 balance = await self._live_balance(snapshot, cycle, now)
                 if not state or balance.state.value == state:
