@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from harness import ADMIN_TOKEN, make_settings
+from test_service_ports import grpcurl
 
 from quotagate.config import ConfigError, parse_settings
 from quotagate.procs import free_port
@@ -231,6 +232,22 @@ async def test_cli_over_mutual_tls(server: Running, pki: Pki, uid: str) -> None:
     assert code == 2 and "--cert and --key together" in err
     code, _, err = await cli(server, "--cacert", pki.path("missing.pem"), "account", "show", uid)
     assert code == 2 and "missing.pem" in err
+
+
+async def test_grpcurl_over_mutual_tls(server: Running, pki: Pki, uid: str) -> None:
+    await server.service.report_usage(UsageReport(f"{uid}-1", uid, "demo-small", 40, 0))
+    address, auth = f"127.0.0.1:{server.admin_port}", f"authorization: Bearer {ADMIN_TOKEN}"
+    tls = ["-cacert", pki.path("ca.pem"), "-cert", pki.path("client.pem"), "-key", pki.path("client.key")]
+    code, out, err = await grpcurl(*tls, address, "list")
+    assert code == 0, err
+    assert "quotagate.v1.Admin" in out.split() and "quotagate.v1.Usage" not in out.split()
+    request = json.dumps({"user_id": uid})
+    code, out, err = await grpcurl(*tls, "-H", auth, "-d", request, address, "quotagate.v1.Admin/GetAccount")
+    assert code == 0, err
+    assert json.loads(out)["balance"]["allowance_used"] == "40"
+    code, _, err = await grpcurl("-cacert", pki.path("ca.pem"), "-H", auth, "-d", request, address,
+                                 "quotagate.v1.Admin/GetAccount")  # fmt: skip
+    assert code != 0 and "Failed to dial" in err
 
 
 def test_admin_tls_config_is_checked(pki: Pki, tmp_path: Path) -> None:

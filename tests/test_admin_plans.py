@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 from harness import ADMIN_TOKEN, Stack, make_settings
+from test_service_ports import grpcurl
 
 from quotagate.config import sha256_hex
 from quotagate.server import Running, start
@@ -317,3 +318,31 @@ async def test_cli_plans_list_create_update(server: Running, uid: str) -> None:
         server, "plans", "create", f"{plan_id}-y", "--allowance", "1", "--weight", "oops", "--reason", WHY
     )
     assert code == 2 and "--weight" in err
+
+
+async def test_grpcurl_plan_lines_of_the_readme(server: Running, uid: str) -> None:
+    address, auth = f"127.0.0.1:{server.grpc_port}", f"authorization: Bearer {ADMIN_TOKEN}"
+    plan_id = f"curl-{uid}"
+    create = {
+        "id": plan_id, "name": "Pro", "monthly_allowance": 5000000,
+        "model_weights": [{"pattern": "gpt-4o*", "input": 2.5, "output": 10}],
+        "reason": "New plan for the second semester.",
+    }  # fmt: skip
+    code, out, err = await grpcurl("-plaintext", "-H", auth, "-d", json.dumps(create), address,
+                                   "quotagate.v1.Admin/CreatePlan")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["model_weights"] == [{"pattern": "gpt-4o*", "input": 2.5, "output": 10}]
+    update = {"id": plan_id, "monthly_allowance": 6000000, "reason": "Price review of November."}
+    code, out, err = await grpcurl("-plaintext", "-H", auth, "-d", json.dumps(update), address,
+                                   "quotagate.v1.Admin/UpdatePlan")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["monthly_allowance"] == "6000000"
+    move = {"user_id": uid, "plan": plan_id, "reason": "Upgraded by e-mail today."}
+    code, out, err = await grpcurl("-plaintext", "-H", auth, "-d", json.dumps(move), address,
+                                   "quotagate.v1.Admin/UpsertAccount")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["balance"]["allowance"] == "6000000"
+    code, out, err = await grpcurl("-plaintext", "-H", auth, address, "quotagate.v1.Admin/ListPlans")
+    assert code == 0, err
+    plans = {p["id"]: p for p in json.loads(out)["plans"]}
+    assert plans[plan_id]["accounts"] == "1" and plans[plan_id]["active"] is True
