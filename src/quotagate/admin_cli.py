@@ -273,7 +273,8 @@ def _plan_call(args: argparse.Namespace) -> Call:
             setattr(update, field, value)
     if args.active or args.inactive:
         update.active = args.active
-    return lambda stub, md: stub.UpdatePlan(update, metadata=md, timeout=10)
+    # The call returns once every account on the plan has the change in its hot state: allow for big plans.
+    return lambda stub, md: stub.UpdatePlan(update, metadata=md, timeout=300)
 
 
 def run_admin(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ No grpc or protobuf here: adapters/ translate the wire formats and call these me
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -70,6 +71,9 @@ GROUPINGS = ("none", "day", "model")
 CLIENT_KEY_PREFIX = "qg_"
 EXPORT_FORMATS = ("csv", "jsonl")
 EXPORT_BATCH_ROWS = 1000
+# After a plan change its accounts' hot state is rewritten in batches read from the ledger, this many at a time.
+PLAN_RELOAD_BATCH = 500
+PLAN_RELOAD_CONCURRENCY = 50
 EXPORT_FIELDS = (
     "request_id", "user_id", "model", "prompt_tokens", "completion_tokens", "cost", "cycle", "status", "estimated",
     "source", "occurred_at", "recorded_at",
@@ -151,6 +155,9 @@ class QuotaService:
         # reloaded at startup, after each change made here, and periodically by the sweeper (other processes).
         self._plans: dict[str, Plan] = {p.id: p for p in settings.plans}
         self._plans_loaded = False
+        # Changed plans whose accounts' hot state is still to be rewritten (see refresh_plans).
+        self._plans_to_reload: set[str] = set()
+        self._plan_reload_lock = asyncio.Lock()
 
     # -- client keys ----------------------------------------------------------------------------------
 
@@ -565,7 +572,8 @@ class QuotaService:
 
         The hot state of the accounts on a changed plan holds the old allowance and thresholds, so it is
         reloaded here: their next decision uses the new values. Every process does this when it sees the
-        change, so one that wrote old values in the meantime puts them right."""
+        change, so one that wrote old values in the meantime puts them right. A reload that did not finish
+        (a store error, a cancelled call) is taken up again by the next refresh."""
         if not isinstance(self.ledger, PlanStore):
             return []
         fresh = {r.plan.id: r.plan for r in await self.ledger.plans()}
@@ -573,9 +581,16 @@ class QuotaService:
         loaded, self._plans_loaded = self._plans_loaded, True
         changed = [plan_id for plan_id, plan in fresh.items() if loaded and self._plans.get(plan_id, plan) != plan]
         self._plans = fresh
-        for plan_id in changed:
-            await self._reload_accounts_of(plan_id)
+        self._plans_to_reload.update(changed)
+        # Shielded: an admin call that gives up waiting must not leave the reload half done.
+        await asyncio.shield(self._reload_pending_plans())
         return changed
+
+    async def _reload_pending_plans(self) -> None:
+        async with self._plan_reload_lock:
+            for plan_id in sorted(self._plans_to_reload):
+                await self._reload_accounts_of(plan_id)
+                self._plans_to_reload.discard(plan_id)
 
     async def _reload_accounts_of(self, plan_id: str) -> None:
         """Rewrites the hot state of the plan's accounts that have one in this cycle (keeping what is reserved)."""
@@ -583,17 +598,22 @@ class QuotaService:
             return
         now = self.clock.now()
         cycle = self.cycle(now)
+
+        async def reload(user_id: str, snapshot: LedgerSnapshot) -> None:
+            try:
+                present = await self.hot.view(user_id, cycle.key, now.timestamp()) is not None
+            except StoreUnavailable as exc:
+                self._mark_stale(user_id, exc)
+                return
+            if present:
+                await self._push(snapshot)
+
         after = ""
         while True:
-            batch = await self.ledger.list_accounts(after, 500, plan_id, "", cycle.key, now)
-            for account, snapshot in batch.items:
-                try:
-                    present = await self.hot.view(account.user_id, cycle.key, now.timestamp()) is not None
-                except StoreUnavailable as exc:
-                    self._mark_stale(account.user_id, exc)
-                    continue
-                if present:
-                    await self._push(snapshot)
+            batch = await self.ledger.list_accounts(after, PLAN_RELOAD_BATCH, plan_id, "", cycle.key, now)
+            for start in range(0, len(batch.items), PLAN_RELOAD_CONCURRENCY):
+                group = batch.items[start : start + PLAN_RELOAD_CONCURRENCY]
+                await asyncio.gather(*(reload(account.user_id, snapshot) for account, snapshot in group))
             if batch.exhausted or not batch.items:
                 return
             after = batch.items[-1][0].user_id
