@@ -287,7 +287,8 @@ async def test_cli_plans_list_create_update(server: Running, uid: str) -> None:
         "--weight", "big-*=2,4", "--reason", WHY,
     )  # fmt: skip
     assert code == 0, err
-    assert f"plan       {plan_id}  CLI plan" in out and "20,000 tokens a month" in out and "big-*" in out
+    assert f"plan       {plan_id}  CLI plan" in out and "20,000 tokens a month" in out
+    assert "thresholds warn 70%, critical 95%" in out and "weights    big-* in 2 out 4" in out
 
     code, out, err = await cli(server, "--json", "plans", "update", plan_id, "--allowance", "30000", "--reason", WHY)
     assert code == 0, err

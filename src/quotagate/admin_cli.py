@@ -452,7 +452,7 @@ def render(reply: Message) -> str:
             [
                 f"plan       {reply.id}" + (f"  {reply.name}" if reply.name else ""),
                 f"allowance  {reply.monthly_allowance:,} tokens a month",
-                f"thresholds warn {reply.warn_threshold:.0%}, critical {reply.critical_threshold:.0%}",
+                f"thresholds warn {_percent(reply.warn_threshold)}, critical {_percent(reply.critical_threshold)}",
                 f"weights    {weights}",
                 f"status     {'active' if reply.active else 'inactive (takes no new accounts)'}",
                 f"accounts   {reply.accounts:,}",
@@ -460,12 +460,16 @@ def render(reply: Message) -> str:
         )
     if isinstance(reply, admin_pb2.ListPlansResponse):
         rows = [
-            [p.id, p.name or "-", f"{p.monthly_allowance:,}", f"{p.warn_threshold:.0%}",
-             f"{p.critical_threshold:.0%}", str(len(p.model_weights)), "yes" if p.active else "no", f"{p.accounts:,}"]
+            [p.id, p.name or "-", f"{p.monthly_allowance:,}", _percent(p.warn_threshold),
+             _percent(p.critical_threshold), str(len(p.model_weights)), "yes" if p.active else "no", f"{p.accounts:,}"]
             for p in reply.plans
         ]  # fmt: skip
         return table(["id", "name", "allowance", "warn", "critical", "weights", "active", "accounts"], rows, "")
     return json_format.MessageToJson(reply)
+
+
+def _percent(fraction: float) -> str:
+    return f"{round(fraction * 100, 1):g}%"
 
 
 def _acts_for(key: admin_pb2.ClientKey) -> str:
