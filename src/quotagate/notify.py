@@ -140,7 +140,10 @@ class WebhookSender:
             SIGNATURE_HEADER: sign(self._config.webhook_secret, int(time.time()), body),
             EVENT_ID_HEADER: event.event_id,
         }
-        async with session.post(self._config.webhook_url, data=body, headers=headers) as response:
+        # A redirect counts as a failure like any other non-2xx: events go to the configured URL only.
+        async with session.post(
+            self._config.webhook_url, data=body, headers=headers, allow_redirects=False
+        ) as response:
             if not 200 <= response.status < 300:
                 raise WebhookRefused(f"HTTP {response.status}")
 
