@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from harness import ADMIN_TOKEN, make_settings
 from test_service_ports import grpcurl
 
-from quotagate.config import ConfigError, parse_settings
+from quotagate.config import ConfigError, load_settings, parse_settings
 from quotagate.procs import free_port
 from quotagate.server import Running, start
 from quotagate.service import UsageReport
@@ -250,23 +250,29 @@ async def test_grpcurl_over_mutual_tls(server: Running, pki: Pki, uid: str) -> N
     assert code != 0 and "Failed to dial" in err
 
 
-def test_admin_tls_config_is_checked(pki: Pki, tmp_path: Path) -> None:
-    tls = {"cert": pki.path("server.pem"), "key": pki.path("server.key"), "client_ca": pki.path("ca.pem")}
-    settings = parse_settings({"admin": {"listen": "127.0.0.1:50052", "tls": tls}}, "<test>", {})
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        ("admin_tls_without_listen.yaml", "admin.listen: required with admin.tls"),
+        ("admin_tls_missing_file.yaml", "admin.tls.cert: no such file"),
+        ("admin_tls_without_client_ca.yaml", "admin.tls.client_ca: required: mutual TLS needs cert, key and client_ca"),
+        ("unknown_admin_key.yaml", "admin.port: unknown key"),
+    ],
+)
+def test_bad_admin_config_names_file_and_key(name: str, error: str) -> None:
+    path = Path(__file__).parent / "configs" / name
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    assert str(caught.value).startswith(f"{path}: {error}"), str(caught.value)
+
+
+def test_admin_tls_paths_are_taken_from_the_config_folder(pki: Pki) -> None:
+    config = pki.folder / "quotagate.yaml"
+    config.write_text(
+        "admin:\n  listen: 127.0.0.1:50052\n  tls: {cert: server.pem, key: server.key, client_ca: ca.pem}\n",
+        encoding="utf-8",
+    )
+    settings = load_settings(config, {})
     assert settings.admin.tls and settings.admin.tls_client_ca == Path(pki.path("ca.pem"))
-    cases = [
-        ({"tls": tls}, "<test>: admin.listen: required with admin.tls"),
-        ({"listen": "127.0.0.1:1", "tls": {**tls, "client_ca": ""}}, "<test>: admin.tls.client_ca: required"),
-        (
-            {"listen": "127.0.0.1:1", "tls": {**tls, "key": str(tmp_path / "nope.key")}},
-            "<test>: admin.tls.key: no such file",
-        ),
-        ({"listen": "127.0.0.1:1", "tls": {**tls, "ca": "x"}}, "<test>: admin.tls.ca: unknown key"),
-        ({"port": 1}, "<test>: admin.port: unknown key"),
-    ]
-    for admin, message in cases:
-        with pytest.raises(ConfigError) as caught:
-            parse_settings({"admin": admin}, "<test>", {})
-        assert str(caught.value).startswith(message), (admin, str(caught.value))
     listen = parse_settings({}, "<test>", {"QUOTAGATE_ADMIN_LISTEN": "127.0.0.1:50099"}).admin.listen
     assert listen == "127.0.0.1:50099"

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from aiohttp import web
 from harness import make_settings
 from test_notifications import Inbox, Mail
 
-from quotagate.config import ConfigError, parse_settings
+from quotagate.config import ConfigError, load_settings, parse_settings
 from quotagate.core.clock import FixedClock
 from quotagate.core.estimate import CompletionRequest
 from quotagate.notify import sign, verify
@@ -200,16 +201,19 @@ def test_signatures_and_webhook_config() -> None:
         {"QUOTAGATE_WEBHOOK_SECRET": "x" * 20},
     )
     assert from_env.notifications.webhook_secret == "x" * 20
-    cases = [
-        ({"url": hook["url"]}, "<test>: notifications.webhook.secret: required with a url"),
-        ({"url": hook["url"], "secret": "short"}, "<test>: notifications.webhook.secret: required with a url"),
-        ({"url": "ftp://x", "secret": SECRET}, "<test>: notifications.webhook.url: must be an http"),
-        ({**hook, "retries": 3}, "<test>: notifications.webhook.retries: unknown key"),
-    ]
-    for webhook, message in cases:
-        with pytest.raises(ConfigError) as caught:
-            parse_settings({"notifications": {"enabled": True, "webhook": webhook}}, "<test>", {})
-        assert str(caught.value).startswith(message), str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        ("webhook_without_secret.yaml", "notifications.webhook.secret: required with a url: at least 16 characters"),
+        ("webhook_bad_url.yaml", "notifications.webhook.url: must be an http:// or https:// URL"),
+        ("unknown_webhook_key.yaml", "notifications.webhook.retries: unknown key"),
+        ("notifications_without_channel.yaml", "notifications.smtp_host: required when notifications are enabled"),
+    ],
+)
+def test_bad_webhook_config_names_file_and_key(name: str, error: str) -> None:
+    path = Path(__file__).parent / "configs" / name
     with pytest.raises(ConfigError) as caught:
-        parse_settings({"notifications": {"enabled": True}}, "<test>", {})
-    assert "notifications.smtp_host: required when notifications are enabled (or give webhook.url)" in str(caught.value)
+        load_settings(path, {})
+    assert str(caught.value).startswith(f"{path}: {error}"), str(caught.value)
