@@ -39,6 +39,10 @@ def make_settings(database_url: str, redis_url: str, prefix: str, **overrides: A
         "redis_prefix": prefix,
     }
     data.update(overrides)
+    if "plans" in overrides and "default_plan" not in overrides:
+        # The database keeps the first definition of a plan id (the config only seeds missing plans), and all
+        # tests share one database: a test with plans of its own gives them their own ids, the first the default.
+        data["default_plan"] = overrides["plans"][0]["id"]
     env = {
         "QUOTAGATE_DATABASE_URL": database_url,
         "QUOTAGATE_REDIS_URL": redis_url,

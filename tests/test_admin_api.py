@@ -18,10 +18,11 @@ from quotagate.config import Settings, sha256_hex
 from quotagate.core.clock import FixedClock
 from quotagate.core.errors import InvalidRequest
 from quotagate.core.model import AccountLimits, Plan
+from quotagate.server import start
 from quotagate.store.memory import MemoryLedger
 from quotagate.store.ports import AccountRecord, Adjustment, Ledger, NewAccount, NewGrant, UsageRecord
 from quotagate.store.postgres import PostgresLedger
-from quotagate.v1 import admin_pb2, usage_pb2
+from quotagate.v1 import admin_pb2, admin_pb2_grpc, usage_pb2
 
 VIEWER_TOKEN = "test-viewer-token"
 OPERATOR_TOKEN = "test-operator-token"
@@ -294,7 +295,7 @@ async def test_audit_log_and_ledger_page_newest_first_with_actor_and_reason(
             admin_pb2.SetAccountStatusRequest(user_id=uid, reason="Card declined twice."), metadata=OPERATOR
         )
         await stack.admin.ActivateAccount(
-            admin_pb2.SetAccountStatusRequest(user_id=uid, reason="Payment arrived."), metadata=OPERATOR
+            admin_pb2.SetAccountStatusRequest(user_id=uid, reason="The late payment arrived."), metadata=OPERATOR
         )
 
         audit = await all_audit(stack, uid, page_size=2)
@@ -309,7 +310,7 @@ async def test_audit_log_and_ledger_page_newest_first_with_actor_and_reason(
         ids = [e.id for e in audit]
         assert ids == sorted(ids, reverse=True) and len(set(ids)) == len(ids)
         assert [(e.actor, e.reason) for e in audit[:2]] == [
-            ("operator-bot", "Payment arrived."),
+            ("operator-bot", "The late payment arrived."),
             ("operator-bot", "Card declined twice."),
         ]
         assert json.loads(audit[1].before_json) == {"status": "active"}
@@ -473,3 +474,43 @@ async def test_ledger_adjust_and_reset_cycle_in_both_stores(any_ledger: Ledger, 
         entries = await ledger.ledger_entries(uid, 0, 50)
         draws = [(e["grant_id"], e["amount"]) for e in reversed(entries) if e["kind"] == "adjustment"]
         assert draws == [(early, -100), (late, -30), (late, -70)]
+
+
+# -- a reason is a sentence -----------------------------------------------------------------------------------
+
+
+async def test_every_reason_must_be_a_sentence(database_url: str, redis_url: str, redis_prefix: str, uid: str) -> None:
+    running = await start(settings_for(database_url, redis_url, redis_prefix))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.grpc_port}") as channel:
+            admin = admin_pb2_grpc.AdminStub(channel)
+            sentence = "Paid by bank transfer, ticket 17."
+            await admin.UpsertAccount(admin_pb2.UpsertAccountRequest(user_id=uid, reason=sentence), metadata=ADMIN)
+            calls: list[tuple[Callable[..., Awaitable[Any]], Callable[[str], Any]]] = [
+                (admin.GrantCredits, lambda r: admin_pb2.GrantCreditsRequest(user_id=uid, amount=5, reason=r)),
+                (admin.AdjustCredits, lambda r: admin_pb2.AdjustCreditsRequest(user_id=uid, amount=1, reason=r)),
+                (admin.SuspendAccount, lambda r: admin_pb2.SetAccountStatusRequest(user_id=uid, reason=r)),
+                (admin.ActivateAccount, lambda r: admin_pb2.SetAccountStatusRequest(user_id=uid, reason=r)),
+                (admin.ResetCycle, lambda r: admin_pb2.ResetCycleRequest(user_id=uid, reason=r)),
+                (admin.UpsertAccount, lambda r: admin_pb2.UpsertAccountRequest(user_id=uid, name="M", reason=r)),
+                (admin.RevokeClientKey, lambda r: admin_pb2.RevokeClientKeyRequest(name=uid, reason=r)),
+            ]
+            # Too few words, too few characters, or only blanks: each call refuses before changing anything.
+            for short in ("Promo.", "Customer asked.", "a b c d e f", "   Paid   ", ""):
+                for method, request in calls:
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await method(request(short), metadata=ADMIN)
+                    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, short
+                    assert "at least 3 words and 15 characters" in (caught.value.details() or "")
+            assert [e["action"] for e in await running.service.ledger.audit_entries(uid)] == [  # type: ignore[attr-defined]
+                "account.upsert"
+            ]
+            granted = await admin.GrantCredits(
+                admin_pb2.GrantCreditsRequest(user_id=uid, amount=5, reason="  Goodwill credits for the outage.  "),
+                metadata=ADMIN,
+            )
+            assert granted.balance.credits == 5
+            audit = await running.service.ledger.audit_entries(uid)  # type: ignore[attr-defined]
+            assert audit[-1]["reason"] == "Goodwill credits for the outage."  # trimmed
+    finally:
+        await running.stop()

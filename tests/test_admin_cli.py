@@ -48,16 +48,16 @@ async def test_show_grant_suspend_activate(server: Running, uid: str) -> None:
     granted = json.loads(out)
     assert granted["balance"]["credits"] == "500" and int(granted["grant_id"]) > 0
 
-    code, out, _ = await admin(server, "suspend", uid, "--reason", "Chargeback opened.")
+    code, out, _ = await admin(server, "suspend", uid, "--reason", "Chargeback opened by the bank.")
     assert code == 0 and "status     suspended" in out
-    code, out, _ = await admin(server, "--json", "activate", uid, "--reason", "Chargeback closed.")
+    code, out, _ = await admin(server, "--json", "activate", uid, "--reason", "Chargeback closed in our favour.")
     assert code == 0 and json.loads(out)["status"] == "active"
 
     audit = await server.service.ledger.audit_entries(uid)  # type: ignore[attr-defined]
     assert [(a["action"], a["reason"], a["actor"]) for a in audit[1:]] == [
         ("credits.grant", "Paid by bank transfer, ticket 17.", "env"),
-        ("account.suspend", "Chargeback opened.", "env"),
-        ("account.activate", "Chargeback closed.", "env"),
+        ("account.suspend", "Chargeback opened by the bank.", "env"),
+        ("account.activate", "Chargeback closed in our favour.", "env"),
     ]
 
 
@@ -135,16 +135,16 @@ async def test_account_set_creates_changes_plan_and_allowance_and_is_audited(ser
     assert "of 5,000 used" in out
 
     code, out, _ = await admin(
-        server, "--json", "account", "set", uid, "--plan-allowance", "--reason", "Contract ended."
+        server, "--json", "account", "set", uid, "--plan-allowance", "--reason", "The enterprise contract ended."
     )
     account = json.loads(out)
     assert code == 0 and account["balance"]["allowance"] == "1000" and account["email"] == "maria@example.com"
 
-    code, _, err = await admin(server, "account", "set", uid, "--plan", "gold", "--reason", "Upgrade.")
+    code, _, err = await admin(server, "account", "set", uid, "--plan", "gold", "--reason", "Upgrade asked by e-mail.")
     assert code == 2 and "no plan 'gold'" in err
 
     audit = await server.service.ledger.audit_entries(uid)  # type: ignore[attr-defined]
     upserts = [a for a in audit if a["action"] == "account.upsert"]
-    assert [a["reason"] for a in upserts] == ["New customer, contract 42.", "Contract ended."]
+    assert [a["reason"] for a in upserts] == ["New customer, contract 42.", "The enterprise contract ended."]
     assert json.loads(upserts[1]["before"])["allowance_override"] == 5000
     assert json.loads(upserts[1]["after"])["allowance_override"] is None

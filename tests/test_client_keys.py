@@ -200,7 +200,7 @@ async def test_roles_names_and_reasons(
             assert caught.value.code() == code, fields
         for name, reason, code in [
             (f"{uid}-k", "", grpc.StatusCode.INVALID_ARGUMENT),
-            (f"{uid}-nothing", "No such key.", grpc.StatusCode.NOT_FOUND),
+            (f"{uid}-nothing", "No such key exists here.", grpc.StatusCode.NOT_FOUND),
         ]:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stack.admin.RevokeClientKey(
@@ -208,11 +208,11 @@ async def test_roles_names_and_reasons(
                 )
             assert caught.value.code() == code
         await stack.admin.RevokeClientKey(
-            admin_pb2.RevokeClientKeyRequest(name=f"{uid}-k", reason="Done with it."), metadata=ADMIN
+            admin_pb2.RevokeClientKeyRequest(name=f"{uid}-k", reason="The script is done with it."), metadata=ADMIN
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stack.admin.RevokeClientKey(
-                admin_pb2.RevokeClientKeyRequest(name=f"{uid}-k", reason="Twice."), metadata=ADMIN
+                admin_pb2.RevokeClientKeyRequest(name=f"{uid}-k", reason="Revoked twice by mistake."), metadata=ADMIN
             )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -256,7 +256,7 @@ async def test_cli_keys_create_list_revoke(
         assert mine[f"{uid}-cli2"][1:3] == ["no", uid]
         assert secret not in out and second["secret"] not in out
 
-        code, out, err = await cli(running, "keys", "revoke", f"{uid}-cli", "--reason", "Rotated.")
+        code, out, err = await cli(running, "keys", "revoke", f"{uid}-cli", "--reason", "Rotated after six months.")
         assert code == 0, err
         assert "revoked    " in out and "revoked    -" not in out
         assert (await stack.chat(uid, key=secret)).status_code == 401

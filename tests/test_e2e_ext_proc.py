@@ -19,7 +19,7 @@ from quotagate.v1 import admin_pb2
 @pytest.fixture
 async def stack(database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path) -> AsyncIterator[Stack]:
     settings = make_settings(
-        database_url, redis_url, redis_prefix, plans=[{"id": "small", "monthly_allowance": 100_000}]
+        database_url, redis_url, redis_prefix, plans=[{"id": "ext-proc-100k", "monthly_allowance": 100_000}]
     )
     async with Stack(settings, tmp_path, ext_proc=True) as running:
         yield running
@@ -183,7 +183,9 @@ async def test_ext_proc_and_a_usage_report_for_the_same_request_charge_once(stac
 async def test_denied_requests_are_not_charged_by_ext_proc(
     database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path, uid: str
 ) -> None:
-    settings = make_settings(database_url, redis_url, redis_prefix, plans=[{"id": "small", "monthly_allowance": 10}])
+    settings = make_settings(
+        database_url, redis_url, redis_prefix, plans=[{"id": "ext-proc-10", "monthly_allowance": 10}]
+    )
     async with Stack(settings, tmp_path, ext_proc=True) as stack:
         first = await stack.http.post(
             "/v1/chat/completions", json=body(), headers=headers(uid, **{"x-demo-completion-tokens": "30"})

@@ -71,13 +71,15 @@ async def test_suspended_account_gets_403_until_activated(stack: Stack, uid: str
     assert (await stack.chat(uid)).status_code == 200
     auth = [("authorization", f"Bearer {ADMIN_TOKEN}")]
     await stack.admin.SuspendAccount(
-        admin_pb2.SetAccountStatusRequest(user_id=uid, reason="Card disputed."), metadata=auth
+        admin_pb2.SetAccountStatusRequest(user_id=uid, reason="Card payment disputed by the bank."), metadata=auth
     )
     denied = await stack.chat(uid)
     assert denied.status_code == 403
     error = denied.json()["error"]
     assert (error["type"], error["code"]) == ("permission_denied", "account_suspended")
-    await stack.admin.ActivateAccount(admin_pb2.SetAccountStatusRequest(user_id=uid, reason="Resolved."), metadata=auth)
+    await stack.admin.ActivateAccount(
+        admin_pb2.SetAccountStatusRequest(user_id=uid, reason="The dispute was resolved."), metadata=auth
+    )
     assert (await stack.chat(uid)).status_code == 200
 
 
@@ -186,7 +188,9 @@ async def test_client_key_never_reaches_the_upstream_without_an_upstream_key(sta
 async def test_an_allowance_set_by_an_admin_applies_to_the_next_request(stack: Stack, uid: str) -> None:
     assert (await stack.chat(uid)).headers["x-quota-limit"] == "1000"
     auth = [("authorization", f"Bearer {ADMIN_TOKEN}")]
-    request = admin_pb2.UpsertAccountRequest(user_id=uid, allowance_override=250_000, reason="Enterprise trial.")
+    request = admin_pb2.UpsertAccountRequest(
+        user_id=uid, allowance_override=250_000, reason="Enterprise trial for one month."
+    )
     account = await stack.admin.UpsertAccount(request, metadata=auth)
     assert account.has_allowance_override and account.allowance_override == 250_000
     assert (await stack.chat(uid)).headers["x-quota-limit"] == "250000"

@@ -15,7 +15,7 @@ from harness import CLIENT_KEY, Stack, make_settings
 
 from quotagate.core.clock import FixedClock
 
-BIG_PLAN = [{"id": "small", "monthly_allowance": 10_000_000}]
+BIG_PLAN = [{"id": "rate-limit-10m", "monthly_allowance": 10_000_000}]
 
 
 def chat_body(stream: bool = False) -> dict[str, Any]:

@@ -20,7 +20,7 @@ ESTIMATE = 44
 
 
 def tiny_plan(allowance: int) -> list[dict[str, object]]:
-    return [{"id": "small", "monthly_allowance": allowance}]
+    return [{"id": f"tiny-{allowance}", "monthly_allowance": allowance}]
 
 
 async def _burst(stack: Stack, user: str, count: int) -> list[int]:

@@ -114,8 +114,8 @@ async def test_spend_draws_the_earliest_expiring_grant_first(service: QuotaServi
     clock = clock_of(service)
     clock.set(datetime(2026, 11, 10, 12, 0, tzinfo=UTC))
     await service.check(NewAccount(uid), "g0", None)
-    await service.grant(uid, 300, "Never expires.", None, "admin", "test")
-    await service.grant(uid, 200, "Expires soon.", clock.now() + timedelta(days=2), "admin", "test")
+    await service.grant(uid, 300, "These credits never expire.", None, "admin", "test")
+    await service.grant(uid, 200, "These credits expire soon.", clock.now() + timedelta(days=2), "admin", "test")
     await spend(service, uid, "g1", 1250)  # 1000 allowance, then 200 of the expiring grant, then 50
     clock.advance(3 * 24 * 3600)
     _, balance = await service.account(uid)

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -40,6 +41,12 @@ def add_admin_parser(sub: Any) -> None:
         "--server", default=os.environ.get("QUOTAGATE_ADMIN_SERVER", "127.0.0.1:50051"), help="quotagate gRPC address"
     )
     admin.add_argument("--token", help="admin token (default: $QUOTAGATE_ADMIN_TOKEN)")
+    # Mutual TLS, for an admin port configured with admin.tls: any of them switches the channel to TLS.
+    admin.add_argument(
+        "--cacert", default=os.environ.get("QUOTAGATE_ADMIN_CACERT"), help="CA of the server's certificate (PEM)"
+    )
+    admin.add_argument("--cert", default=os.environ.get("QUOTAGATE_ADMIN_CERT"), help="client certificate (PEM)")
+    admin.add_argument("--key", default=os.environ.get("QUOTAGATE_ADMIN_KEY"), help="client private key (PEM)")
     admin.add_argument("--json", action="store_true", help="print the API's answer as JSON")
     tasks = admin.add_subparsers(dest="task", required=True)
 
@@ -105,6 +112,36 @@ def add_admin_parser(sub: Any) -> None:
     revoke.add_argument("name")
     revoke.add_argument("--reason", required=True)
 
+    plans = tasks.add_parser("plans", help="plans (list: role viewer; create, update: role admin)").add_subparsers(
+        dest="action", required=True
+    )
+    plan_list = plans.add_parser("list", help="the plans with their allowances and accounts")
+    plan_list.add_argument("--active", action="store_true", help="leave out inactive plans")
+    for name, text in (
+        ("create", "a new plan"),
+        ("update", "change a plan; its accounts' next decision uses the change"),
+    ):
+        plan = plans.add_parser(name, help=text)
+        plan.add_argument("id")
+        plan.add_argument("--name")
+        plan.add_argument("--allowance", type=int, required=name == "create", help="tokens a month")
+        plan.add_argument("--warn", type=float, help="warn threshold, a fraction of the allowance (e.g. 0.8)")
+        plan.add_argument("--critical", type=float, help="critical threshold (e.g. 0.95)")
+        plan.add_argument(
+            "--weight",
+            action="append",
+            default=[],
+            metavar="PATTERN=IN,OUT",
+            help="a model weight, e.g. 'gpt-4o*=2.5,10' (repeat it; on update the list replaces the plan's)",
+        )
+        if name == "update":
+            plan.add_argument("--clear-weights", action="store_true", help="remove the plan's model weights")
+        state = plan.add_mutually_exclusive_group()
+        if name == "update":
+            state.add_argument("--active", action="store_true", help="take new accounts again")
+        state.add_argument("--inactive", action="store_true", help="keep its accounts but take no new ones")
+        plan.add_argument("--reason", required=True)
+
     export = tasks.add_parser("export", help="usage events as CSV or JSON lines, streamed (role viewer)")
     export.add_argument("--user", default="", help="one account (default: every account)")
     export.add_argument("--cycle", default="", help='e.g. "2026-11" (default: the current cycle)')
@@ -165,6 +202,8 @@ def _call(args: argparse.Namespace) -> Call:
         return lambda stub, md: stub.ListAuditLog(audit, metadata=md, timeout=30)
     if args.task == "keys":
         return _key_call(args)
+    if args.task == "plans":
+        return _plan_call(args)
     if args.task == "adjust":
         adjust = admin_pb2.AdjustCreditsRequest(user_id=args.user, amount=args.amount, reason=args.reason)
         return lambda stub, md: stub.AdjustCredits(adjust, metadata=md, timeout=10)
@@ -190,6 +229,54 @@ def _key_call(args: argparse.Namespace) -> Call:
     return lambda stub, md: stub.RevokeClientKey(revoke, metadata=md, timeout=10)
 
 
+def _weight(text: str) -> admin_pb2.ModelWeight:
+    pattern, sep, factors = text.rpartition("=")
+    parts = factors.split(",")
+    try:
+        if not sep or not pattern or len(parts) != 2:
+            raise ValueError
+        return admin_pb2.ModelWeight(pattern=pattern, input=float(parts[0]), output=float(parts[1]))
+    except ValueError:
+        raise ValueError(f"--weight {text!r}: expected PATTERN=INPUT,OUTPUT, e.g. 'gpt-4o*=2.5,10'") from None
+
+
+def _plan_call(args: argparse.Namespace) -> Call:
+    if args.action == "list":
+        listing = admin_pb2.ListPlansRequest(active_only=args.active)
+        return lambda stub, md: stub.ListPlans(listing, metadata=md, timeout=30)
+    weights = [_weight(w) for w in args.weight]
+    if args.action == "create":
+        create = admin_pb2.CreatePlanRequest(
+            id=args.id, name=args.name or "", monthly_allowance=args.allowance, model_weights=weights,
+            reason=args.reason,
+        )  # fmt: skip
+        if args.warn is not None:
+            create.warn_threshold = args.warn
+        if args.critical is not None:
+            create.critical_threshold = args.critical
+        if args.inactive:
+            create.active = False
+        return lambda stub, md: stub.CreatePlan(create, metadata=md, timeout=10)
+    if weights and args.clear_weights:
+        raise ValueError("give --weight or --clear-weights, not both")
+    update = admin_pb2.UpdatePlanRequest(
+        id=args.id, model_weights=weights, replace_model_weights=bool(weights) or args.clear_weights,
+        reason=args.reason,
+    )  # fmt: skip
+    for field, value in (
+        ("name", args.name),
+        ("monthly_allowance", args.allowance),
+        ("warn_threshold", args.warn),
+        ("critical_threshold", args.critical),
+    ):
+        if value is not None:
+            setattr(update, field, value)
+    if args.active or args.inactive:
+        update.active = args.active
+    # The call returns once every account on the plan has the change in its hot state: allow for big plans.
+    return lambda stub, md: stub.UpdatePlan(update, metadata=md, timeout=300)
+
+
 def run_admin(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("QUOTAGATE_ADMIN_TOKEN", "")
     if not token:
@@ -199,11 +286,12 @@ def run_admin(args: argparse.Namespace) -> int:
         return _run_export(args, token)
     try:
         call = _call(args)
+        credentials = _credentials(args)
     except ValueError as exc:
         print(f"quotagate admin: {exc}", file=sys.stderr)
         return 2
     try:
-        reply = asyncio.run(_send(args.server, token, call))
+        reply = asyncio.run(_send(args.server, token, call, credentials))
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
         print(f"quotagate admin: {code.name.lower()}: {exc.details()}", file=sys.stderr)
@@ -218,12 +306,17 @@ def run_admin(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace, token: str) -> int:
     request = admin_pb2.ExportUsageRequest(user_id=args.user, cycle=args.cycle, format=args.format)
     try:
+        credentials = _credentials(args)
+    except ValueError as exc:
+        print(f"quotagate admin: {exc}", file=sys.stderr)
+        return 2
+    try:
         if args.output:
             with open(args.output, "wb") as out:
-                written = asyncio.run(_export(args.server, token, request, out.write))
+                written = asyncio.run(_export(args.server, token, request, out.write, credentials))
             print(f"wrote {written:,} bytes to {args.output}", file=sys.stderr)
         else:
-            asyncio.run(_export(args.server, token, request, sys.stdout.buffer.write))
+            asyncio.run(_export(args.server, token, request, sys.stdout.buffer.write, credentials))
             sys.stdout.buffer.flush()
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
@@ -235,10 +328,16 @@ def _run_export(args: argparse.Namespace, token: str) -> int:
     return 0
 
 
-async def _export(server: str, token: str, request: admin_pb2.ExportUsageRequest, write: Callable[[bytes], Any]) -> int:
+async def _export(
+    server: str,
+    token: str,
+    request: admin_pb2.ExportUsageRequest,
+    write: Callable[[bytes], Any],
+    credentials: grpc.ChannelCredentials | None,
+) -> int:
     """Writes each chunk as it arrives (nothing is gathered in memory); returns the bytes written."""
     written = 0
-    async with grpc.aio.insecure_channel(server) as channel:
+    async with _channel(server, credentials) as channel:
         stream = admin_pb2_grpc.AdminStub(channel).ExportUsage(request, metadata=[("authorization", f"Bearer {token}")])
         async for chunk in stream:
             write(chunk.data)
@@ -246,8 +345,32 @@ async def _export(server: str, token: str, request: admin_pb2.ExportUsageRequest
     return written
 
 
-async def _send(server: str, token: str, call: Call) -> Message:
-    async with grpc.aio.insecure_channel(server) as channel:
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials when --cacert, --cert or --key (or their variables) are given; None for plaintext."""
+    if not (args.cacert or args.cert or args.key):
+        return None
+    if bool(args.cert) != bool(args.key):
+        raise ValueError("give --cert and --key together (the client certificate and its private key)")
+    files: dict[str, bytes | None] = {}
+    for option in ("cacert", "cert", "key"):
+        path = getattr(args, option)
+        try:
+            files[option] = Path(path).read_bytes() if path else None
+        except OSError as exc:
+            raise ValueError(f"--{option} {path}: {exc.strerror}") from None
+    return grpc.ssl_channel_credentials(
+        root_certificates=files["cacert"], private_key=files["key"], certificate_chain=files["cert"]
+    )
+
+
+def _channel(server: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(server)
+    return grpc.aio.secure_channel(server, credentials)
+
+
+async def _send(server: str, token: str, call: Call, credentials: grpc.ChannelCredentials | None = None) -> Message:
+    async with _channel(server, credentials) as channel:
         return await call(admin_pb2_grpc.AdminStub(channel), [("authorization", f"Bearer {token}")])
 
 
@@ -323,7 +446,30 @@ def render(reply: Message) -> str:
             for k in reply.keys
         ]  # fmt: skip
         return table(["name", "trusted", "user", "created", "by", "revoked"], rows, "")
+    if isinstance(reply, admin_pb2.Plan):
+        weights = ", ".join(f"{w.pattern} in {w.input:g} out {w.output:g}" for w in reply.model_weights) or "-"
+        return "\n".join(
+            [
+                f"plan       {reply.id}" + (f"  {reply.name}" if reply.name else ""),
+                f"allowance  {reply.monthly_allowance:,} tokens a month",
+                f"thresholds warn {_percent(reply.warn_threshold)}, critical {_percent(reply.critical_threshold)}",
+                f"weights    {weights}",
+                f"status     {'active' if reply.active else 'inactive (takes no new accounts)'}",
+                f"accounts   {reply.accounts:,}",
+            ]
+        )
+    if isinstance(reply, admin_pb2.ListPlansResponse):
+        rows = [
+            [p.id, p.name or "-", f"{p.monthly_allowance:,}", _percent(p.warn_threshold),
+             _percent(p.critical_threshold), str(len(p.model_weights)), "yes" if p.active else "no", f"{p.accounts:,}"]
+            for p in reply.plans
+        ]  # fmt: skip
+        return table(["id", "name", "allowance", "warn", "critical", "weights", "active", "accounts"], rows, "")
     return json_format.MessageToJson(reply)
+
+
+def _percent(fraction: float) -> str:
+    return f"{round(fraction * 100, 1):g}%"
 
 
 def _acts_for(key: admin_pb2.ClientKey) -> str:

@@ -46,16 +46,44 @@ class AdminToken:
 
 
 @dataclass(frozen=True)
+class AdminListener:
+    """An optional listener of its own for quotagate.v1.Admin (with health and reflection). When `listen` is set,
+    the Admin service is served only there, not on grpc_listen; with TLS files it requires a client certificate
+    signed by client_ca (mutual TLS), and the admin token is still required on every call."""
+
+    listen: str = ""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
 class NotificationSettings:
-    """Customer e-mails by SMTP; off unless `notifications.enabled` with an smtp_host."""
+    """Customer notifications, off unless `notifications.enabled`: e-mails by SMTP (with an smtp_host) and/or a
+    signed HTTP webhook (with webhook.url), each delivered from the same outbox and tracked on its own."""
 
     enabled: bool = False
     smtp_host: str = ""
     smtp_port: int = 25
     sender: str = ""  # the `from` key
-    poll_seconds: float = 5.0  # how often the sender looks for due e-mails
+    poll_seconds: float = 5.0  # how often the senders look for due notifications
     retry_seconds: float = 30.0  # the first retry's delay; it doubles up to max_retry_seconds
     max_retry_seconds: float = 3600.0
+    webhook_url: str = ""
+    webhook_secret: str = field(default="", repr=False)  # signs each POST (HMAC-SHA256); never logged
+    webhook_timeout_seconds: float = 10.0
+
+    @property
+    def mail(self) -> bool:
+        return self.enabled and bool(self.smtp_host)
+
+    @property
+    def webhook(self) -> bool:
+        return self.enabled and bool(self.webhook_url)
 
 
 @dataclass(frozen=True)
@@ -95,6 +123,7 @@ class Settings:
     rate_limit_files: tuple[Path, ...] = ()
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
     stripe: StripeSettings = field(default_factory=StripeSettings)
+    admin: AdminListener = field(default_factory=AdminListener)
     source: str = "<defaults>"
 
     def plan(self, plan_id: str) -> Plan:
@@ -217,6 +246,7 @@ def _plan(item: _Section) -> Plan:
         warn_threshold=_fraction(item, "warn_threshold", 0.80),
         critical_threshold=_fraction(item, "critical_threshold", 0.95),
         weights=_weights(item, "model_weights"),
+        name=item.take("name", str, ""),
     )
     if plan.warn_threshold > plan.critical_threshold:
         raise item.fail("warn_threshold", "must not be above critical_threshold")
@@ -256,8 +286,25 @@ def _admin_token(item: _Section) -> AdminToken:
     return AdminToken(name, digest, role)
 
 
-def _notifications(section: _Section) -> NotificationSettings:
+MIN_WEBHOOK_SECRET_CHARS = 16
+
+
+def _notifications(section: _Section, env: Mapping[str, str]) -> NotificationSettings:
     defaults = NotificationSettings()
+    hook = section.sub("webhook")
+    url = hook.take("url", str, "")
+    secret = env.get("QUOTAGATE_WEBHOOK_SECRET", hook.take("secret", str, ""))
+    timeout = hook.take("timeout_seconds", float, defaults.webhook_timeout_seconds)
+    if url and not url.startswith(("http://", "https://")):
+        raise hook.fail("url", "must be an http:// or https:// URL")
+    if url and len(secret) < MIN_WEBHOOK_SECRET_CHARS:
+        raise hook.fail(
+            "secret",
+            f"required with a url: at least {MIN_WEBHOOK_SECRET_CHARS} characters (or QUOTAGATE_WEBHOOK_SECRET)",
+        )
+    if timeout <= 0:
+        raise hook.fail("timeout_seconds", "must be positive")
+    hook.done()
     result = NotificationSettings(
         enabled=section.take("enabled", bool, False),
         smtp_host=section.take("smtp_host", str, ""),
@@ -266,15 +313,18 @@ def _notifications(section: _Section) -> NotificationSettings:
         poll_seconds=section.take("poll_seconds", float, defaults.poll_seconds),
         retry_seconds=section.take("retry_seconds", float, defaults.retry_seconds),
         max_retry_seconds=section.take("max_retry_seconds", float, defaults.max_retry_seconds),
+        webhook_url=url,
+        webhook_secret=secret,
+        webhook_timeout_seconds=timeout,
     )
     for name in ("poll_seconds", "retry_seconds", "max_retry_seconds"):
         if getattr(result, name) <= 0:
             raise section.fail(name, "must be positive")
     if result.smtp_port > 65535:
         raise section.fail("smtp_port", "must be a TCP port")
-    if result.enabled and not result.smtp_host:
-        raise section.fail("smtp_host", "required when notifications are enabled")
-    if result.enabled and not result.sender:
+    if result.enabled and not result.smtp_host and not result.webhook_url:
+        raise section.fail("smtp_host", "required when notifications are enabled (or give webhook.url)")
+    if result.enabled and result.smtp_host and not result.sender:
         raise section.fail("from", "required when notifications are enabled")
     section.done()
     return result
@@ -284,6 +334,27 @@ def _stripe(section: _Section) -> StripeSettings:
     result = StripeSettings(enabled=section.take("enabled", bool, False))
     section.done()
     return result
+
+
+def _admin_listener(section: _Section, env: Mapping[str, str], base: Path) -> AdminListener:
+    listen = env.get("QUOTAGATE_ADMIN_LISTEN", section.take("listen", str, ""))
+    tls = section.sub("tls")
+    files: dict[str, Path | None] = {}
+    for name in ("cert", "key", "client_ca"):
+        raw = tls.take(name, str, "")
+        path = None if not raw else (Path(raw) if Path(raw).is_absolute() else base / raw)
+        if path is not None and not path.is_file():
+            raise tls.fail(name, f"no such file: {path}")
+        files[name] = path
+    tls.done()
+    given = [name for name, path in files.items() if path is not None]
+    if given and len(given) < 3:
+        missing = next(name for name, path in files.items() if path is None)
+        raise tls.fail(missing, "required: mutual TLS needs cert, key and client_ca")
+    if given and not listen:
+        raise section.fail("listen", "required with admin.tls: the address of the admin port")
+    section.done()
+    return AdminListener(listen, files["cert"], files["key"], files["client_ca"])
 
 
 def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
@@ -305,8 +376,9 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     upstream = top.sub("upstream")
     upstream_key = upstream.take("api_key", str, "")
     upstream.done()
-    notifications = _notifications(top.sub("notifications"))
     stripe = _stripe(top.sub("stripe"))
+    notifications = _notifications(top.sub("notifications"), env)
+    admin = _admin_listener(top.sub("admin"), env, Path(source).parent)
     settings = Settings(
         timezone=top.take_choice("timezone", ZoneInfo, defaults.timezone, "IANA time zone names"),
         language=top.take_choice("language", Language, defaults.language, "pt-BR, en"),
@@ -333,6 +405,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         rate_limit_files=_paths(top, "rate_limits", Path(source).parent),
         notifications=notifications,
         stripe=stripe,
+        admin=admin,
         source=source,
     )
     top.done()

@@ -29,7 +29,7 @@ from quotagate.config import Settings
 from quotagate.core.clock import Clock, SystemClock
 from quotagate.http import build_http_app
 from quotagate.metrics import Metrics
-from quotagate.notify import NotificationSender
+from quotagate.notify import NotificationSender, WebhookSender
 from quotagate.ratelimit.limiter import RateLimiter
 from quotagate.ratelimit.reload import ReloadingConfig
 from quotagate.ratelimit.store import RedisRateLimitStore
@@ -49,6 +49,7 @@ SERVICE_NAMES = (
     usage_pb2.DESCRIPTOR.services_by_name["Usage"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 SWEEP_INTERVAL_SECONDS = 5.0
 DEFAULT_RATE_LIMITS = Path(str(resources.files("quotagate").joinpath("templates", "ratelimit.yaml")))
 
@@ -66,6 +67,7 @@ class Running:
     grpc_port: int
     http_port: int
     stop: Callable[[], Awaitable[None]]
+    admin_port: int = 0  # the Admin service's port: grpc_port unless admin.listen gives it one of its own
 
 
 async def start(settings: Settings, clock: Clock | None = None, migrate: bool = True) -> Running:
@@ -73,7 +75,11 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     service_box: list[QuotaService] = []
     notifying = settings.notifications.enabled
     ledger = await PostgresLedger.connect(
-        settings.database_url, lambda a: service_box[0].limits_of(a), notifications=notifying
+        settings.database_url,
+        lambda a: service_box[0].limits_of(a),
+        notifications=notifying,
+        mail=settings.notifications.mail,
+        webhook=settings.notifications.webhook,
     )
     hot = RedisHotState.from_url(settings.redis_url, settings.redis_prefix)
     service = QuotaService(settings, ledger, hot, clock or SystemClock(), metrics)
@@ -82,7 +88,10 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         applied = await ledger.migrate()
         if applied:
             log.info("migrations applied: %s", ", ".join(applied))
-    await ledger.sync_plans(settings.plans)
+    seeded = await ledger.sync_plans(settings.plans)
+    if seeded:
+        log.info("plans seeded from the config: %s", ", ".join(seeded))
+    await service.refresh_plans()
     await service.refresh_client_keys()
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 8 << 20)])
@@ -101,14 +110,20 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     )
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter, settings, metrics), server)
     usage_pb2_grpc.add_UsageServicer_to_server(UsageService(service), server)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service), server)
+    separate_admin = bool(settings.admin.listen)
+    if not separate_admin:
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service), server)
+    served = tuple(n for n in SERVICE_NAMES if not (separate_admin and n == ADMIN_SERVICE_NAME))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((*served, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     grpc_port = server.add_insecure_port(settings.grpc_listen)
     if grpc_port == 0:
         raise OSError(f"cannot listen for gRPC on {settings.grpc_listen}")
     await server.start()
+    admin_server, admin_port = None, grpc_port
+    if separate_admin:
+        admin_server, admin_port = await _start_admin_server(settings, service, health_servicer)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -127,8 +142,10 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     sweeper = asyncio.create_task(_sweep(service), name="reservation-sweeper")
     watcher = asyncio.create_task(rate_limits.watch(), name="rate-limit-config-watcher")
     tasks = [sweeper, watcher]
-    if notifying:
+    if settings.notifications.mail:
         tasks.append(asyncio.create_task(NotificationSender(ledger, settings).run(), name="notification-sender"))
+    if settings.notifications.webhook:
+        tasks.append(asyncio.create_task(WebhookSender(ledger, settings).run(), name="webhook-sender"))
 
     async def stop() -> None:
         # Health turns NOT_SERVING first so balancers stop sending, then in-flight calls get time to finish.
@@ -137,6 +154,8 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if admin_server is not None:
+            await admin_server.stop(grace=5)
         await server.stop(grace=5)
         await ext_proc.drain()
         await runner.cleanup()
@@ -145,7 +164,33 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         await ledger.close()
 
     log.info("quotagate serving gRPC on %s (port %d), HTTP on port %d", settings.grpc_listen, grpc_port, http_port)
-    return Running(service=service, grpc_port=grpc_port, http_port=http_port, stop=stop)
+    return Running(service=service, grpc_port=grpc_port, http_port=http_port, stop=stop, admin_port=admin_port)
+
+
+async def _start_admin_server(
+    settings: Settings, service: QuotaService, health_servicer: health.aio.HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """The Admin service (with health and reflection) on its own port; mutual TLS when admin.tls is given."""
+    listener = settings.admin
+    server = grpc.aio.server()
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if listener.tls_cert and listener.tls_key and listener.tls_client_ca:
+        credentials = grpc.ssl_server_credentials(
+            [(listener.tls_key.read_bytes(), listener.tls_cert.read_bytes())],
+            root_certificates=listener.tls_client_ca.read_bytes(),
+            require_client_auth=True,
+        )
+        port = server.add_secure_port(listener.listen, credentials)
+    else:
+        port = server.add_insecure_port(listener.listen)
+    if port == 0:
+        raise OSError(f"cannot listen for the Admin API on {listener.listen}")
+    await server.start()
+    log.info("quotagate serving the Admin API on %s (port %d, %s)", listener.listen, port,
+             "mutual TLS" if listener.tls else "plaintext")  # fmt: skip
+    return server, port
 
 
 async def _sweep(service: QuotaService) -> None:
@@ -161,6 +206,11 @@ async def _sweep(service: QuotaService) -> None:
             await service.refresh_client_keys()
         except Exception:
             log.exception("refreshing client keys failed")
+        try:
+            # So do plan changes, with the hot state of the accounts on a changed plan.
+            await service.refresh_plans()
+        except Exception:
+            log.exception("refreshing plans failed")
 
 
 async def serve_forever(settings: Settings, migrate: bool = True) -> None:

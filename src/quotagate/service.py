@@ -5,16 +5,17 @@ No grpc or protobuf here: adapters/ translate the wire formats and call these me
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 from zoneinfo import ZoneInfo
 
 from quotagate.config import Client, Settings, sha256_hex
@@ -29,9 +30,11 @@ from quotagate.core.model import (
     Balance,
     LedgerSnapshot,
     ModelWeight,
+    Plan,
     QuotaState,
     Reservation,
 )
+from quotagate.core.plans import PlanChanges, validate_plan
 from quotagate.core.weights import weight_for, weighted_cost
 from quotagate.links import LinkSigner, UserLinks
 from quotagate.metrics import Metrics
@@ -47,6 +50,8 @@ from quotagate.store.ports import (
     LedgerQueries,
     NewAccount,
     NewGrant,
+    PlanRecord,
+    PlanStore,
     SettleOutcome,
     UsageRecord,
     UsageTotals,
@@ -58,17 +63,30 @@ log = logging.getLogger("quotagate.service")
 MAX_REPORTED_TOKENS = 1_000_000_000
 MAX_ID_CHARS = 256
 MAX_GRANT = 1_000_000_000_000
-MIN_REASON_CHARS = 3
+# A reason is read later by someone who was not there: ask for a sentence, not a word.
+MIN_REASON_WORDS = 3
+MIN_REASON_CHARS = 15
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 GROUPINGS = ("none", "day", "model")
 CLIENT_KEY_PREFIX = "qg_"
 EXPORT_FORMATS = ("csv", "jsonl")
 EXPORT_BATCH_ROWS = 1000
+# After a plan change its accounts' hot state is rewritten in batches read from the ledger, this many at a time.
+PLAN_RELOAD_BATCH = 500
+PLAN_RELOAD_CONCURRENCY = 50
 EXPORT_FIELDS = (
     "request_id", "user_id", "model", "prompt_tokens", "completion_tokens", "cost", "cycle", "status", "estimated",
     "source", "occurred_at", "recorded_at",
 )  # fmt: skip
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class UnknownPlan(KeyError):
+    """An account's plan is not in this process's copy of the plans (created elsewhere since the last reload)."""
 
 
 def page_size(requested: int) -> int:
@@ -78,9 +96,13 @@ def page_size(requested: int) -> int:
 
 
 def require_reason(reason: str, what: str) -> str:
+    """The trimmed reason, if it is a sentence: at least MIN_REASON_WORDS words and MIN_REASON_CHARS characters."""
     reason = reason.strip()
-    if len(reason) < MIN_REASON_CHARS:
-        raise InvalidRequest(f"reason is required: say why {what}")
+    if len(reason.split()) < MIN_REASON_WORDS or len(reason) < MIN_REASON_CHARS:
+        raise InvalidRequest(
+            f"reason must be a sentence saying why {what} (at least {MIN_REASON_WORDS} words and "
+            f"{MIN_REASON_CHARS} characters), e.g. 'Paid by bank transfer, ticket 1234.'"
+        )
     return reason
 
 
@@ -135,6 +157,13 @@ class QuotaService:
             checkout=settings.stripe.enabled,
             manual=settings.purchase_hint,
         )
+        # id -> plan. The database is the record of plans (the config only seeds missing ones); this copy is
+        # reloaded at startup, after each change made here, and periodically by the sweeper (other processes).
+        self._plans: dict[str, Plan] = {p.id: p for p in settings.plans}
+        self._plans_loaded = False
+        # Changed plans whose accounts' hot state is still to be rewritten (see refresh_plans).
+        self._plans_to_reload: set[str] = set()
+        self._plan_reload_lock = asyncio.Lock()
 
     # -- client keys ----------------------------------------------------------------------------------
 
@@ -205,8 +234,15 @@ class QuotaService:
         self._current_cycle = cycle
         return cycle
 
+    def plan(self, plan_id: str) -> Plan:
+        """The plan from the in-process copy; UnknownPlan when this process has not loaded it yet."""
+        plan = self._plans.get(plan_id)
+        if plan is None:
+            raise UnknownPlan(plan_id)
+        return plan
+
     def limits_of(self, account: AccountRecord) -> AccountLimits:
-        plan = self.settings.plan(account.plan_id)
+        plan = self.plan(account.plan_id)
         return AccountLimits(
             status=account.status,
             plan_id=plan.id,
@@ -216,10 +252,8 @@ class QuotaService:
         )
 
     def weight(self, plan_id: str, model: str) -> ModelWeight:
-        try:
-            plan_weights = self.settings.plan(plan_id).weights
-        except KeyError:
-            plan_weights = ()
+        plan = self._plans.get(plan_id)
+        plan_weights = plan.weights if plan is not None else ()
         return weight_for(model, plan_weights, self.settings.model_weights)
 
     def estimate(self, user_id: str, request: CompletionRequest) -> int:
@@ -267,11 +301,20 @@ class QuotaService:
 
     async def _snapshot(self, user: NewAccount, cycle: Cycle, now: datetime) -> LedgerSnapshot:
         try:
-            return await self.ledger.snapshot(user.user_id, cycle.key, now)
+            return await self._knowing_plans(self.ledger.snapshot, user.user_id, cycle.key, now)
         except NotFound:
             await self.ledger.ensure_account(user, self.settings.default_plan)
             log.info("account created", extra={"user_id": user.user_id})
-            return await self.ledger.snapshot(user.user_id, cycle.key, now)
+            return await self._knowing_plans(self.ledger.snapshot, user.user_id, cycle.key, now)
+
+    async def _knowing_plans(self, call: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Runs a ledger call; when it meets a plan created by another process since the last reload, reloads
+        the plans and runs it once more (the failed call's transaction was rolled back)."""
+        try:
+            return await call(*args, **kwargs)
+        except UnknownPlan:
+            await self.refresh_plans()
+            return await call(*args, **kwargs)
 
     @staticmethod
     def _balance(user_id: str, cycle: Cycle, view: HotView) -> Balance:
@@ -308,6 +351,8 @@ class QuotaService:
         account = await self.ledger.get_account(user_id)
         if account is None:
             account = await self.ledger.ensure_account(NewAccount(user_id), self.settings.default_plan)
+        if account.plan_id not in self._plans:
+            await self.refresh_plans()  # created by another process since the last reload: price with its weights
         model = report.model or (reservation.model if reservation else "")
         cost = weighted_cost(report.prompt_tokens, report.completion_tokens, self.weight(account.plan_id, model))
         usage = UsageRecord(
@@ -326,7 +371,7 @@ class QuotaService:
 
     async def _settle(self, usage: UsageRecord, now: datetime) -> tuple[SettleOutcome, Balance]:
         cycle = self.cycle(now)
-        outcome, snapshot = await self.ledger.record_usage(usage, cycle.key, now)
+        outcome, snapshot = await self._knowing_plans(self.ledger.record_usage, usage, cycle.key, now)
         try:
             await self.hot.settle(usage.request_id, snapshot)
         except StoreUnavailable as exc:
@@ -394,7 +439,7 @@ class QuotaService:
         now = self.clock.now()
         cycle = self.cycle(now)
         for user_id in list(self._stale):
-            await self.hot.load(await self.ledger.snapshot(user_id, cycle.key, now))
+            await self.hot.load(await self._knowing_plans(self.ledger.snapshot, user_id, cycle.key, now))
             self._stale.discard(user_id)
             refreshed += 1
         return refreshed
@@ -422,7 +467,7 @@ class QuotaService:
             raise NotFound(f"no account {user_id!r}")
         now = self.clock.now()
         cycle = self.cycle(now)
-        snapshot = await self.ledger.snapshot(user_id, cycle.key, now)
+        snapshot = await self._knowing_plans(self.ledger.snapshot, user_id, cycle.key, now)
         return account, await self._live_balance(snapshot, cycle, now)
 
     async def balance_of(self, user: NewAccount, *, create: bool) -> tuple[AccountRecord, Balance]:
@@ -449,24 +494,31 @@ class QuotaService:
         user_id = validate_id("user_id", user_id)
         if amount <= 0 or amount > MAX_GRANT:
             raise InvalidRequest(f"amount must be between 1 and {MAX_GRANT}")
-        if len(reason.strip()) < 3:
-            raise InvalidRequest("reason is required: say why the credits are granted")
+        reason = require_reason(reason, "the credits are granted")
         if await self.ledger.get_account(user_id) is None:
             raise NotFound(f"no account {user_id!r}")
         now = self.clock.now()
         cycle = self.cycle(now)
-        grant_id, snapshot = await self.ledger.grant(
-            NewGrant(user_id, amount, reason.strip(), expires_at, source or "admin", actor), cycle.key, now
+        grant_id, snapshot = await self._knowing_plans(
+            self.ledger.grant,
+            NewGrant(user_id, amount, reason.strip(), expires_at, source or "admin", actor),
+            cycle.key,
+            now,
         )
         await self._push(snapshot)
         return grant_id, await self._live_balance(snapshot, cycle, now)
 
     async def upsert_account(self, user_id: str, changes: AccountChanges, reason: str, actor: str) -> Balance:
         user_id = validate_id("user_id", user_id)
-        if len(reason.strip()) < 3:
-            raise InvalidRequest("reason is required: say why the account changes")
-        if changes.plan_id is not None and not any(p.id == changes.plan_id for p in self.settings.plans):
-            raise InvalidRequest(f"no plan {changes.plan_id!r}; plans: {', '.join(p.id for p in self.settings.plans)}")
+        reason = require_reason(reason, "the account changes")
+        if changes.plan_id is not None:
+            if changes.plan_id not in self._plans:
+                await self.refresh_plans()  # it may have been created by another process a moment ago
+            plan = self._plans.get(changes.plan_id)
+            if plan is None:
+                raise InvalidRequest(f"no plan {changes.plan_id!r}; plans: {', '.join(sorted(self._plans))}")
+            if not plan.active:
+                raise InvalidRequest(f"plan {plan.id!r} is inactive: it takes no new accounts")
         if changes.allowance_override is not None and not 0 <= changes.allowance_override <= MAX_GRANT:
             raise InvalidRequest(f"allowance_override must be between 0 and {MAX_GRANT}")
         for name, value in (("email", changes.email), ("name", changes.name)):
@@ -474,8 +526,15 @@ class QuotaService:
                 raise InvalidRequest(f"{name} must be at most 320 printable characters")
         now = self.clock.now()
         cycle = self.cycle(now)
-        snapshot = await self.ledger.upsert_account(
-            user_id, changes, self.settings.default_plan, reason.strip(), actor, cycle.key, now
+        snapshot = await self._knowing_plans(
+            self.ledger.upsert_account,
+            user_id,
+            changes,
+            self.settings.default_plan,
+            reason.strip(),
+            actor,
+            cycle.key,
+            now,
         )
         self._plan_of.pop(user_id, None)  # the next estimate uses the new plan's weights
         await self._push(snapshot)
@@ -483,11 +542,12 @@ class QuotaService:
 
     async def set_status(self, user_id: str, status: AccountStatus, reason: str, actor: str) -> Balance:
         user_id = validate_id("user_id", user_id)
+        reason = require_reason(reason, "the account's status changes")
         if await self.ledger.get_account(user_id) is None:
             raise NotFound(f"no account {user_id!r}")
         now = self.clock.now()
         cycle = self.cycle(now)
-        snapshot = await self.ledger.set_status(user_id, status, reason, actor, cycle.key, now)
+        snapshot = await self._knowing_plans(self.ledger.set_status, user_id, status, reason, actor, cycle.key, now)
         await self._push(snapshot)
         return await self._live_balance(snapshot, cycle, now)
 
@@ -501,7 +561,8 @@ class QuotaService:
             raise NotFound(f"no account {user_id!r}")
         now = self.clock.now()
         cycle = self.cycle(now)
-        removed, snapshot = await self.ledger.adjust(Adjustment(user_id, amount, reason, actor), cycle.key, now)
+        adjustment = Adjustment(user_id, amount, reason, actor)
+        removed, snapshot = await self._knowing_plans(self.ledger.adjust, adjustment, cycle.key, now)
         await self._push(snapshot)
         return removed, await self._live_balance(snapshot, cycle, now)
 
@@ -513,9 +574,94 @@ class QuotaService:
             raise NotFound(f"no account {user_id!r}")
         now = self.clock.now()
         cycle = self.cycle(now)
-        snapshot = await self.ledger.reset_cycle(user_id, reason, actor, cycle.key, now)
+        snapshot = await self._knowing_plans(self.ledger.reset_cycle, user_id, reason, actor, cycle.key, now)
         await self._push(snapshot)
         return await self._live_balance(snapshot, cycle, now)
+
+    # -- plans ----------------------------------------------------------------------------------------------
+
+    def plan_store(self) -> PlanStore:
+        if not isinstance(self.ledger, PlanStore):
+            raise InvalidRequest("this ledger does not keep plans")
+        return self.ledger
+
+    async def refresh_plans(self) -> list[str]:
+        """Reloads the plans from the database; returns the ids of those that changed since the last load.
+
+        The hot state of the accounts on a changed plan holds the old allowance and thresholds, so it is
+        reloaded here: their next decision uses the new values. Every process does this when it sees the
+        change, so one that wrote old values in the meantime puts them right. A reload that did not finish
+        (a store error, a cancelled call) is taken up again by the next refresh."""
+        if not isinstance(self.ledger, PlanStore):
+            return []
+        fresh = {r.plan.id: r.plan for r in await self.ledger.plans()}
+        # The first load replaces the config's copy; the hot state was put right by whoever changed a plan.
+        loaded, self._plans_loaded = self._plans_loaded, True
+        changed = [plan_id for plan_id, plan in fresh.items() if loaded and self._plans.get(plan_id, plan) != plan]
+        self._plans = fresh
+        self._plans_to_reload.update(changed)
+        # Shielded: an admin call that gives up waiting must not leave the reload half done.
+        await asyncio.shield(self._reload_pending_plans())
+        return changed
+
+    async def _reload_pending_plans(self) -> None:
+        async with self._plan_reload_lock:
+            for plan_id in sorted(self._plans_to_reload):
+                await self._reload_accounts_of(plan_id)
+                self._plans_to_reload.discard(plan_id)
+
+    async def _reload_accounts_of(self, plan_id: str) -> None:
+        """Rewrites the hot state of the plan's accounts that have one in this cycle (keeping what is reserved)."""
+        if not isinstance(self.ledger, LedgerQueries):
+            return
+        now = self.clock.now()
+        cycle = self.cycle(now)
+
+        async def reload(user_id: str, snapshot: LedgerSnapshot) -> None:
+            try:
+                present = await self.hot.view(user_id, cycle.key, now.timestamp()) is not None
+            except StoreUnavailable as exc:
+                self._mark_stale(user_id, exc)
+                return
+            if present:
+                await self._push(snapshot)
+
+        after = ""
+        while True:
+            batch = await self.ledger.list_accounts(after, PLAN_RELOAD_BATCH, plan_id, "", cycle.key, now)
+            for start in range(0, len(batch.items), PLAN_RELOAD_CONCURRENCY):
+                group = batch.items[start : start + PLAN_RELOAD_CONCURRENCY]
+                await asyncio.gather(*(reload(account.user_id, snapshot) for account, snapshot in group))
+            if batch.exhausted or not batch.items:
+                return
+            after = batch.items[-1][0].user_id
+
+    async def list_plans(self, active_only: bool) -> list[PlanRecord]:
+        return [r for r in await self.plan_store().plans(count_accounts=True) if r.plan.active or not active_only]
+
+    async def get_plan(self, plan_id: str) -> PlanRecord:
+        plan_id = validate_id("id", plan_id)
+        for record in await self.plan_store().plans(count_accounts=True):
+            if record.plan.id == plan_id:
+                return record
+        raise NotFound(f"no plan {plan_id!r}")
+
+    async def create_plan(self, plan: Plan, reason: str, actor: str) -> PlanRecord:
+        reason = require_reason(reason, "the plan is created")
+        record = await self.plan_store().create_plan(validate_plan(plan), reason, actor)
+        await self.refresh_plans()
+        return record
+
+    async def update_plan(self, plan_id: str, changes: PlanChanges, reason: str, actor: str) -> PlanRecord:
+        plan_id = validate_id("id", plan_id)
+        reason = require_reason(reason, "the plan changes")
+        if changes == PlanChanges():
+            raise InvalidRequest("nothing to change: give a name, allowance, thresholds, model weights or active flag")
+        if changes.active is False and plan_id == self.settings.default_plan:
+            raise InvalidRequest(f"plan {plan_id!r} is the default plan of new accounts; it cannot be inactive")
+        record = await self.plan_store().update_plan(plan_id, changes, reason, actor)
+        await self.refresh_plans()
+        return record
 
     # -- admin queries ----------------------------------------------------------------------------------
 
@@ -541,7 +687,9 @@ class QuotaService:
         found: list[tuple[AccountRecord, Balance]] = []
         cursor = after
         while True:
-            batch = await queries.list_accounts(cursor, max(size, 100), plan, query, cycle.key, now)
+            batch = await self._knowing_plans(
+                queries.list_accounts, cursor, max(size, 100), plan, query, cycle.key, now
+            )
             for account, snapshot in batch.items:
                 balance = await self._live_balance(snapshot, cycle, now)
                 if not state or balance.state.value == state:

@@ -6,7 +6,7 @@ import base64
 import binascii
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC
 from typing import Any
 
@@ -16,9 +16,10 @@ from quotagate.adapters.convert import balance_message, timestamp
 from quotagate.adapters.errors import PermissionDenied, Unauthenticated, grpc_errors, status_code_of
 from quotagate.config import AdminToken, Settings, sha256_hex
 from quotagate.core.errors import InvalidRequest
-from quotagate.core.model import AccountStatus, Balance
+from quotagate.core.model import AccountStatus, Balance, ModelWeight, Plan
+from quotagate.core.plans import PlanChanges
 from quotagate.service import QuotaService, page_size, validate_id
-from quotagate.store.ports import AccountChanges, AccountRecord, ClientKeyRecord, UsageTotals
+from quotagate.store.ports import AccountChanges, AccountRecord, ClientKeyRecord, PlanRecord, UsageTotals
 from quotagate.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger("quotagate.rpc")
@@ -244,6 +245,56 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return _client_key_message(record)
 
     @grpc_errors
+    async def ListPlans(
+        self, request: admin_pb2.ListPlansRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListPlansResponse:
+        authorize(self._service.settings, context, "viewer")
+        records = await self._service.list_plans(request.active_only)
+        return admin_pb2.ListPlansResponse(plans=[_plan_message(r) for r in records])
+
+    @grpc_errors
+    async def GetPlan(self, request: admin_pb2.GetPlanRequest, context: grpc.aio.ServicerContext) -> admin_pb2.Plan:
+        authorize(self._service.settings, context, "viewer")
+        return _plan_message(await self._service.get_plan(request.id))
+
+    @grpc_errors
+    async def CreatePlan(
+        self, request: admin_pb2.CreatePlanRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Plan:
+        token = authorize(self._service.settings, context, "admin")
+        defaults = Plan(id="", monthly_allowance=0)
+        plan = Plan(
+            id=request.id.strip(),
+            name=request.name.strip(),
+            monthly_allowance=request.monthly_allowance,
+            warn_threshold=request.warn_threshold if request.HasField("warn_threshold") else defaults.warn_threshold,
+            critical_threshold=request.critical_threshold
+            if request.HasField("critical_threshold")
+            else defaults.critical_threshold,
+            weights=_weights(request.model_weights),
+            active=request.active if request.HasField("active") else True,
+        )
+        return _plan_message(await self._service.create_plan(plan, request.reason, token.name))
+
+    @grpc_errors
+    async def UpdatePlan(
+        self, request: admin_pb2.UpdatePlanRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Plan:
+        token = authorize(self._service.settings, context, "admin")
+        if request.model_weights and not request.replace_model_weights:
+            raise InvalidRequest("model_weights replace the plan's weights: set replace_model_weights too")
+        changes = PlanChanges(
+            name=request.name.strip() if request.HasField("name") else None,
+            monthly_allowance=request.monthly_allowance if request.HasField("monthly_allowance") else None,
+            warn_threshold=request.warn_threshold if request.HasField("warn_threshold") else None,
+            critical_threshold=request.critical_threshold if request.HasField("critical_threshold") else None,
+            weights=_weights(request.model_weights) if request.replace_model_weights else None,
+            active=request.active if request.HasField("active") else None,
+        )
+        record = await self._service.update_plan(request.id, changes, request.reason, token.name)
+        return _plan_message(record)
+
+    @grpc_errors
     async def GrantCredits(
         self, request: admin_pb2.GrantCreditsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GrantCreditsResponse:
@@ -273,9 +324,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         status: AccountStatus,
     ) -> admin_pb2.Account:
         token = authorize(self._service.settings, context, "operator")
-        if len(request.reason.strip()) < 3:
-            raise InvalidRequest("reason is required: say why the account's status changes")
-        await self._service.set_status(request.user_id, status, request.reason.strip(), token.name)
+        await self._service.set_status(request.user_id, status, request.reason, token.name)
         return await self._account(request.user_id)
 
 
@@ -290,6 +339,26 @@ def _account_message(account: AccountRecord, balance: Balance) -> admin_pb2.Acco
         has_allowance_override=account.allowance_override is not None,
         balance=balance_message(balance),
         created_at=timestamp(account.created_at),
+    )
+
+
+def _weights(messages: Iterable[admin_pb2.ModelWeight]) -> tuple[ModelWeight, ...]:
+    return tuple(ModelWeight(m.pattern.strip(), m.input, m.output) for m in messages)
+
+
+def _plan_message(record: PlanRecord) -> admin_pb2.Plan:
+    plan = record.plan
+    return admin_pb2.Plan(
+        id=plan.id,
+        name=plan.name,
+        monthly_allowance=plan.monthly_allowance,
+        warn_threshold=plan.warn_threshold,
+        critical_threshold=plan.critical_threshold,
+        model_weights=[admin_pb2.ModelWeight(pattern=w.pattern, input=w.input, output=w.output) for w in plan.weights],
+        active=plan.active,
+        accounts=record.accounts,
+        created_at=timestamp(record.created_at),
+        updated_at=timestamp(record.updated_at),
     )
 
 

@@ -44,6 +44,8 @@ class Plan:
     warn_threshold: float = 0.80
     critical_threshold: float = 0.95
     weights: tuple[ModelWeight, ...] = ()
+    name: str = ""
+    active: bool = True  # an inactive plan keeps its accounts but takes no new ones
 
 
 @dataclass(frozen=True)

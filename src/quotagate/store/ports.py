@@ -17,8 +17,10 @@ from quotagate.core.model import (
     AccountStatus,
     AdmissionMode,
     LedgerSnapshot,
+    Plan,
     Reservation,
 )
+from quotagate.core.plans import PlanChanges
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,34 @@ class ClientKeyStore(Protocol):
         ...
 
     async def client_keys(self, include_revoked: bool) -> list[ClientKeyRecord]: ...
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """A plan as the database keeps it."""
+
+    plan: Plan
+    accounts: int  # accounts on the plan
+    created_at: datetime
+    updated_at: datetime
+
+
+@runtime_checkable
+class PlanStore(Protocol):
+    """Plans managed through the Admin API; only the PostgreSQL ledger keeps them."""
+
+    async def plans(self, count_accounts: bool = False) -> list[PlanRecord]:
+        """Every plan, ordered by id; PlanRecord.accounts is 0 unless count_accounts."""
+        ...
+
+    async def create_plan(self, plan: Plan, reason: str, actor: str) -> PlanRecord:
+        """Stores a new plan and an audit row; InvalidRequest when the id is taken."""
+        ...
+
+    async def update_plan(self, plan_id: str, changes: PlanChanges, reason: str, actor: str) -> PlanRecord:
+        """Applies the changes (validated with validate_plan) with an audit row of before and after; NotFound for
+        an unknown plan."""
+        ...
 
 
 @dataclass(frozen=True)

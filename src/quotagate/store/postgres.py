@@ -15,8 +15,9 @@ import asyncpg
 
 from quotagate.core.charge import OpenGrant, allowance_used_after, spend_order, split_charge
 from quotagate.core.errors import InvalidRequest, NotFound, StoreUnavailable
-from quotagate.core.model import AccountStatus, LedgerSnapshot, Plan
+from quotagate.core.model import AccountStatus, LedgerSnapshot, ModelWeight, Plan
 from quotagate.core.notifications import NotificationKind, crossed, usage_state
+from quotagate.core.plans import PlanChanges, plan_fields, validate_plan
 from quotagate.store.ports import (
     AccountChanges,
     AccountPage,
@@ -26,6 +27,7 @@ from quotagate.store.ports import (
     LimitsOf,
     NewAccount,
     NewGrant,
+    PlanRecord,
     SettleOutcome,
     UsageRecord,
     UsageTotals,
@@ -138,19 +140,50 @@ class PendingNotification:
     name: str
 
 
+@dataclass(frozen=True)
+class WebhookEvent:
+    """An outbox row claimed for the webhook. event_id stays the same on every attempt."""
+
+    id: int
+    event_id: str
+    user_id: str
+    cycle: str
+    kind: NotificationKind
+    amount: int
+    attempts: int
+    created_at: datetime
+    email: str
+    name: str
+
+
 class PostgresLedger:
-    def __init__(self, pool: asyncpg.Pool, limits_of: LimitsOf, notifications: bool = False) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        limits_of: LimitsOf,
+        notifications: bool = False,
+        mail: bool = True,
+        webhook: bool = False,
+    ) -> None:
         self._pool = pool
         self._limits_of = limits_of
-        # Whether balance changes enqueue customer e-mails in the outbox (off unless notifications are enabled).
+        # Whether balance changes enqueue customer notifications in the outbox (off unless they are enabled),
+        # and the delivery status a new row starts with per channel: an unconfigured channel never sends it.
         self._notifications = notifications
+        self._outbox_status = ("pending" if mail else "skipped", "pending" if webhook else "none")
 
     @classmethod
     async def connect(
-        cls, dsn: str, limits_of: LimitsOf, max_size: int = 10, notifications: bool = False
+        cls,
+        dsn: str,
+        limits_of: LimitsOf,
+        max_size: int = 10,
+        notifications: bool = False,
+        mail: bool = True,
+        webhook: bool = False,
     ) -> PostgresLedger:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, command_timeout=10)
-        return cls(pool, limits_of, notifications)
+        return cls(pool, limits_of, notifications, mail, webhook)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -168,24 +201,70 @@ class PostgresLedger:
         async with self._pool.acquire() as conn:
             return await migrate(conn)
 
-    async def sync_plans(self, plans: Sequence[Plan]) -> None:
-        """Makes the plans table match the configured plans (plans are referenced by accounts)."""
+    async def sync_plans(self, plans: Sequence[Plan]) -> list[str]:
+        """Seeds the configured plans that the database does not have yet; returns their ids.
+
+        A plan already in the database is left as it is: from then on the database is its record (changed with
+        the Admin API), so an older config file cannot undo a change made there."""
+        seeded: list[str] = []
         async with self._pool.acquire() as conn, conn.transaction():
             for plan in plans:
-                weights = json.dumps(
-                    [{"pattern": w.pattern, "input": w.input, "output": w.output} for w in plan.weights]
+                created = await conn.fetchval(
+                    """INSERT INTO plans (id, name, monthly_allowance, warn_threshold, critical_threshold,
+                           model_weights, active)
+                       VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)
+                       ON CONFLICT (id) DO NOTHING RETURNING true""",
+                    *_plan_args(plan),
                 )
-                await conn.execute(
-                    """INSERT INTO plans (id, monthly_allowance, warn_threshold, critical_threshold, model_weights)
-                       VALUES ($1, $2, $3, $4, $5::jsonb)
-                       ON CONFLICT (id) DO UPDATE SET monthly_allowance = $2, warn_threshold = $3,
-                           critical_threshold = $4, model_weights = $5::jsonb, updated_at = now()""",
-                    plan.id,
-                    plan.monthly_allowance,
-                    plan.warn_threshold,
-                    plan.critical_threshold,
-                    weights,
-                )
+                if created:
+                    seeded.append(plan.id)
+        return seeded
+
+    # -- plans (PlanStore) ---------------------------------------------------------------------------------
+
+    @_store
+    async def plans(self, count_accounts: bool = False) -> list[PlanRecord]:
+        # The periodic reload of every process skips the counts (one index scan per plan).
+        count = "(SELECT count(*) FROM accounts a WHERE a.plan_id = p.id)" if count_accounts else "0"
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(f"SELECT {_PLAN_COLUMNS}, {count} AS accounts FROM plans p ORDER BY p.id")
+        return [_plan_record(r) for r in rows]
+
+    @_store
+    async def create_plan(self, plan: Plan, reason: str, actor: str) -> PlanRecord:
+        validate_plan(plan)
+        async with self._pool.acquire() as conn, conn.transaction():
+            created = await conn.fetchval(
+                """INSERT INTO plans (id, name, monthly_allowance, warn_threshold, critical_threshold,
+                       model_weights, active)
+                   VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)
+                   ON CONFLICT (id) DO NOTHING RETURNING true""",
+                *_plan_args(plan),
+            )
+            if not created:
+                raise InvalidRequest(f"a plan {plan.id!r} exists already; change it with UpdatePlan")
+            await _audit(conn, actor, "plan.create", f"plan:{plan.id}", None, plan_fields(plan), reason)
+            row = await conn.fetchrow(f"SELECT {_PLAN_COLUMNS}, {_PLAN_ACCOUNTS} FROM plans p WHERE p.id = $1", plan.id)
+        return _plan_record(row)
+
+    @_store
+    async def update_plan(self, plan_id: str, changes: PlanChanges, reason: str, actor: str) -> PlanRecord:
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"SELECT {_PLAN_COLUMNS}, {_PLAN_ACCOUNTS} FROM plans p WHERE p.id = $1 FOR UPDATE", plan_id
+            )
+            if row is None:
+                raise NotFound(f"no plan {plan_id!r}")
+            before = _plan_record(row).plan
+            after = validate_plan(changes.apply(before))
+            await conn.execute(
+                """UPDATE plans SET name = $2, monthly_allowance = $3, warn_threshold = $4, critical_threshold = $5,
+                       model_weights = $6::jsonb, active = $7, updated_at = now() WHERE id = $1""",
+                *_plan_args(after),
+            )
+            await _audit(conn, actor, "plan.update", f"plan:{plan_id}", plan_fields(before), plan_fields(after), reason)
+            row = await conn.fetchrow(f"SELECT {_PLAN_COLUMNS}, {_PLAN_ACCOUNTS} FROM plans p WHERE p.id = $1", plan_id)
+        return _plan_record(row)
 
     @_store
     async def ensure_account(self, account: NewAccount, plan_id: str) -> AccountRecord:
@@ -308,7 +387,7 @@ class PostgresLedger:
                 usage_state(limits, allowance_used_after(used or 0, split), credits_after),
             )
             if kind is not None:
-                await _enqueue(conn, account.user_id, cycle, kind, 0)
+                await _enqueue(conn, account.user_id, cycle, kind, 0, self._outbox_status)
             if used is None:
                 renewed = await conn.fetchval(
                     """SELECT EXISTS (SELECT 1 FROM account_cycles
@@ -317,7 +396,7 @@ class PostgresLedger:
                     previous_cycle(cycle),
                 )
                 if renewed:
-                    await _enqueue(conn, account.user_id, cycle, NotificationKind.RENEWED, 0)
+                    await _enqueue(conn, account.user_id, cycle, NotificationKind.RENEWED, 0, self._outbox_status)
         if split.credits:
             await conn.executemany(
                 "UPDATE credit_grants SET remaining = remaining - $2 WHERE id = $1",
@@ -377,7 +456,7 @@ class PostgresLedger:
             )
             await _bump_version(conn, grant.user_id)
             if self._notifications:
-                await _enqueue(conn, grant.user_id, cycle, NotificationKind.CREDITS, grant.amount)
+                await _enqueue(conn, grant.user_id, cycle, NotificationKind.CREDITS, grant.amount, self._outbox_status)
             after = await self._snapshot(conn, grant.user_id, cycle, now)
             await _audit(
                 conn,
@@ -592,6 +671,62 @@ class PostgresLedger:
                 float(delay_seconds),
             )
 
+    @_store
+    async def claim_webhooks(self, limit: int, lease_seconds: float) -> list[WebhookEvent]:
+        """Due rows for the webhook, leased as claim_notifications does for e-mails (columns of their own)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """UPDATE notifications n
+                   SET hook_attempts = n.hook_attempts + 1,
+                       hook_next_attempt_at = now() + make_interval(secs => $2)
+                   FROM accounts a
+                   WHERE a.user_id = n.user_id AND n.id IN (
+                       SELECT id FROM notifications
+                       WHERE hook_status = 'pending' AND hook_next_attempt_at <= now()
+                       ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                   RETURNING n.id, n.event_id::text AS event_id, n.user_id, n.cycle, n.kind, n.amount,
+                             n.hook_attempts, n.created_at, a.email, a.name""",
+                limit,
+                float(lease_seconds),
+            )
+        return [
+            WebhookEvent(
+                id=r["id"],
+                event_id=r["event_id"],
+                user_id=r["user_id"],
+                cycle=r["cycle"],
+                kind=NotificationKind(r["kind"]),
+                amount=r["amount"],
+                attempts=r["hook_attempts"],
+                created_at=r["created_at"],
+                email=r["email"],
+                name=r["name"],
+            )
+            for r in sorted(rows, key=lambda r: int(r["id"]))
+        ]
+
+    @_store
+    async def finish_webhook(self, notification_id: int) -> None:
+        """Marks a row delivered to the webhook (the receiver answered 2xx)."""
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                """UPDATE notifications SET hook_status = 'sent', hook_sent_at = now(), hook_last_error = ''
+                   WHERE id = $1""",
+                notification_id,
+            )
+
+    @_store
+    async def retry_webhook(self, notification_id: int, error: str, delay_seconds: float) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                """UPDATE notifications SET hook_last_error = $2,
+                       hook_next_attempt_at = now() + make_interval(secs => $3)
+                   WHERE id = $1 AND hook_status = 'pending'""",
+                notification_id,
+                error[:1000],
+                float(delay_seconds),
+            )
+
     async def notifications_of(self, user_id: str) -> list[dict[str, Any]]:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch("SELECT * FROM notifications WHERE user_id = $1 ORDER BY id", user_id)
@@ -763,6 +898,41 @@ class PostgresLedger:
         return [dict(r) for r in rows]
 
 
+_PLAN_COLUMNS = """p.id, p.name, p.monthly_allowance, p.warn_threshold, p.critical_threshold, p.model_weights::text
+    AS model_weights, p.active, p.created_at, p.updated_at"""
+_PLAN_ACCOUNTS = "(SELECT count(*) FROM accounts a WHERE a.plan_id = p.id) AS accounts"
+
+
+def _plan_args(plan: Plan) -> tuple[Any, ...]:
+    weights = [{"pattern": w.pattern, "input": w.input, "output": w.output} for w in plan.weights]
+    return (
+        plan.id,
+        plan.name,
+        plan.monthly_allowance,
+        plan.warn_threshold,
+        plan.critical_threshold,
+        json.dumps(weights),
+        plan.active,
+    )
+
+
+def _plan_record(row: asyncpg.Record) -> PlanRecord:
+    weights = tuple(
+        ModelWeight(w["pattern"], float(w.get("input", 1.0)), float(w.get("output", 1.0)))
+        for w in json.loads(row["model_weights"] or "[]")
+    )
+    plan = Plan(
+        id=row["id"],
+        name=row["name"],
+        monthly_allowance=row["monthly_allowance"],
+        warn_threshold=row["warn_threshold"],
+        critical_threshold=row["critical_threshold"],
+        weights=weights,
+        active=row["active"],
+    )
+    return PlanRecord(plan=plan, accounts=row["accounts"], created_at=row["created_at"], updated_at=row["updated_at"])
+
+
 _KEY_COLUMNS = "name, key_sha256, trusted, user_id, created_at, created_by, revoked_at"
 
 
@@ -799,15 +969,25 @@ def previous_cycle(cycle: str) -> str:
     return f"{year - 1:04d}-12" if month == 1 else f"{year:04d}-{month - 1:02d}"
 
 
-async def _enqueue(conn: asyncpg.Connection, user_id: str, cycle: str, kind: NotificationKind, amount: int) -> None:
-    """Puts an e-mail in the outbox within the caller's transaction; a kind already there this cycle stays."""
+async def _enqueue(
+    conn: asyncpg.Connection,
+    user_id: str,
+    cycle: str,
+    kind: NotificationKind,
+    amount: int,
+    statuses: tuple[str, str],
+) -> None:
+    """Puts a notification in the outbox within the caller's transaction; a kind already there this cycle stays.
+    `statuses`: the e-mail's and the webhook's status to start with."""
     await conn.execute(
-        """INSERT INTO notifications (user_id, cycle, kind, amount) VALUES ($1, $2, $3, $4)
+        """INSERT INTO notifications (user_id, cycle, kind, amount, status, hook_status)
+           VALUES ($1, $2, $3, $4, $5, $6)
            ON CONFLICT (user_id, cycle, kind) DO NOTHING""",
         user_id,
         cycle,
         kind.value,
         amount,
+        *statuses,
     )
 
 

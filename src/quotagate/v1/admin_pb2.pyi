@@ -884,3 +884,270 @@ class UpsertAccountRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__plan) -> _WhichOneofReturnType__plan | None: ...
 
 Global___UpsertAccountRequest: _TypeAlias = UpsertAccountRequest  # noqa: Y015
+
+@_typing.final
+class ModelWeight(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATTERN_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    pattern: _builtins.str
+    """model names it applies to (fnmatch syntax, e.g. "gpt-4o*")"""
+    input: _builtins.float
+    """cost multiplier of prompt tokens"""
+    output: _builtins.float
+    """cost multiplier of completion tokens"""
+    def __init__(
+        self,
+        *,
+        pattern: _builtins.str = ...,
+        input: _builtins.float = ...,
+        output: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "output", b"output", "pattern", b"pattern"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelWeight: _TypeAlias = ModelWeight  # noqa: Y015
+
+@_typing.final
+class Plan(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    MONTHLY_ALLOWANCE_FIELD_NUMBER: _builtins.int
+    WARN_THRESHOLD_FIELD_NUMBER: _builtins.int
+    CRITICAL_THRESHOLD_FIELD_NUMBER: _builtins.int
+    MODEL_WEIGHTS_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    monthly_allowance: _builtins.int
+    """tokens per cycle"""
+    warn_threshold: _builtins.float
+    """fraction of the allowance used that turns the state to warn"""
+    critical_threshold: _builtins.float
+    active: _builtins.bool
+    """an inactive plan keeps its accounts but takes no new ones"""
+    accounts: _builtins.int
+    """accounts on the plan"""
+    @_builtins.property
+    def model_weights(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelWeight]:
+        """this plan's weights, tried before the global ones"""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        monthly_allowance: _builtins.int = ...,
+        warn_threshold: _builtins.float = ...,
+        critical_threshold: _builtins.float = ...,
+        model_weights: _abc.Iterable[Global___ModelWeight] | None = ...,
+        active: _builtins.bool = ...,
+        accounts: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "active", b"active", "created_at", b"created_at", "critical_threshold", b"critical_threshold", "id", b"id", "model_weights", b"model_weights", "monthly_allowance", b"monthly_allowance", "name", b"name", "updated_at", b"updated_at", "warn_threshold", b"warn_threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Plan: _TypeAlias = Plan  # noqa: Y015
+
+@_typing.final
+class ListPlansRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVE_ONLY_FIELD_NUMBER: _builtins.int
+    active_only: _builtins.bool
+    """leave out inactive plans"""
+    def __init__(
+        self,
+        *,
+        active_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_only", b"active_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPlansRequest: _TypeAlias = ListPlansRequest  # noqa: Y015
+
+@_typing.final
+class ListPlansResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLANS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plans(self) -> _containers.RepeatedCompositeFieldContainer[Global___Plan]:
+        """ordered by id"""
+
+    def __init__(
+        self,
+        *,
+        plans: _abc.Iterable[Global___Plan] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plans", b"plans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPlansResponse: _TypeAlias = ListPlansResponse  # noqa: Y015
+
+@_typing.final
+class GetPlanRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPlanRequest: _TypeAlias = GetPlanRequest  # noqa: Y015
+
+@_typing.final
+class CreatePlanRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    MONTHLY_ALLOWANCE_FIELD_NUMBER: _builtins.int
+    WARN_THRESHOLD_FIELD_NUMBER: _builtins.int
+    CRITICAL_THRESHOLD_FIELD_NUMBER: _builtins.int
+    MODEL_WEIGHTS_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """unique: letters, digits, "-", "_" or "." """
+    name: _builtins.str
+    monthly_allowance: _builtins.int
+    warn_threshold: _builtins.float
+    """default 0.80"""
+    critical_threshold: _builtins.float
+    """default 0.95"""
+    active: _builtins.bool
+    """default true"""
+    reason: _builtins.str
+    """required, written to the audit log"""
+    @_builtins.property
+    def model_weights(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelWeight]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        monthly_allowance: _builtins.int = ...,
+        warn_threshold: _builtins.float | None = ...,
+        critical_threshold: _builtins.float | None = ...,
+        model_weights: _abc.Iterable[Global___ModelWeight] | None = ...,
+        active: _builtins.bool | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "_critical_threshold", b"_critical_threshold", "_warn_threshold", b"_warn_threshold", "active", b"active", "critical_threshold", b"critical_threshold", "warn_threshold", b"warn_threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "_critical_threshold", b"_critical_threshold", "_warn_threshold", b"_warn_threshold", "active", b"active", "critical_threshold", b"critical_threshold", "id", b"id", "model_weights", b"model_weights", "monthly_allowance", b"monthly_allowance", "name", b"name", "reason", b"reason", "warn_threshold", b"warn_threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__active: _TypeAlias = _typing.Literal["active"]  # noqa: Y015
+    _WhichOneofArgType__active: _TypeAlias = _typing.Literal["_active", b"_active"]  # noqa: Y015
+    _WhichOneofReturnType__critical_threshold: _TypeAlias = _typing.Literal["critical_threshold"]  # noqa: Y015
+    _WhichOneofArgType__critical_threshold: _TypeAlias = _typing.Literal["_critical_threshold", b"_critical_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__warn_threshold: _TypeAlias = _typing.Literal["warn_threshold"]  # noqa: Y015
+    _WhichOneofArgType__warn_threshold: _TypeAlias = _typing.Literal["_warn_threshold", b"_warn_threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__active) -> _WhichOneofReturnType__active | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__critical_threshold) -> _WhichOneofReturnType__critical_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__warn_threshold) -> _WhichOneofReturnType__warn_threshold | None: ...
+
+Global___CreatePlanRequest: _TypeAlias = CreatePlanRequest  # noqa: Y015
+
+@_typing.final
+class UpdatePlanRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    MONTHLY_ALLOWANCE_FIELD_NUMBER: _builtins.int
+    WARN_THRESHOLD_FIELD_NUMBER: _builtins.int
+    CRITICAL_THRESHOLD_FIELD_NUMBER: _builtins.int
+    REPLACE_MODEL_WEIGHTS_FIELD_NUMBER: _builtins.int
+    MODEL_WEIGHTS_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    """unset: unchanged"""
+    monthly_allowance: _builtins.int
+    warn_threshold: _builtins.float
+    critical_threshold: _builtins.float
+    replace_model_weights: _builtins.bool
+    """true: the plan's weights become model_weights (empty clears them)"""
+    active: _builtins.bool
+    reason: _builtins.str
+    """required, written to the audit log"""
+    @_builtins.property
+    def model_weights(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelWeight]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str | None = ...,
+        monthly_allowance: _builtins.int | None = ...,
+        warn_threshold: _builtins.float | None = ...,
+        critical_threshold: _builtins.float | None = ...,
+        replace_model_weights: _builtins.bool = ...,
+        model_weights: _abc.Iterable[Global___ModelWeight] | None = ...,
+        active: _builtins.bool | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "_critical_threshold", b"_critical_threshold", "_monthly_allowance", b"_monthly_allowance", "_name", b"_name", "_warn_threshold", b"_warn_threshold", "active", b"active", "critical_threshold", b"critical_threshold", "monthly_allowance", b"monthly_allowance", "name", b"name", "warn_threshold", b"warn_threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_active", b"_active", "_critical_threshold", b"_critical_threshold", "_monthly_allowance", b"_monthly_allowance", "_name", b"_name", "_warn_threshold", b"_warn_threshold", "active", b"active", "critical_threshold", b"critical_threshold", "id", b"id", "model_weights", b"model_weights", "monthly_allowance", b"monthly_allowance", "name", b"name", "reason", b"reason", "replace_model_weights", b"replace_model_weights", "warn_threshold", b"warn_threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__active: _TypeAlias = _typing.Literal["active"]  # noqa: Y015
+    _WhichOneofArgType__active: _TypeAlias = _typing.Literal["_active", b"_active"]  # noqa: Y015
+    _WhichOneofReturnType__critical_threshold: _TypeAlias = _typing.Literal["critical_threshold"]  # noqa: Y015
+    _WhichOneofArgType__critical_threshold: _TypeAlias = _typing.Literal["_critical_threshold", b"_critical_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__monthly_allowance: _TypeAlias = _typing.Literal["monthly_allowance"]  # noqa: Y015
+    _WhichOneofArgType__monthly_allowance: _TypeAlias = _typing.Literal["_monthly_allowance", b"_monthly_allowance"]  # noqa: Y015
+    _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
+    _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
+    _WhichOneofReturnType__warn_threshold: _TypeAlias = _typing.Literal["warn_threshold"]  # noqa: Y015
+    _WhichOneofArgType__warn_threshold: _TypeAlias = _typing.Literal["_warn_threshold", b"_warn_threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__active) -> _WhichOneofReturnType__active | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__critical_threshold) -> _WhichOneofReturnType__critical_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__monthly_allowance) -> _WhichOneofReturnType__monthly_allowance | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__name) -> _WhichOneofReturnType__name | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__warn_threshold) -> _WhichOneofReturnType__warn_threshold | None: ...
+
+Global___UpdatePlanRequest: _TypeAlias = UpdatePlanRequest  # noqa: Y015

@@ -110,6 +110,26 @@ class AdminStub:
                 request_serializer=quotagate_dot_v1_dot_admin__pb2.ExportUsageRequest.SerializeToString,
                 response_deserializer=quotagate_dot_v1_dot_admin__pb2.ExportChunk.FromString,
                 _registered_method=True)
+        self.ListPlans = channel.unary_unary(
+                '/quotagate.v1.Admin/ListPlans',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.ListPlansRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.ListPlansResponse.FromString,
+                _registered_method=True)
+        self.GetPlan = channel.unary_unary(
+                '/quotagate.v1.Admin/GetPlan',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.GetPlanRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.Plan.FromString,
+                _registered_method=True)
+        self.CreatePlan = channel.unary_unary(
+                '/quotagate.v1.Admin/CreatePlan',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.CreatePlanRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.Plan.FromString,
+                _registered_method=True)
+        self.UpdatePlan = channel.unary_unary(
+                '/quotagate.v1.Admin/UpdatePlan',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.UpdatePlanRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.Plan.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -223,6 +243,35 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPlans(self, request, context):
+        """The plans, with how many accounts each has. Role viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPlan(self, request, context):
+        """One plan. Role viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreatePlan(self, request, context):
+        """A new plan; once a plan is in the database, the database (not the config file) is its record. Role admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdatePlan(self, request, context):
+        """Changes a plan's name, allowance, thresholds, model weights or active flag; the next decision of each of its
+        accounts uses them (every quotagate process within a few seconds). Role admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -300,6 +349,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ExportUsage,
                     request_deserializer=quotagate_dot_v1_dot_admin__pb2.ExportUsageRequest.FromString,
                     response_serializer=quotagate_dot_v1_dot_admin__pb2.ExportChunk.SerializeToString,
+            ),
+            'ListPlans': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlans,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.ListPlansRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.ListPlansResponse.SerializeToString,
+            ),
+            'GetPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlan,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.GetPlanRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.Plan.SerializeToString,
+            ),
+            'CreatePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePlan,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.CreatePlanRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.Plan.SerializeToString,
+            ),
+            'UpdatePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdatePlan,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.UpdatePlanRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.Plan.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -708,6 +777,114 @@ class Admin:
             '/quotagate.v1.Admin/ExportUsage',
             quotagate_dot_v1_dot_admin__pb2.ExportUsageRequest.SerializeToString,
             quotagate_dot_v1_dot_admin__pb2.ExportChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/ListPlans',
+            quotagate_dot_v1_dot_admin__pb2.ListPlansRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.ListPlansResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/GetPlan',
+            quotagate_dot_v1_dot_admin__pb2.GetPlanRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.Plan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/CreatePlan',
+            quotagate_dot_v1_dot_admin__pb2.CreatePlanRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.Plan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdatePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/UpdatePlan',
+            quotagate_dot_v1_dot_admin__pb2.UpdatePlanRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.Plan.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,16 @@ class AdminStub:
     """Usage events (of one account or of all) in a cycle or a time range, as CSV with a header row or as JSON
     lines, streamed in chunks read from the database in batches. Role viewer.
     """
+    ListPlans: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPlansRequest, _admin_pb2.ListPlansResponse]
+    """The plans, with how many accounts each has. Role viewer."""
+    GetPlan: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPlanRequest, _admin_pb2.Plan]
+    """One plan. Role viewer."""
+    CreatePlan: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreatePlanRequest, _admin_pb2.Plan]
+    """A new plan; once a plan is in the database, the database (not the config file) is its record. Role admin."""
+    UpdatePlan: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdatePlanRequest, _admin_pb2.Plan]
+    """Changes a plan's name, allowance, thresholds, model weights or active flag; the next decision of each of its
+    accounts uses them (every quotagate process within a few seconds). Role admin.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -108,6 +118,16 @@ class AdminAsyncStub(AdminStub):
     ExportUsage: _aio.UnaryStreamMultiCallable[_admin_pb2.ExportUsageRequest, _admin_pb2.ExportChunk]  # type: ignore[assignment]
     """Usage events (of one account or of all) in a cycle or a time range, as CSV with a header row or as JSON
     lines, streamed in chunks read from the database in batches. Role viewer.
+    """
+    ListPlans: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPlansRequest, _admin_pb2.ListPlansResponse]  # type: ignore[assignment]
+    """The plans, with how many accounts each has. Role viewer."""
+    GetPlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPlanRequest, _admin_pb2.Plan]  # type: ignore[assignment]
+    """One plan. Role viewer."""
+    CreatePlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreatePlanRequest, _admin_pb2.Plan]  # type: ignore[assignment]
+    """A new plan; once a plan is in the database, the database (not the config file) is its record. Role admin."""
+    UpdatePlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdatePlanRequest, _admin_pb2.Plan]  # type: ignore[assignment]
+    """Changes a plan's name, allowance, thresholds, model weights or active flag; the next decision of each of its
+    accounts uses them (every quotagate process within a few seconds). Role admin.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -236,6 +256,40 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_admin_pb2.ExportChunk], _abc.AsyncIterator[_admin_pb2.ExportChunk]]:
         """Usage events (of one account or of all) in a cycle or a time range, as CSV with a header row or as JSON
         lines, streamed in chunks read from the database in batches. Role viewer.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPlans(
+        self,
+        request: _admin_pb2.ListPlansRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPlansResponse, _abc.Awaitable[_admin_pb2.ListPlansResponse]]:
+        """The plans, with how many accounts each has. Role viewer."""
+
+    @_abc_1.abstractmethod
+    def GetPlan(
+        self,
+        request: _admin_pb2.GetPlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Plan, _abc.Awaitable[_admin_pb2.Plan]]:
+        """One plan. Role viewer."""
+
+    @_abc_1.abstractmethod
+    def CreatePlan(
+        self,
+        request: _admin_pb2.CreatePlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Plan, _abc.Awaitable[_admin_pb2.Plan]]:
+        """A new plan; once a plan is in the database, the database (not the config file) is its record. Role admin."""
+
+    @_abc_1.abstractmethod
+    def UpdatePlan(
+        self,
+        request: _admin_pb2.UpdatePlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Plan, _abc.Awaitable[_admin_pb2.Plan]]:
+        """Changes a plan's name, allowance, thresholds, model weights or active flag; the next decision of each of its
+        accounts uses them (every quotagate process within a few seconds). Role admin.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
