@@ -214,3 +214,30 @@ def test_templates_and_crossings() -> None:
     english = render(NotificationKind.RENEWED, Language.EN, "", "2026-12", 0, "")
     assert english.subject == "Your monthly tokens have been renewed"
     assert previous_cycle("2027-01") == "2026-12" and previous_cycle("2026-11") == "2026-10"
+
+
+async def test_warn_again_after_a_grant_sends_nothing_and_a_new_cycle_sends_again(
+    running: Running, mail: Mail, uid: str
+) -> None:
+    address = f"{uid}@example.com"
+    warn_subject = "80% dos seus tokens foram utilizados"
+    await spend(running, uid, 850, address)  # 85% of the allowance: warn
+    await settled(running, uid)
+    assert mail.inbox.subjects(address) == [warn_subject]
+    await running.service.grant(uid, 500, "A grant so the user can keep working.", None, "admin", "test")
+    await spend(running, uid, 60, address)  # new usage, still past 80% in the same cycle
+    rows = await settled(running, uid)
+    assert sorted(r["kind"] for r in rows) == ["credits", "warn"]
+    await asyncio.sleep(0.3)
+    assert sorted(mail.inbox.subjects(address)) == sorted([warn_subject, "Créditos adicionados"])
+
+    clock = running.service.clock
+    assert isinstance(clock, FixedClock)
+    clock.set(DECEMBER)
+    await spend(running, uid, 850, address)  # the new cycle's allowance crosses 80% again
+    rows = await settled(running, uid)
+    assert sorted((r["kind"], r["cycle"]) for r in rows if r["cycle"] == "2026-12") == [
+        ("renewed", "2026-12"),
+        ("warn", "2026-12"),
+    ]
+    assert mail.inbox.subjects(address).count(warn_subject) == 2
