@@ -25,6 +25,8 @@ from quotagate.adapters.ext_authz import AuthorizationService
 from quotagate.adapters.ext_proc import ExternalProcessorService
 from quotagate.adapters.ratelimit import RateLimitService
 from quotagate.adapters.usage import UsageService
+from quotagate.billing.setup import create_billing
+from quotagate.billing.web import add_billing_routes
 from quotagate.config import Settings
 from quotagate.core.clock import Clock, SystemClock
 from quotagate.http import build_http_app
@@ -101,7 +103,8 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     )
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter, settings, metrics), server)
     usage_pb2_grpc.add_UsageServicer_to_server(UsageService(service), server)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service), server)
+    billing = create_billing(service, ledger)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service, billing), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -115,7 +118,7 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     http_app = build_http_app(
         metrics,
         {"postgres": ledger.ping, "redis": hot.ping},
-        [functools.partial(add_quota_routes, service=service)],
+        [functools.partial(add_quota_routes, service=service), functools.partial(add_billing_routes, billing=billing)],
     )
     runner = web.AppRunner(http_app, access_log=None)
     await runner.setup()
@@ -140,6 +143,7 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         await server.stop(grace=5)
         await ext_proc.drain()
         await runner.cleanup()
+        await billing.close()
         rate_limit_redis.close()
         await hot.close()
         await ledger.close()

@@ -68,6 +68,12 @@ class AdminStub:
     """Usage events (of one account or of all) in a cycle or a time range, as CSV with a header row or as JSON
     lines, streamed in chunks read from the database in batches. Role viewer.
     """
+    ListPayments: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPaymentsRequest, _admin_pb2.ListPaymentsResponse]
+    """Card payments through Stripe Checkout, newest first, filtered by user, status, session or time. Role viewer."""
+    ReconcilePayment: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReconcilePaymentRequest, _admin_pb2.ReconcilePaymentResponse]
+    """Reads a Checkout Session from Stripe and credits it if paid and not credited yet (a webhook that never
+    came). The same path as the webhook: a session is credited once, whoever comes first. Role operator.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -108,6 +114,12 @@ class AdminAsyncStub(AdminStub):
     ExportUsage: _aio.UnaryStreamMultiCallable[_admin_pb2.ExportUsageRequest, _admin_pb2.ExportChunk]  # type: ignore[assignment]
     """Usage events (of one account or of all) in a cycle or a time range, as CSV with a header row or as JSON
     lines, streamed in chunks read from the database in batches. Role viewer.
+    """
+    ListPayments: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPaymentsRequest, _admin_pb2.ListPaymentsResponse]  # type: ignore[assignment]
+    """Card payments through Stripe Checkout, newest first, filtered by user, status, session or time. Role viewer."""
+    ReconcilePayment: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReconcilePaymentRequest, _admin_pb2.ReconcilePaymentResponse]  # type: ignore[assignment]
+    """Reads a Checkout Session from Stripe and credits it if paid and not credited yet (a webhook that never
+    came). The same path as the webhook: a session is credited once, whoever comes first. Role operator.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -236,6 +248,24 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_admin_pb2.ExportChunk], _abc.AsyncIterator[_admin_pb2.ExportChunk]]:
         """Usage events (of one account or of all) in a cycle or a time range, as CSV with a header row or as JSON
         lines, streamed in chunks read from the database in batches. Role viewer.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPayments(
+        self,
+        request: _admin_pb2.ListPaymentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPaymentsResponse, _abc.Awaitable[_admin_pb2.ListPaymentsResponse]]:
+        """Card payments through Stripe Checkout, newest first, filtered by user, status, session or time. Role viewer."""
+
+    @_abc_1.abstractmethod
+    def ReconcilePayment(
+        self,
+        request: _admin_pb2.ReconcilePaymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ReconcilePaymentResponse, _abc.Awaitable[_admin_pb2.ReconcilePaymentResponse]]:
+        """Reads a Checkout Session from Stripe and credits it if paid and not credited yet (a webhook that never
+        came). The same path as the webhook: a session is credited once, whoever comes first. Role operator.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
