@@ -283,7 +283,7 @@ async def test_reconcile_by_session_id_credits_once(stack: Stack, standin: Strip
     session_id = await buy(stack, standin, uid)
     request = admin_pb2.ReconcilePaymentRequest(session_id=session_id)
     unpaid = await stack.admin.ReconcilePayment(request, metadata=ADMIN_MD)
-    assert not unpaid.granted and unpaid.payment_status == "unpaid" and unpaid.payment.status == "unpaid"
+    assert not unpaid.granted and unpaid.payment_status == "unpaid" and unpaid.payment.status == "open"
 
     standin.pay(session_id)
     first, second = await asyncio.gather(*(stack.admin.ReconcilePayment(request, metadata=ADMIN_MD) for _ in (1, 2)))
@@ -297,3 +297,13 @@ async def test_reconcile_by_session_id_credits_once(stack: Stack, standin: Strip
     missing = admin_pb2.ReconcilePaymentRequest(session_id="cs_test_nope")
     with pytest.raises(Exception, match=r"no checkout session"):
         await stack.admin.ReconcilePayment(missing, metadata=ADMIN_MD)
+
+
+async def test_an_abandoned_session_expires_without_a_grant(stack: Stack, standin: StripeStandIn, uid: str) -> None:
+    session_id = await buy(stack, standin, uid)
+    expired = {**standin.sessions[session_id], "status": "expired"}
+    response = await deliver(stack, event("checkout.session.expired", expired))
+    assert response.status_code == 200 and response.json()["result"] == "no grant: expired"
+    [payment] = await payments(stack, user_id=uid, status="expired")
+    assert payment.session_id == session_id and payment.grant_id == 0
+    assert await grants_of(stack, uid) == []

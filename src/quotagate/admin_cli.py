@@ -116,7 +116,9 @@ def add_admin_parser(sub: Any) -> None:
     )
     pay_list = payments.add_parser("list", help="payments, newest first (role viewer)")
     pay_list.add_argument("--user", default="")
-    pay_list.add_argument("--status", choices=["open", "paid", "unpaid", "failed", "refunded", "partially_refunded"])
+    pay_list.add_argument(
+        "--status", choices=["open", "paid", "unpaid", "failed", "expired", "refunded", "partially_refunded"]
+    )
     pay_list.add_argument("--session", default="", help="a Checkout Session id (cs_...)")
     pay_list.add_argument("--since", help="created at or after (ISO 8601 with offset)")
     pay_list.add_argument("--until", help="created before (ISO 8601 with offset)")

@@ -52,7 +52,8 @@ class CheckoutSession:
 
 @dataclass(frozen=True)
 class SessionSettled:
-    """A checkout session finished: credited when paid (async methods pay later, or fail)."""
+    """A checkout session finished: credited when paid (async methods pay later, or fail); `failed` when its
+    delayed payment failed or it expired unpaid."""
 
     session: CheckoutSession
     failed: bool = False
@@ -130,7 +131,7 @@ def command_of(event: Mapping[str, Any]) -> StripeCommand:
         return Ignored(kind)
     if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
         return SessionSettled(session_of(obj))
-    if kind == "checkout.session.async_payment_failed":
+    if kind in ("checkout.session.async_payment_failed", "checkout.session.expired"):
         return SessionSettled(session_of(obj), failed=True)
     if kind == "payment_intent.payment_failed":
         metadata = _metadata(obj)

@@ -132,7 +132,8 @@ class Billing:
             return None, False
         if not session.paid:
             # Card payments are paid at completion; delayed methods report later (async_payment_succeeded).
-            return await self.store.mark_unpaid(session, "unpaid", event_id), False
+            status = {"open": "open", "expired": "expired"}.get(session.status, "unpaid")
+            return await self.store.mark_unpaid(session, status, event_id), False
         await self.service.ledger.ensure_account(NewAccount(session.user_id), self.settings.default_plan)
         now = self.service.clock.now()
         cycle = self.service.cycle(now)
@@ -150,8 +151,9 @@ class Billing:
     async def _session_failed(self, session: CheckoutSession, event_id: str) -> str:
         if not session.id or not session.user_id:
             return "ignored: not a quotagate checkout session"
-        await self.store.mark_unpaid(session, "failed", event_id)
-        return "payment failed"
+        status = "expired" if session.status == "expired" else "failed"
+        await self.store.mark_unpaid(session, status, event_id)
+        return f"no grant: {status}"
 
     async def _payment_failed(self, failure: PaymentFailed, event_id: str) -> str:
         if not failure.payment_intent or not failure.user_id:

@@ -17,7 +17,7 @@ __all__ = ["CreditOutcome", "PaymentRecord", "PaymentStore", "RefundOutcome"]
 ACTOR = "stripe"
 _COLUMNS = """id, session_id, payment_intent, user_id, package_id, tokens, amount, currency, status, grant_id,
     refunded_amount, tokens_removed, failure_message, created_at, updated_at"""
-STATUSES = ("open", "paid", "unpaid", "failed", "refunded", "partially_refunded")
+STATUSES = ("open", "paid", "unpaid", "failed", "expired", "refunded", "partially_refunded")
 
 
 @dataclass(frozen=True)

@@ -917,7 +917,7 @@ class Payment(_message.Message):
     currency: _builtins.str
     """"brl" """
     status: _builtins.str
-    """open | paid | unpaid | failed | refunded | partially_refunded"""
+    """open | paid | unpaid | failed | expired | refunded | partially_refunded"""
     grant_id: _builtins.int
     """the credit grant; 0 until paid"""
     refunded_amount: _builtins.int

@@ -13,7 +13,7 @@ CREATE TABLE payments (
     amount            bigint NOT NULL DEFAULT 0,          -- smallest currency unit (centavos)
     currency          text NOT NULL DEFAULT '',
     status            text NOT NULL DEFAULT 'open'
-                      CHECK (status IN ('open', 'paid', 'unpaid', 'failed', 'refunded', 'partially_refunded')),
+                      CHECK (status IN ('open', 'paid', 'unpaid', 'failed', 'expired', 'refunded', 'partially_refunded')),
     grant_id          bigint UNIQUE REFERENCES credit_grants (id),
     refunded_amount   bigint NOT NULL DEFAULT 0,          -- cumulative, as Stripe reports it on the charge
     tokens_removed    bigint NOT NULL DEFAULT 0,          -- taken back from the grant by refunds
