@@ -307,3 +307,16 @@ async def test_an_abandoned_session_expires_without_a_grant(stack: Stack, standi
     [payment] = await payments(stack, user_id=uid, status="expired")
     assert payment.session_id == session_id and payment.grant_id == 0
     assert await grants_of(stack, uid) == []
+
+
+async def test_payments_are_listed_in_pages_newest_first(stack: Stack, standin: StripeStandIn, uid: str) -> None:
+    sessions = [await buy(stack, standin, uid, package) for package in ("tokens_200k", "tokens_500k", "tokens_1m")]
+    first = await stack.admin.ListPayments(admin_pb2.ListPaymentsRequest(user_id=uid, page_size=2), metadata=ADMIN_MD)
+    assert [p.session_id for p in first.payments] == sessions[:0:-1] and first.next_page_token
+    rest = await stack.admin.ListPayments(
+        admin_pb2.ListPaymentsRequest(user_id=uid, page_size=2, page_token=first.next_page_token), metadata=ADMIN_MD
+    )
+    assert [p.session_id for p in rest.payments] == sessions[:1] and rest.next_page_token == ""
+    assert [p.amount for p in [*first.payments, *rest.payments]] == [23000, 12000, 5000]
+    with pytest.raises(Exception, match="status must be one of"):
+        await stack.admin.ListPayments(admin_pb2.ListPaymentsRequest(status="lost"), metadata=ADMIN_MD)

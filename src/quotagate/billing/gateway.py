@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import stripe
 
 from quotagate.billing.events import CheckoutSession, session_of
@@ -73,7 +74,7 @@ def checkout_params(request: CheckoutRequest) -> dict[str, Any]:
 
 class StripeGateway:
     def __init__(self, settings: StripeSettings) -> None:
-        self._http = stripe.AIOHTTPClient(timeout=TIMEOUT_SECONDS)
+        self._http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=TIMEOUT_SECONDS))
         self._client = stripe.StripeClient(
             settings.secret_key or "sk_not_configured",
             base_addresses={"api": settings.api_base},
