@@ -155,6 +155,11 @@ async def test_signed_link_from_the_429_lists_packages_and_checks_out(
     assert form["metadata[user_id]"] == uid and form["metadata[tokens]"] == "500000"
     assert chosen.headers["location"].startswith("https://checkout.stripe.test/c/pay/cs_test_")
 
+    # Where Stripe sends the buyer back when no success/cancel URL is configured: quotagate's own small pages.
+    for path, words in (("/v1/quota/purchase/done", "Payment received"), ("/v1/quota/purchase/cancelled", "cancelled")):
+        back = await stack.http.get(path)
+        assert back.status_code == 200 and words in back.text, path
+
 
 async def test_unknown_or_inactive_package_is_400(stack: Stack, standin: StripeStandIn, uid: str) -> None:
     for package in ("tokens_9m", "old_promo"):
