@@ -148,6 +148,24 @@ def add_admin_parser(sub: Any) -> None:
     export.add_argument("--format", choices=["csv", "jsonl"], required=True)
     export.add_argument("-o", "--output", help="file to write (default: standard output)")
 
+    payments = tasks.add_parser("payments", help="card payments through Stripe Checkout").add_subparsers(
+        dest="action", required=True
+    )
+    pay_list = payments.add_parser("list", help="payments, newest first (role viewer)")
+    pay_list.add_argument("--user", default="")
+    pay_list.add_argument(
+        "--status", choices=["open", "paid", "unpaid", "failed", "expired", "refunded", "partially_refunded"]
+    )
+    pay_list.add_argument("--session", default="", help="a Checkout Session id (cs_...)")
+    pay_list.add_argument("--since", help="created at or after (ISO 8601 with offset)")
+    pay_list.add_argument("--until", help="created before (ISO 8601 with offset)")
+    pay_list.add_argument("--limit", type=int, default=50)
+    pay_list.add_argument("--page", default="")
+    reconcile = payments.add_parser(
+        "reconcile", help="read a Checkout Session from Stripe and credit it if paid, once (role operator)"
+    )
+    reconcile.add_argument("session_id")
+
     for name, text in (("ledger", "an account's ledger entries"), ("audit", "the audit log (of one account)")):
         log = tasks.add_parser(name, help=text + ", newest first")
         log.add_argument("user", nargs="?" if name == "audit" else None, default="")
@@ -204,6 +222,8 @@ def _call(args: argparse.Namespace) -> Call:
         return _key_call(args)
     if args.task == "plans":
         return _plan_call(args)
+    if args.task == "payments":
+        return _payment_call(args)
     if args.task == "adjust":
         adjust = admin_pb2.AdjustCreditsRequest(user_id=args.user, amount=args.amount, reason=args.reason)
         return lambda stub, md: stub.AdjustCredits(adjust, metadata=md, timeout=10)
@@ -275,6 +295,19 @@ def _plan_call(args: argparse.Namespace) -> Call:
         update.active = args.active
     # The call returns once every account on the plan has the change in its hot state: allow for big plans.
     return lambda stub, md: stub.UpdatePlan(update, metadata=md, timeout=300)
+def _payment_call(args: argparse.Namespace) -> Call:
+    if args.action == "reconcile":
+        reconcile = admin_pb2.ReconcilePaymentRequest(session_id=args.session_id)
+        return lambda stub, md: stub.ReconcilePayment(reconcile, metadata=md, timeout=30)
+    listing = admin_pb2.ListPaymentsRequest(
+        user_id=args.user, status=args.status or "", session_id=args.session, page_size=args.limit,
+        page_token=args.page,
+    )  # fmt: skip
+    if args.since:
+        listing.start.CopyFrom(_timestamp(args.since))
+    if args.until:
+        listing.end.CopyFrom(_timestamp(args.until))
+    return lambda stub, md: stub.ListPayments(listing, metadata=md, timeout=30)
 
 
 def run_admin(args: argparse.Namespace) -> int:
@@ -465,11 +498,36 @@ def render(reply: Message) -> str:
             for p in reply.plans
         ]  # fmt: skip
         return table(["id", "name", "allowance", "warn", "critical", "weights", "active", "accounts"], rows, "")
+    if isinstance(reply, admin_pb2.ListPaymentsResponse):
+        rows = [
+            [_when(p.created_at), p.user_id, p.package_id or "-", f"{p.tokens:,}", _money(p.amount, p.currency),
+             p.status, p.session_id or p.payment_intent]
+            for p in reply.payments
+        ]  # fmt: skip
+        return table(["when", "user", "package", "tokens", "amount", "status", "session"], rows, reply.next_page_token)
+    if isinstance(reply, admin_pb2.ReconcilePaymentResponse):
+        outcome = "credited now" if reply.granted else "nothing granted"
+        if not reply.granted and reply.payment.grant_id:
+            outcome = f"credited before (grant #{reply.payment.grant_id})"
+        return "\n".join(
+            [
+                f"session    {reply.payment.session_id}",
+                f"stripe     {reply.session_status}, payment {reply.payment_status}",
+                f"user       {reply.payment.user_id}",
+                f"tokens     {reply.payment.tokens:,} ({reply.payment.package_id})",
+                f"status     {reply.payment.status}",
+                f"outcome    {outcome}",
+            ]
+        )
     return json_format.MessageToJson(reply)
 
 
 def _percent(fraction: float) -> str:
     return f"{round(fraction * 100, 1):g}%"
+
+
+def _money(amount: int, currency: str) -> str:
+    return f"{amount / 100:,.2f} {currency.upper()}"
 
 
 def _acts_for(key: admin_pb2.ClientKey) -> str:

@@ -91,6 +91,28 @@ class StripeSettings:
     """Phase 2: credits bought by card through Stripe Checkout. Off by default; the manual path stays."""
 
     enabled: bool = False
+    # Secrets: from QUOTAGATE_STRIPE_SECRET_KEY / QUOTAGATE_STRIPE_WEBHOOK_SECRET (the YAML keys are for tests).
+    secret_key: str = field(default="", repr=False)
+    webhook_secret: str = field(default="", repr=False)
+    # Where Stripe sends the buyer back after paying or giving up; empty: quotagate's own small pages.
+    success_url: str = ""
+    cancel_url: str = ""
+    # Stripe's API; tests point it at a local stand-in.
+    api_base: str = "https://api.stripe.com"
+    # How old a webhook's signed timestamp may be (replay protection).
+    tolerance_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class Package:
+    """A package of credit tokens sold through Stripe Checkout."""
+
+    id: str
+    tokens: int
+    price: int  # in the currency's smallest unit (centavos for BRL)
+    currency: str = "brl"
+    active: bool = True
+    name: str = ""  # shown on the purchase page and in Checkout; default: "<tokens> tokens"
 
 
 @dataclass(frozen=True)
@@ -124,6 +146,7 @@ class Settings:
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
     stripe: StripeSettings = field(default_factory=StripeSettings)
     admin: AdminListener = field(default_factory=AdminListener)
+    packages: tuple[Package, ...] = ()
     source: str = "<defaults>"
 
     def plan(self, plan_id: str) -> Plan:
@@ -330,8 +353,21 @@ def _notifications(section: _Section, env: Mapping[str, str]) -> NotificationSet
     return result
 
 
-def _stripe(section: _Section) -> StripeSettings:
-    result = StripeSettings(enabled=section.take("enabled", bool, False))
+def _stripe(section: _Section, env: Mapping[str, str]) -> StripeSettings:
+    defaults = StripeSettings()
+    result = StripeSettings(
+        enabled=section.take("enabled", bool, False),
+        secret_key=env.get("QUOTAGATE_STRIPE_SECRET_KEY", section.take("secret_key", str, "")),
+        webhook_secret=env.get("QUOTAGATE_STRIPE_WEBHOOK_SECRET", section.take("webhook_secret", str, "")),
+        success_url=section.take("success_url", str, ""),
+        cancel_url=section.take("cancel_url", str, ""),
+        api_base=section.take("api_base", str, defaults.api_base).rstrip("/"),
+        tolerance_seconds=_positive_int(section, "tolerance_seconds", defaults.tolerance_seconds, 1),
+    )
+    for name in ("success_url", "cancel_url", "api_base"):
+        value = getattr(result, name)
+        if value and not value.startswith(("https://", "http://")):
+            raise section.fail(name, "must be an http(s) URL")
     section.done()
     return result
 
@@ -357,6 +393,41 @@ def _admin_listener(section: _Section, env: Mapping[str, str], base: Path) -> Ad
     return AdminListener(listen, files["cert"], files["key"], files["client_ca"])
 
 
+# ISO 4217 codes Stripe Checkout takes in lower case; the customer sells in reais.
+_CURRENCIES = ("brl", "usd", "eur")
+
+
+def _package(item: _Section) -> Package:
+    package_id = item.take("id", str, "")
+    if not package_id or not package_id.replace("_", "").replace("-", "").isalnum():
+        raise item.fail("id", "required: letters, digits, '_' and '-'")
+    tokens = _positive_int(item, "tokens", 0, 1)
+    price = _positive_int(item, "price", 0, 1)
+    currency = item.take("currency", str, "BRL").lower()
+    if currency not in _CURRENCIES:
+        raise item.fail("currency", f"must be one of {', '.join(c.upper() for c in _CURRENCIES)}")
+    package = Package(
+        id=package_id,
+        tokens=tokens,
+        price=price,
+        currency=currency,
+        active=item.take("active", bool, True),
+        name=item.take("name", str, ""),
+    )
+    item.done()
+    return package
+
+
+def _packages(section: _Section) -> tuple[Package, ...]:
+    packages = tuple(_package(item) for item in section.items("packages"))
+    seen: set[str] = set()
+    for package in packages:
+        if package.id in seen:
+            raise section.fail("packages", f"package id {package.id!r} appears twice")
+        seen.add(package.id)
+    return packages
+
+
 def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     top = _Section(source, "", data if data is not None else {})
     defaults = Settings()
@@ -376,9 +447,10 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     upstream = top.sub("upstream")
     upstream_key = upstream.take("api_key", str, "")
     upstream.done()
-    stripe = _stripe(top.sub("stripe"))
     notifications = _notifications(top.sub("notifications"), env)
     admin = _admin_listener(top.sub("admin"), env, Path(source).parent)
+    stripe = _stripe(top.sub("stripe"), env)
+    packages = _packages(top)
     settings = Settings(
         timezone=top.take_choice("timezone", ZoneInfo, defaults.timezone, "IANA time zone names"),
         language=top.take_choice("language", Language, defaults.language, "pt-BR, en"),
@@ -406,6 +478,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         notifications=notifications,
         stripe=stripe,
         admin=admin,
+        packages=packages,
         source=source,
     )
     top.done()
@@ -424,7 +497,17 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         raise ConfigError(f"{source}: admin_tokens: production needs an admin token (QUOTAGATE_ADMIN_TOKEN)")
     if settings.production and settings.link_secret == DEFAULT_LINK_SECRET:
         raise ConfigError(f"{source}: link_secret: production needs a secret of its own (QUOTAGATE_LINK_SECRET)")
+    if settings.stripe.enabled:
+        _check_stripe(settings)
     return settings
+
+
+def _check_stripe(settings: Settings) -> None:
+    source = settings.source
+    if settings.production and not settings.stripe.secret_key:
+        raise ConfigError(f"{source}: stripe.secret_key: production needs QUOTAGATE_STRIPE_SECRET_KEY")
+    if settings.production and not settings.stripe.webhook_secret:
+        raise ConfigError(f"{source}: stripe.webhook_secret: production needs QUOTAGATE_STRIPE_WEBHOOK_SECRET")
 
 
 def _paths(section: _Section, name: str, base: Path) -> tuple[Path, ...]:

@@ -358,7 +358,7 @@ def _listener(opts: EnvoyOptions) -> dict[str, Any]:
                         {
                             "match": {"prefix": "/"},
                             "route": {"cluster": UPSTREAM_CLUSTER, "timeout": _ROUTE_TIMEOUT},
-                        }
+                        },
                     ],
                 }
             ],

@@ -25,6 +25,8 @@ from quotagate.adapters.ext_authz import AuthorizationService
 from quotagate.adapters.ext_proc import ExternalProcessorService
 from quotagate.adapters.ratelimit import RateLimitService
 from quotagate.adapters.usage import UsageService
+from quotagate.billing.setup import create_billing
+from quotagate.billing.web import add_billing_routes
 from quotagate.config import Settings
 from quotagate.core.clock import Clock, SystemClock
 from quotagate.http import build_http_app
@@ -111,8 +113,9 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter, settings, metrics), server)
     usage_pb2_grpc.add_UsageServicer_to_server(UsageService(service), server)
     separate_admin = bool(settings.admin.listen)
+    billing = create_billing(service, ledger)
     if not separate_admin:
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service, billing), server)
     served = tuple(n for n in SERVICE_NAMES if not (separate_admin and n == ADMIN_SERVICE_NAME))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -123,14 +126,14 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     await server.start()
     admin_server, admin_port = None, grpc_port
     if separate_admin:
-        admin_server, admin_port = await _start_admin_server(settings, service, health_servicer)
+        admin_server, admin_port = await _start_admin_server(settings, AdminService(service, billing), health_servicer)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     http_app = build_http_app(
         metrics,
         {"postgres": ledger.ping, "redis": hot.ping},
-        [functools.partial(add_quota_routes, service=service)],
+        [functools.partial(add_quota_routes, service=service), functools.partial(add_billing_routes, billing=billing)],
     )
     runner = web.AppRunner(http_app, access_log=None)
     await runner.setup()
@@ -159,6 +162,7 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         await server.stop(grace=5)
         await ext_proc.drain()
         await runner.cleanup()
+        await billing.close()
         rate_limit_redis.close()
         await hot.close()
         await ledger.close()
@@ -168,12 +172,12 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
 
 
 async def _start_admin_server(
-    settings: Settings, service: QuotaService, health_servicer: health.aio.HealthServicer
+    settings: Settings, admin: AdminService, health_servicer: health.aio.HealthServicer
 ) -> tuple[grpc.aio.Server, int]:
     """The Admin service (with health and reflection) on its own port; mutual TLS when admin.tls is given."""
     listener = settings.admin
     server = grpc.aio.server()
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     if listener.tls_cert and listener.tls_key and listener.tls_client_ca:

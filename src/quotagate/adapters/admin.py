@@ -14,6 +14,8 @@ import grpc
 
 from quotagate.adapters.convert import balance_message, timestamp
 from quotagate.adapters.errors import PermissionDenied, Unauthenticated, grpc_errors, status_code_of
+from quotagate.billing.service import Billing
+from quotagate.billing.store import PaymentRecord
 from quotagate.config import AdminToken, Settings, sha256_hex
 from quotagate.core.errors import InvalidRequest
 from quotagate.core.model import AccountStatus, Balance, ModelWeight, Plan
@@ -51,8 +53,9 @@ def authorize(settings: Settings, context: grpc.aio.ServicerContext, needed: str
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, service: QuotaService) -> None:
+    def __init__(self, service: QuotaService, billing: Billing | None = None) -> None:
         self._service = service
+        self._billing = billing
 
     @grpc_errors
     async def GetAccount(
@@ -326,6 +329,70 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         token = authorize(self._service.settings, context, "operator")
         await self._service.set_status(request.user_id, status, request.reason, token.name)
         return await self._account(request.user_id)
+
+    # -- payments (Stripe Checkout) ----------------------------------------------------------------------
+
+    def _payments(self) -> Billing:
+        if self._billing is None:
+            raise InvalidRequest("payments are not kept by this server")
+        return self._billing
+
+    @grpc_errors
+    async def ListPayments(
+        self, request: admin_pb2.ListPaymentsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListPaymentsResponse:
+        authorize(self._service.settings, context, "viewer")
+        size = page_size(request.page_size)
+        rows = await self._payments().search(
+            request.user_id,
+            request.status.strip().lower(),
+            request.session_id,
+            request.start.ToDatetime(UTC) if request.HasField("start") else None,
+            request.end.ToDatetime(UTC) if request.HasField("end") else None,
+            _id_token(request.page_token, "p"),
+            size + 1,
+        )
+        return admin_pb2.ListPaymentsResponse(
+            payments=[_payment_message(p) for p in rows[:size]],
+            next_page_token=_encode_token("p", str(rows[size - 1].id)) if len(rows) > size else "",
+        )
+
+    @grpc_errors
+    async def ReconcilePayment(
+        self, request: admin_pb2.ReconcilePaymentRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ReconcilePaymentResponse:
+        token = authorize(self._service.settings, context, "operator")
+        result = await self._payments().reconcile(request.session_id)
+        log.info(
+            "payment reconciled",
+            extra={"session_id": result.session.id, "granted": result.granted, "actor": token.name},
+        )
+        return admin_pb2.ReconcilePaymentResponse(
+            payment=_payment_message(result.payment) if result.payment else None,
+            granted=result.granted,
+            payment_status=result.session.payment_status,
+            session_status=result.session.status,
+        )
+
+
+def _payment_message(payment: PaymentRecord) -> admin_pb2.Payment:
+    return admin_pb2.Payment(
+        id=payment.id,
+        session_id=payment.session_id,
+        payment_intent=payment.payment_intent,
+        user_id=payment.user_id,
+        package_id=payment.package_id,
+        tokens=payment.tokens,
+        amount=payment.amount,
+        currency=payment.currency,
+        status=payment.status,
+        grant_id=payment.grant_id or 0,
+        refunded_amount=payment.refunded_amount,
+        tokens_removed=payment.tokens_removed,
+        failure_message=payment.failure_message,
+        created_at=timestamp(payment.created_at),
+        updated_at=timestamp(payment.updated_at),
+    )
 
 
 def _account_message(account: AccountRecord, balance: Balance) -> admin_pb2.Account:

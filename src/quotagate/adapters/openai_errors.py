@@ -63,9 +63,7 @@ def _quota_json(balance: Balance, state: QuotaState, purchase_url: str) -> dict[
     }
 
 
-def quota_denial(
-    decision: Decision, settings: Settings, now: datetime, purchase_url: str | None = None
-) -> HttpDenial:
+def quota_denial(decision: Decision, settings: Settings, now: datetime, purchase_url: str | None = None) -> HttpDenial:
     """The 429 (or 403 when suspended); `purchase_url` is the user's way to more tokens (default: the manual
     path from the settings)."""
     if purchase_url is None:

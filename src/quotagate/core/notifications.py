@@ -17,6 +17,7 @@ class NotificationKind(StrEnum):
     BLOCKED = "blocked"
     CREDITS = "credits"
     RENEWED = "renewed"
+    PAYMENT_FAILED = "payment_failed"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ _SUBJECTS: dict[Language, dict[NotificationKind, str]] = {
         NotificationKind.BLOCKED: "Conta bloqueada - tokens esgotados",
         NotificationKind.CREDITS: "Créditos adicionados",
         NotificationKind.RENEWED: "Seus tokens mensais foram renovados",
+        NotificationKind.PAYMENT_FAILED: "Pagamento não aprovado",
     },
     Language.EN: {
         NotificationKind.WARN: "80% of your tokens have been used",
@@ -62,6 +64,7 @@ _SUBJECTS: dict[Language, dict[NotificationKind, str]] = {
         NotificationKind.BLOCKED: "Account blocked - tokens exhausted",
         NotificationKind.CREDITS: "Credits added",
         NotificationKind.RENEWED: "Your monthly tokens have been renewed",
+        NotificationKind.PAYMENT_FAILED: "Payment declined",
     },
 }
 
@@ -72,6 +75,9 @@ _BODIES: dict[Language, dict[NotificationKind, str]] = {
         NotificationKind.BLOCKED: "Seus tokens do ciclo {cycle} acabaram e os pedidos estão bloqueados.{how}",
         NotificationKind.CREDITS: "Foram adicionados {amount} tokens em créditos à sua conta.",
         NotificationKind.RENEWED: "Seus tokens mensais foram renovados para o ciclo {cycle}.",
+        NotificationKind.PAYMENT_FAILED: (
+            "Seu pagamento de créditos não foi aprovado e nada foi cobrado. Tente novamente ou use outro cartão.{how}"
+        ),
     },
     Language.EN: {
         NotificationKind.WARN: "You have used 80% of your tokens for cycle {cycle}.{how}",
@@ -79,6 +85,9 @@ _BODIES: dict[Language, dict[NotificationKind, str]] = {
         NotificationKind.BLOCKED: "Your tokens for cycle {cycle} are used up and requests are blocked.{how}",
         NotificationKind.CREDITS: "{amount} tokens of credits have been added to your account.",
         NotificationKind.RENEWED: "Your monthly tokens have been renewed for cycle {cycle}.",
+        NotificationKind.PAYMENT_FAILED: (
+            "Your payment for credits was declined and nothing was charged. Try again or use another card.{how}"
+        ),
     },
 }
 

@@ -172,6 +172,11 @@ class PostgresLedger:
         self._notifications = notifications
         self._outbox_status = ("pending" if mail else "skipped", "pending" if webhook else "none")
 
+    @property
+    def outbox_statuses(self) -> tuple[str, str]:
+        """The e-mail and webhook status a new outbox row starts with (for stores that enqueue too)."""
+        return self._outbox_status
+
     @classmethod
     async def connect(
         cls,

@@ -1151,3 +1151,193 @@ class UpdatePlanRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__warn_threshold) -> _WhichOneofReturnType__warn_threshold | None: ...
 
 Global___UpdatePlanRequest: _TypeAlias = UpdatePlanRequest  # noqa: Y015
+
+@_typing.final
+class Payment(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PAYMENT_INTENT_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PACKAGE_ID_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    REFUNDED_AMOUNT_FIELD_NUMBER: _builtins.int
+    TOKENS_REMOVED_FIELD_NUMBER: _builtins.int
+    FAILURE_MESSAGE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    session_id: _builtins.str
+    """the Checkout Session; empty for a failed attempt without one"""
+    payment_intent: _builtins.str
+    user_id: _builtins.str
+    package_id: _builtins.str
+    tokens: _builtins.int
+    """credit tokens the package gives"""
+    amount: _builtins.int
+    """in the currency's smallest unit (centavos)"""
+    currency: _builtins.str
+    """"brl" """
+    status: _builtins.str
+    """open | paid | unpaid | failed | expired | refunded | partially_refunded"""
+    grant_id: _builtins.int
+    """the credit grant; 0 until paid"""
+    refunded_amount: _builtins.int
+    """smallest unit, running total"""
+    tokens_removed: _builtins.int
+    """credit tokens taken back by refunds"""
+    failure_message: _builtins.str
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        session_id: _builtins.str = ...,
+        payment_intent: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        package_id: _builtins.str = ...,
+        tokens: _builtins.int = ...,
+        amount: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        status: _builtins.str = ...,
+        grant_id: _builtins.int = ...,
+        refunded_amount: _builtins.int = ...,
+        tokens_removed: _builtins.int = ...,
+        failure_message: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "created_at", b"created_at", "currency", b"currency", "failure_message", b"failure_message", "grant_id", b"grant_id", "id", b"id", "package_id", b"package_id", "payment_intent", b"payment_intent", "refunded_amount", b"refunded_amount", "session_id", b"session_id", "status", b"status", "tokens", b"tokens", "tokens_removed", b"tokens_removed", "updated_at", b"updated_at", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Payment: _TypeAlias = Payment  # noqa: Y015
+
+@_typing.final
+class ListPaymentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """optional filters"""
+    status: _builtins.str
+    session_id: _builtins.str
+    page_size: _builtins.int
+    """default 50, at most 500"""
+    page_token: _builtins.str
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """created at or after"""
+
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp:
+        """created before"""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "page_size", b"page_size", "page_token", b"page_token", "session_id", b"session_id", "start", b"start", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPaymentsRequest: _TypeAlias = ListPaymentsRequest  # noqa: Y015
+
+@_typing.final
+class ListPaymentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYMENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def payments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Payment]: ...
+    def __init__(
+        self,
+        *,
+        payments: _abc.Iterable[Global___Payment] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "payments", b"payments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPaymentsResponse: _TypeAlias = ListPaymentsResponse  # noqa: Y015
+
+@_typing.final
+class ReconcilePaymentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcilePaymentRequest: _TypeAlias = ReconcilePaymentRequest  # noqa: Y015
+
+@_typing.final
+class ReconcilePaymentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYMENT_FIELD_NUMBER: _builtins.int
+    GRANTED_FIELD_NUMBER: _builtins.int
+    PAYMENT_STATUS_FIELD_NUMBER: _builtins.int
+    SESSION_STATUS_FIELD_NUMBER: _builtins.int
+    granted: _builtins.bool
+    """credited by this call; false: already credited, or not paid"""
+    payment_status: _builtins.str
+    """Stripe's: paid | unpaid | no_payment_required"""
+    session_status: _builtins.str
+    """Stripe's: open | complete | expired"""
+    @_builtins.property
+    def payment(self) -> Global___Payment: ...
+    def __init__(
+        self,
+        *,
+        payment: Global___Payment | None = ...,
+        granted: _builtins.bool = ...,
+        payment_status: _builtins.str = ...,
+        session_status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payment", b"payment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "payment", b"payment", "payment_status", b"payment_status", "session_status", b"session_status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcilePaymentResponse: _TypeAlias = ReconcilePaymentResponse  # noqa: Y015

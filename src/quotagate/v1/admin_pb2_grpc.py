@@ -130,6 +130,16 @@ class AdminStub:
                 request_serializer=quotagate_dot_v1_dot_admin__pb2.UpdatePlanRequest.SerializeToString,
                 response_deserializer=quotagate_dot_v1_dot_admin__pb2.Plan.FromString,
                 _registered_method=True)
+        self.ListPayments = channel.unary_unary(
+                '/quotagate.v1.Admin/ListPayments',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.ListPaymentsRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.ListPaymentsResponse.FromString,
+                _registered_method=True)
+        self.ReconcilePayment = channel.unary_unary(
+                '/quotagate.v1.Admin/ReconcilePayment',
+                request_serializer=quotagate_dot_v1_dot_admin__pb2.ReconcilePaymentRequest.SerializeToString,
+                response_deserializer=quotagate_dot_v1_dot_admin__pb2.ReconcilePaymentResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -272,6 +282,21 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPayments(self, request, context):
+        """Card payments through Stripe Checkout, newest first, filtered by user, status, session or time. Role viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReconcilePayment(self, request, context):
+        """Reads a Checkout Session from Stripe and credits it if paid and not credited yet (a webhook that never
+        came). The same path as the webhook: a session is credited once, whoever comes first. Role operator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -369,6 +394,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.UpdatePlan,
                     request_deserializer=quotagate_dot_v1_dot_admin__pb2.UpdatePlanRequest.FromString,
                     response_serializer=quotagate_dot_v1_dot_admin__pb2.Plan.SerializeToString,
+            ),
+            'ListPayments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPayments,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.ListPaymentsRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.ListPaymentsResponse.SerializeToString,
+            ),
+            'ReconcilePayment': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReconcilePayment,
+                    request_deserializer=quotagate_dot_v1_dot_admin__pb2.ReconcilePaymentRequest.FromString,
+                    response_serializer=quotagate_dot_v1_dot_admin__pb2.ReconcilePaymentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -885,6 +920,60 @@ class Admin:
             '/quotagate.v1.Admin/UpdatePlan',
             quotagate_dot_v1_dot_admin__pb2.UpdatePlanRequest.SerializeToString,
             quotagate_dot_v1_dot_admin__pb2.Plan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPayments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/ListPayments',
+            quotagate_dot_v1_dot_admin__pb2.ListPaymentsRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.ListPaymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReconcilePayment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotagate.v1.Admin/ReconcilePayment',
+            quotagate_dot_v1_dot_admin__pb2.ReconcilePaymentRequest.SerializeToString,
+            quotagate_dot_v1_dot_admin__pb2.ReconcilePaymentResponse.FromString,
             options,
             channel_credentials,
             insecure,

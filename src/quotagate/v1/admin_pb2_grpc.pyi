@@ -78,6 +78,12 @@ class AdminStub:
     """Changes a plan's name, allowance, thresholds, model weights or active flag; the next decision of each of its
     accounts uses them (every quotagate process within a few seconds). Role admin.
     """
+    ListPayments: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPaymentsRequest, _admin_pb2.ListPaymentsResponse]
+    """Card payments through Stripe Checkout, newest first, filtered by user, status, session or time. Role viewer."""
+    ReconcilePayment: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReconcilePaymentRequest, _admin_pb2.ReconcilePaymentResponse]
+    """Reads a Checkout Session from Stripe and credits it if paid and not credited yet (a webhook that never
+    came). The same path as the webhook: a session is credited once, whoever comes first. Role operator.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -128,6 +134,12 @@ class AdminAsyncStub(AdminStub):
     UpdatePlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdatePlanRequest, _admin_pb2.Plan]  # type: ignore[assignment]
     """Changes a plan's name, allowance, thresholds, model weights or active flag; the next decision of each of its
     accounts uses them (every quotagate process within a few seconds). Role admin.
+    """
+    ListPayments: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPaymentsRequest, _admin_pb2.ListPaymentsResponse]  # type: ignore[assignment]
+    """Card payments through Stripe Checkout, newest first, filtered by user, status, session or time. Role viewer."""
+    ReconcilePayment: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReconcilePaymentRequest, _admin_pb2.ReconcilePaymentResponse]  # type: ignore[assignment]
+    """Reads a Checkout Session from Stripe and credits it if paid and not credited yet (a webhook that never
+    came). The same path as the webhook: a session is credited once, whoever comes first. Role operator.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -290,6 +302,24 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.Plan, _abc.Awaitable[_admin_pb2.Plan]]:
         """Changes a plan's name, allowance, thresholds, model weights or active flag; the next decision of each of its
         accounts uses them (every quotagate process within a few seconds). Role admin.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPayments(
+        self,
+        request: _admin_pb2.ListPaymentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPaymentsResponse, _abc.Awaitable[_admin_pb2.ListPaymentsResponse]]:
+        """Card payments through Stripe Checkout, newest first, filtered by user, status, session or time. Role viewer."""
+
+    @_abc_1.abstractmethod
+    def ReconcilePayment(
+        self,
+        request: _admin_pb2.ReconcilePaymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ReconcilePaymentResponse, _abc.Awaitable[_admin_pb2.ReconcilePaymentResponse]]:
+        """Reads a Checkout Session from Stripe and credits it if paid and not credited yet (a webhook that never
+        came). The same path as the webhook: a session is credited once, whoever comes first. Role operator.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

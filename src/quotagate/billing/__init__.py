@@ -1,0 +1,1 @@
+"""Phase 2: credits bought by card through Stripe Checkout (purchase page, signed webhooks, reconciliation)."""
