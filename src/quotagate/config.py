@@ -59,6 +59,14 @@ class NotificationSettings:
 
 
 @dataclass(frozen=True)
+class NoticeSettings:
+    """What the chat user is told inside the conversation (headers are always sent)."""
+
+    # The first completion after crossing warn (and again critical) in a cycle carries a short notice.
+    in_conversation: bool = True
+
+
+@dataclass(frozen=True)
 class StripeSettings:
     """Phase 2: credits bought by card through Stripe Checkout. Off by default; the manual path stays."""
 
@@ -95,6 +103,7 @@ class Settings:
     rate_limit_files: tuple[Path, ...] = ()
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
     stripe: StripeSettings = field(default_factory=StripeSettings)
+    notices: NoticeSettings = field(default_factory=NoticeSettings)
     source: str = "<defaults>"
 
     def plan(self, plan_id: str) -> Plan:
@@ -286,6 +295,12 @@ def _stripe(section: _Section) -> StripeSettings:
     return result
 
 
+def _notices(section: _Section) -> NoticeSettings:
+    result = NoticeSettings(in_conversation=section.take("in_conversation", bool, True))
+    section.done()
+    return result
+
+
 def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     top = _Section(source, "", data if data is not None else {})
     defaults = Settings()
@@ -307,6 +322,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     upstream.done()
     notifications = _notifications(top.sub("notifications"))
     stripe = _stripe(top.sub("stripe"))
+    notices = _notices(top.sub("notices"))
     settings = Settings(
         timezone=top.take_choice("timezone", ZoneInfo, defaults.timezone, "IANA time zone names"),
         language=top.take_choice("language", Language, defaults.language, "pt-BR, en"),
@@ -333,6 +349,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         rate_limit_files=_paths(top, "rate_limits", Path(source).parent),
         notifications=notifications,
         stripe=stripe,
+        notices=notices,
         source=source,
     )
     top.done()

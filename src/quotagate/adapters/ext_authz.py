@@ -176,6 +176,9 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             fields["model"].string_value = completion.model
             fields["prompt_chars"].number_value = completion.prompt_chars
             fields["ask_usage"].bool_value = completion.needs_usage_asked
+            if decision.warn and self._settings.notices.in_conversation:
+                # ext_proc adds the notice for this threshold to the answer if nobody showed it yet this cycle.
+                fields["notice"].string_value = decision.state.value
         to_client = [_header(k, v) for k, v in quota_headers(decision.balance, decision.state).items()]
         if decision.warn:
             # Personal, so not worth caching among the shared header messages.
