@@ -148,7 +148,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         if not decision.allowed:
             now = self._service.clock.now()
             purchase_url = self._service.links.purchase_url(user.user_id, now)
-            denial = quota_denial(decision, self._settings, now, purchase_url)
+            balance_url = self._service.links.balance_url(user.user_id, now)
+            denial = quota_denial(decision, self._settings, now, purchase_url, balance_url)
             code = code_pb2.PERMISSION_DENIED if denial.status == 403 else code_pb2.RESOURCE_EXHAUSTED
             return denied(denial, code), decision.state.value
         return self._allowed(decision, user.user_id, client, completion), decision.state.value
