@@ -72,7 +72,8 @@ async def test_signed_links(stack: Stack, uid: str) -> None:
     assert page.status_code == 200 and page.json()["user_id"] == uid
 
     forged = LinkSigner(b"another-secret", "http://unused").token(uid, now)
-    expired = LinkSigner(b"test-link-secret", "http://unused", ttl_seconds=60).token(uid, now - timedelta(hours=1))
+    # Two hours back: expiries are rounded up to the hour, so one hour back could still be valid.
+    expired = LinkSigner(b"test-link-secret", "http://unused", ttl_seconds=60).token(uid, now - timedelta(hours=2))
     for token in (forged, expired, good[:-2] + "xx", "garbage"):
         refused = await stack.http.get("/v1/quota", params={"t": token})
         assert refused.status_code == 401, token
