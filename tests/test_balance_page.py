@@ -127,6 +127,7 @@ async def test_another_users_balance_is_never_readable(stack: Stack, uid: str) -
     for headers in ({**HTML}, {"x-user-id": victim, **HTML}):
         refused = await stack.http.get("/v1/quota", headers=headers)
         assert refused.status_code == 401 and victim not in refused.text
+        assert "personal link" in refused.text  # a person without the link learns where it is
     # An untrusted key naming somebody else: 401, as for chat requests, in JSON and as a page.
     for extra in ({}, HTML):
         other = await stack.http.get(

@@ -15,7 +15,7 @@ from quotagate.core.messages import Language, format_reset
 from quotagate.core.model import QuotaState
 from quotagate.core.notices import buy_hint, format_tokens
 
-__all__ = ["STATE_COLOURS", "PageFacts", "error_page", "render_balance_page"]
+__all__ = ["STATE_COLOURS", "PageFacts", "error_page", "how_to_open_page", "render_balance_page"]
 
 # The bar's colour per state; used nowhere else on the page (the screenshot test finds the bar by it).
 STATE_COLOURS: dict[QuotaState, str] = {
@@ -48,6 +48,10 @@ _TEXTS: dict[Language, dict[str, str]] = {
         "buy": "Comprar mais tokens",
         "write": "Para comprar mais tokens, escreva para",
         "contact": "Suporte:",
+        "how_to_open": (
+            "Esta página mostra o seu saldo quando aberta pelo seu link pessoal. Ele vem no aviso da conversa "
+            "(aos 80% e aos 95% de uso) e na mensagem de quando os tokens acabam."
+        ),
     },
     Language.EN: {
         "title": "Your token balance",
@@ -69,6 +73,10 @@ _TEXTS: dict[Language, dict[str, str]] = {
         "buy": "Buy more tokens",
         "write": "To buy more tokens, write to",
         "contact": "Support:",
+        "how_to_open": (
+            "This page shows your balance when you open it from your personal link. The link comes in the notice "
+            "in your chat (at 80% and 95% of use) and in the message when your tokens run out."
+        ),
     },
 }
 
@@ -174,3 +182,8 @@ def error_page(message: str, language: Language) -> str:
     """A refused link or an unknown user, for a person in a browser."""
     title = _TEXTS[language]["title"]
     return _document(language, title, TRACK_COLOUR, f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(message)}</p>\n")
+
+
+def how_to_open_page(language: Language) -> str:
+    """For a person who opened the page without their link (from a static link in the chat UI, say)."""
+    return error_page(_TEXTS[language]["how_to_open"], language)

@@ -16,7 +16,7 @@ from quotagate.links import BALANCE_PATH
 from quotagate.service import QuotaService
 from quotagate.store.ports import AccountRecord
 from quotagate.web.identity import resolve_user
-from quotagate.web.page import PageFacts, error_page, render_balance_page
+from quotagate.web.page import PageFacts, error_page, how_to_open_page, render_balance_page
 
 __all__ = ["add_quota_routes", "balance_json", "wants_html"]
 
@@ -83,6 +83,9 @@ def add_quota_routes(app: web.Application, service: QuotaService) -> None:
         now = service.clock.now()
         html = wants_html(request)
         language = _language(request, settings.language)
+        if html and "authorization" not in request.headers and not request.query.get("t"):
+            page = how_to_open_page(language)
+            return web.Response(status=401, text=page, content_type="text/html", headers=_HTML_HEADERS)
         user = resolve_user(request, settings, service.client_by_key, links.signer, now)
         if isinstance(user, web.Response):
             return _as_html(user, language) if html else user
