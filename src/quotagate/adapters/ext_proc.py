@@ -238,8 +238,11 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
     async def _claimed_notice(self, ex: Exchange, threshold: str) -> str:
         if not ex.known or not ex.model or ex.status >= 300:
             return ""
+        # A tool call (or anything but a plain answer) is not added to: the next completion carries the notice.
         if ex.reader is not None and ex.reader.ended_with_tools:
-            return ""  # a tool call is not an answer to add to; the next completion carries the notice
+            return ""
+        if ex.reader is None and append_to_json_content(bytes(ex.json_body), "") is None:
+            return ""
         # Settle now (the body is complete), so the notice tells what is left after this completion.
         settling = self._spawn(self._settle(ex))
         await asyncio.wait({settling}, timeout=SETTLE_WAIT_SECONDS)
