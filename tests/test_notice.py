@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,21 @@ async def test_concurrent_completions_show_the_notice_once(stack: Stack, uid: st
     await to_warn(stack, uid)
     texts = await asyncio.gather(*(ask(stack, uid, stream=i % 2 == 1) for i in range(6)))
     assert sum(text.count(NOTICE_MARK) for text in texts) == 1
+
+
+async def test_the_claim_is_atomic_across_processes(stack: Stack, uid: str) -> None:
+    """Two processes' books (each with its own memory) claiming at once: PostgreSQL lets exactly one win."""
+    await to_warn(stack, uid)
+    assert stack.quotagate is not None
+    pool = stack.quotagate.service.ledger.pool  # type: ignore[attr-defined]
+    books = [PostgresNoticeBook(pool), PostgresNoticeBook(pool)]
+    now = datetime.now(UTC)
+    claims = await asyncio.gather(*(books[i % 2].claim(uid, "2026-11", "warn", f"r{i}", now) for i in range(10)))
+    assert claims.count(True) == 1
+    # Once known, a book answers from memory, and other thresholds and cycles are claims of their own.
+    assert not await books[0].claim(uid, "2026-11", "warn", "again", now)
+    assert await books[1].claim(uid, "2026-11", "critical", "r", now)
+    assert await books[0].claim(uid, "2026-12", "warn", "r", now)
 
 
 async def test_notices_can_be_turned_off(

@@ -239,8 +239,8 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         if not ex.known or not ex.model or ex.status >= 300:
             return ""
         # A tool call (or anything but a plain answer) is not added to: the next completion carries the notice.
-        if ex.reader is not None and ex.reader.ended_with_tools:
-            return ""
+        if ex.reader is not None and (ex.reader.ended_with_tools or not ex.reader.completion_id):
+            return ""  # (no completion chunk was understood: compressed or not OpenAI's format)
         if ex.reader is None and append_to_json_content(bytes(ex.json_body), "") is None:
             return ""
         # Settle now (the body is complete), so the notice tells what is left after this completion.
