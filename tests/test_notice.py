@@ -15,6 +15,7 @@ import openai
 import pytest
 from harness import CLIENT_KEY, Stack, make_settings
 
+from quotagate.core.clock import FixedClock
 from quotagate.core.messages import Language, format_reset
 from quotagate.core.model import Balance
 from quotagate.links import LinkSigner
@@ -187,6 +188,22 @@ async def test_the_claim_is_atomic_across_processes(stack: Stack, uid: str) -> N
     assert not await books[0].claim(uid, "2026-11", "warn", "again", now)
     assert await books[1].claim(uid, "2026-11", "critical", "r", now)
     assert await books[0].claim(uid, "2026-12", "warn", "r", now)
+
+
+async def test_a_new_cycle_brings_the_notices_back(
+    database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path, uid: str
+) -> None:
+    clock = FixedClock(datetime(2026, 11, 20, 15, 0, tzinfo=UTC))
+    settings = settings_for(database_url, redis_url, redis_prefix)
+    async with Stack(settings, tmp_path, clock=clock, ext_proc=True) as stack:
+        await to_warn(stack, uid)
+        assert NOTICE_MARK in await ask(stack, uid)
+        assert NOTICE_MARK not in await ask(stack, uid)
+        clock.set(datetime(2026, 12, 5, 15, 0, tzinfo=UTC))  # December in São Paulo: a new cycle
+        assert NOTICE_MARK not in await ask(stack, uid)  # normal again
+        await to_warn(stack, uid)
+        december = await ask(stack, uid)
+        assert december.count(NOTICE_MARK) == 1 and "2027-01-01 00:00" in december
 
 
 async def test_notices_can_be_turned_off(
