@@ -97,7 +97,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             async for message in request_iterator:
                 response, done = self._handle(exchange, message)
                 if exchange.notice_here:
-                    await self._add_notice(exchange, response, done)
+                    await self._add_notice(exchange, response)
                 if done:
                     # Settle before the last answer, so the client's next request already sees the charge and
                     # no longer the hold (a slow ledger is waited for only briefly; the rest runs on).
@@ -217,7 +217,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 ex.notice_here = True
         return pb.ProcessingResponse(response_body=pb.BodyResponse()), end
 
-    async def _add_notice(self, ex: Exchange, response: pb.ProcessingResponse, end: bool) -> None:
+    async def _add_notice(self, ex: Exchange, response: pb.ProcessingResponse) -> None:
         """Puts the due notice into this body response, if this completion wins its claim."""
         ex.notice_here = False
         threshold, ex.notice = ex.notice, ""  # one try per completion
@@ -256,6 +256,9 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             )
         except (QuotagateError, TimeoutError) as exc:
             log.warning("notice not claimed: %s", exc, extra={"request_id": ex.request_id, "user_id": ex.user_id})
+            return ""
+        except Exception:  # the answer goes on without the notice, whatever went wrong with it
+            log.exception("notice not claimed", extra={"request_id": ex.request_id, "user_id": ex.user_id})
             return ""
         if not won:
             return ""
