@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from harness import CLIENT_KEY, PERSONAL_KEY, Stack, make_settings
 
+from quotagate.core.messages import Language, format_reset
 from quotagate.links import LinkSigner
 
 
@@ -71,7 +72,8 @@ async def test_signed_links(stack: Stack, uid: str) -> None:
     assert page.status_code == 200 and page.json()["user_id"] == uid
 
     forged = LinkSigner(b"another-secret", "http://unused").token(uid, now)
-    expired = LinkSigner(b"test-link-secret", "http://unused", ttl_seconds=60).token(uid, now - timedelta(hours=1))
+    # Two hours back: expiries are rounded up to the hour, so one hour back could still be valid.
+    expired = LinkSigner(b"test-link-secret", "http://unused", ttl_seconds=60).token(uid, now - timedelta(hours=2))
     for token in (forged, expired, good[:-2] + "xx", "garbage"):
         refused = await stack.http.get("/v1/quota", params={"t": token})
         assert refused.status_code == 401, token
@@ -112,3 +114,33 @@ async def test_purchase_links_follow_the_stripe_switch(
             assert url.startswith("https://chat.example.com/v1/quota/purchase?t=")
             token = url.split("t=", 1)[1]
             assert LinkSigner(b"test-link-secret", "").verify(token, datetime.now(UTC)) == user
+
+
+async def test_the_blocked_line_names_the_reset_and_a_whole_link(
+    database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path, uid: str
+) -> None:
+    """Stripe on: the 429's error.message carries the purchase link for an ordinary id; for a very long id
+    the link would not fit in 240 characters, so it names the balance link in the notice instead, never a
+    cut link."""
+    settings = make_settings(
+        database_url,
+        redis_url,
+        redis_prefix,
+        link_secret="test-link-secret",
+        public_url="https://chat.example.com",
+        stripe={"enabled": True},
+    )
+    async with Stack(settings, tmp_path, ext_proc=True) as stack:
+        for user in (uid, uid + "-" + "x" * 230):
+            assert (await stack.chat(user, completion_tokens=1000, max_tokens=900)).status_code == 200
+            blocked = await stack.chat(user)
+            assert blocked.status_code == 429
+            error = blocked.json()["error"]
+            text = error["message"]
+            assert len(text) <= 240 and "\n" not in text
+            _, balance = await stack.quotagate.service.account(user)  # type: ignore[union-attr]
+            assert format_reset(balance.resets_at, settings.timezone, Language.EN) in text
+            if user == uid:
+                assert error["quota"]["purchase_url"] in text
+            else:
+                assert "https://" not in text and "balance link" in text

@@ -87,6 +87,14 @@ class NotificationSettings:
 
 
 @dataclass(frozen=True)
+class NoticeSettings:
+    """What the chat user is told inside the conversation (headers are always sent)."""
+
+    # The first completion after crossing warn (and again critical) in a cycle carries a short notice.
+    in_conversation: bool = True
+
+
+@dataclass(frozen=True)
 class StripeSettings:
     """Phase 2: credits bought by card through Stripe Checkout. Off by default; the manual path stays."""
 
@@ -147,6 +155,7 @@ class Settings:
     stripe: StripeSettings = field(default_factory=StripeSettings)
     admin: AdminListener = field(default_factory=AdminListener)
     packages: tuple[Package, ...] = ()
+    notices: NoticeSettings = field(default_factory=NoticeSettings)
     source: str = "<defaults>"
 
     def plan(self, plan_id: str) -> Plan:
@@ -428,6 +437,12 @@ def _packages(section: _Section) -> tuple[Package, ...]:
     return packages
 
 
+def _notices(section: _Section) -> NoticeSettings:
+    result = NoticeSettings(in_conversation=section.take("in_conversation", bool, True))
+    section.done()
+    return result
+
+
 def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     top = _Section(source, "", data if data is not None else {})
     defaults = Settings()
@@ -451,6 +466,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     admin = _admin_listener(top.sub("admin"), env, Path(source).parent)
     stripe = _stripe(top.sub("stripe"), env)
     packages = _packages(top)
+    notices = _notices(top.sub("notices"))
     settings = Settings(
         timezone=top.take_choice("timezone", ZoneInfo, defaults.timezone, "IANA time zone names"),
         language=top.take_choice("language", Language, defaults.language, "pt-BR, en"),
@@ -479,6 +495,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         stripe=stripe,
         admin=admin,
         packages=packages,
+        notices=notices,
         source=source,
     )
     top.done()

@@ -36,6 +36,7 @@ from quotagate.ratelimit.limiter import RateLimiter
 from quotagate.ratelimit.reload import ReloadingConfig
 from quotagate.ratelimit.store import RedisRateLimitStore
 from quotagate.service import QuotaService
+from quotagate.store.notices import PostgresNoticeBook
 from quotagate.store.postgres import PostgresLedger
 from quotagate.store.redis import RedisHotState
 from quotagate.store.resp import PipelinedRedis
@@ -98,7 +99,7 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 8 << 20)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(service), server)
-    ext_proc = ExternalProcessorService(service)
+    ext_proc = ExternalProcessorService(service, PostgresNoticeBook(ledger.pool))
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ext_proc, server)
     rate_limits = ReloadingConfig(
         settings.rate_limit_files or (DEFAULT_RATE_LIMITS,), on_error=lambda _: metrics.ratelimit_config_errors.inc()

@@ -148,7 +148,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         if not decision.allowed:
             now = self._service.clock.now()
             purchase_url = self._service.links.purchase_url(user.user_id, now)
-            denial = quota_denial(decision, self._settings, now, purchase_url)
+            balance_url = self._service.links.balance_url(user.user_id, now)
+            denial = quota_denial(decision, self._settings, now, purchase_url, balance_url)
             code = code_pb2.PERMISSION_DENIED if denial.status == 403 else code_pb2.RESOURCE_EXHAUSTED
             return denied(denial, code), decision.state.value
         return self._allowed(decision, user.user_id, client, completion), decision.state.value
@@ -176,6 +177,9 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             fields["model"].string_value = completion.model
             fields["prompt_chars"].number_value = completion.prompt_chars
             fields["ask_usage"].bool_value = completion.needs_usage_asked
+            if decision.warn and self._settings.notices.in_conversation:
+                # ext_proc adds the notice for this threshold to the answer if nobody showed it yet this cycle.
+                fields["notice"].string_value = decision.state.value
         to_client = [_header(k, v) for k, v in quota_headers(decision.balance, decision.state).items()]
         if decision.warn:
             # Personal, so not worth caching among the shared header messages.

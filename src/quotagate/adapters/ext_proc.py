@@ -3,6 +3,10 @@
 One gRPC stream per HTTP request. The request body is read to ask streamed completions for their usage;
 the response body is observed per content type (STREAMED for SSE, BUFFERED for JSON, NONE otherwise);
 at the body's end the reservation Check placed under the same x-request-id is settled, and the stream ends.
+
+When Check says a warned user's notice is due, the first successful completion to claim it carries it: one
+more content chunk before `data: [DONE]` in a stream, or more text in the JSON message. The completion is
+settled first, so the notice tells what is left after it, and the charge never includes the notice.
 """
 
 from __future__ import annotations
@@ -20,14 +24,18 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 from quotagate.core.errors import QuotagateError
+from quotagate.core.model import Balance
+from quotagate.core.notices import NoticeFacts, notice_text
 from quotagate.core.usage_capture import (
     SseUsageReader,
     Usage,
+    append_to_json_content,
     ask_for_stream_usage,
     estimate_tokens,
     usage_from_json,
 )
 from quotagate.service import QuotaService, UsageReport
+from quotagate.store.notices import MemoryNoticeBook, NoticeBook
 
 log = logging.getLogger("quotagate.ext_proc")
 
@@ -37,6 +45,8 @@ METADATA_NAMESPACE = "quotagate"  # what ext_proc hands back to Envoy (tokens us
 MAX_BUFFERED_JSON = 8 << 20  # a JSON answer larger than this is charged from its estimate
 BUFFERED_JSON_LIMIT = 512 << 10  # well under Envoy's default 1 MiB buffer limit
 SETTLE_WAIT_SECONDS = 1.0  # under the filter's message_timeout (2 s)
+CLAIM_WAIT_SECONDS = 0.5  # settle + claim stay under it too; a notice not claimed in time waits for the next
+NOTICE_THRESHOLDS = ("warn", "critical")
 
 
 def header_map(headers: Any) -> dict[str, str]:
@@ -58,6 +68,12 @@ class Exchange:
     json_body: bytearray = field(default_factory=bytearray)
     usage: Usage | None = None
     settled: bool = False
+    balance: Balance | None = None  # after the settlement, when quotagate settled it
+    notice: str = ""  # the threshold whose notice Check found due ("warn", "critical"), else ""
+    # Set when the body reached the place for the notice: the bytes to pass before and after it.
+    notice_here: bool = False
+    before_notice: bytes = b""
+    after_notice: bytes = b""
 
     @property
     def known(self) -> bool:
@@ -66,10 +82,12 @@ class Exchange:
 
 
 class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, service: QuotaService) -> None:
+    def __init__(self, service: QuotaService, notices: NoticeBook | None = None) -> None:
         self._service = service
         self._chars_per_token = service.settings.estimate.chars_per_token
         self._background: set[asyncio.Task[None]] = set()
+        self._notices: NoticeBook = notices if notices is not None else MemoryNoticeBook()
+        self._notices_on = service.settings.notices.in_conversation
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -78,6 +96,8 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         try:
             async for message in request_iterator:
                 response, done = self._handle(exchange, message)
+                if exchange.notice_here:
+                    await self._add_notice(exchange, response)
                 if done:
                     # Settle before the last answer, so the client's next request already sees the charge and
                     # no longer the hold (a slow ledger is waited for only briefly; the rest runs on).
@@ -116,6 +136,8 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 fields = check.fields
                 ex.model = fields["model"].string_value if "model" in fields else ""
                 ex.prompt_chars = int(fields["prompt_chars"].number_value) if "prompt_chars" in fields else 0
+                notice = fields["notice"].string_value if "notice" in fields else ""
+                ex.notice = notice if self._notices_on and notice in NOTICE_THRESHOLDS else ""
                 if ex.known and "ask_usage" in fields and fields["ask_usage"].bool_value:
                     # Only then is the request body worth a round trip: to ask the stream for its usage.
                     answer.mode_override.request_body_mode = _Mode.BUFFERED
@@ -154,9 +176,9 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             mode = _Mode.NONE  # nothing to read: errors are not charged
         elif content_type == "text/event-stream":
             mode = _Mode.STREAMED
-            ex.reader = SseUsageReader(hide_usage=ex.asked_usage)
-            if ex.asked_usage:
-                # The body is rewritten (the usage the client did not ask for is taken out).
+            ex.reader = SseUsageReader(hide_usage=ex.asked_usage, hold_done=bool(ex.notice))
+            if ex.reader.rewrites:
+                # The body is rewritten (the usage the client did not ask for is taken out, a notice added).
                 answer.response_headers.response.header_mutation.remove_headers.append("content-length")
         elif content_type == "application/json":
             # BUFFERED hands over the whole body at once; a large or unsized body (big embeddings, say) is
@@ -164,6 +186,8 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             length = headers.get("content-length", "")
             small = length.isdigit() and int(length) <= BUFFERED_JSON_LIMIT
             mode = _Mode.BUFFERED if small else _Mode.STREAMED
+            if not small:
+                ex.notice = ""  # a streamed JSON body cannot be added to; the next completion carries it
         else:
             mode = _Mode.NONE
         answer.mode_override.response_body_mode = mode
@@ -174,16 +198,81 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             passed = ex.reader.feed(chunk)
             if end:
                 passed += ex.reader.finish()
+            if ex.reader.done_seen or end:
                 ex.usage = ex.reader.usage
+            held = ex.reader.release()
+            if ex.notice and (ex.reader.done_seen or end):
+                # The stream's last content went by: the notice goes here, before [DONE] (_add_notice).
+                ex.notice_here, ex.before_notice, ex.after_notice = True, passed, held
+            passed += held
             body = pb.BodyResponse()
-            if ex.reader.hide_usage and passed != chunk:
+            if ex.reader.rewrites and passed != chunk:
                 body.response.body_mutation.body = passed
             return pb.ProcessingResponse(response_body=body), end
         if len(ex.json_body) + len(chunk) <= MAX_BUFFERED_JSON:
             ex.json_body += chunk
         if end:
             ex.usage = usage_from_json(bytes(ex.json_body))
+            if ex.notice:
+                ex.notice_here = True
         return pb.ProcessingResponse(response_body=pb.BodyResponse()), end
+
+    async def _add_notice(self, ex: Exchange, response: pb.ProcessingResponse) -> None:
+        """Puts the due notice into this body response, if this completion wins its claim."""
+        ex.notice_here = False
+        threshold, ex.notice = ex.notice, ""  # one try per completion
+        text = await self._claimed_notice(ex, threshold)
+        if not text:
+            return
+        body = response.response_body.response
+        if ex.reader is not None:
+            body.body_mutation.body = ex.before_notice + ex.reader.chunk_event(text) + ex.after_notice
+            return
+        changed = append_to_json_content(bytes(ex.json_body), text)
+        if changed is None:
+            return
+        body.body_mutation.body = changed
+        # BUFFERED: the headers still wait for this answer, so the length can be set to match.
+        body.header_mutation.set_headers.append(_raw_header("content-length", str(len(changed))))
+
+    async def _claimed_notice(self, ex: Exchange, threshold: str) -> str:
+        if not ex.known or not ex.model or ex.status >= 300:
+            return ""
+        # A tool call (or anything but a plain answer) is not added to: the next completion carries the notice.
+        if ex.reader is not None and (ex.reader.ended_with_tools or not ex.reader.completion_id):
+            return ""  # (no completion chunk was understood: compressed or not OpenAI's format)
+        if ex.reader is None and append_to_json_content(bytes(ex.json_body), "") is None:
+            return ""
+        # Settle now (the body is complete), so the notice tells what is left after this completion.
+        settling = self._spawn(self._settle(ex))
+        await asyncio.wait({settling}, timeout=SETTLE_WAIT_SECONDS)
+        balance = ex.balance
+        if balance is None:
+            return ""
+        now = self._service.clock.now()
+        try:
+            won = await asyncio.wait_for(
+                self._notices.claim(ex.user_id, balance.cycle, threshold, ex.request_id, now), CLAIM_WAIT_SECONDS
+            )
+        except (QuotagateError, TimeoutError) as exc:
+            log.warning("notice not claimed: %s", exc, extra={"request_id": ex.request_id, "user_id": ex.user_id})
+            return ""
+        except Exception:  # the answer goes on without the notice, whatever went wrong with it
+            log.exception("notice not claimed", extra={"request_id": ex.request_id, "user_id": ex.user_id})
+            return ""
+        if not won:
+            return ""
+        links = self._service.links
+        settings = self._service.settings
+        facts = NoticeFacts(
+            threshold=threshold,
+            used_fraction=balance.used_fraction,
+            remaining=balance.remaining,
+            resets_at=balance.resets_at,
+            purchase_url=links.purchase_url(ex.user_id, now),
+            balance_url=links.balance_url(ex.user_id, now),
+        )
+        return notice_text(facts, settings.language, settings.timezone)
 
     def _attach_tokens(self, ex: Exchange, response: pb.ProcessingResponse) -> None:
         """Hands the tokens used to Envoy as dynamic metadata, where a rate limit applied when the stream is
@@ -202,7 +291,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         ex.settled = True
         report = self._report(ex)
         try:
-            await self._service.report_usage(report)
+            _, ex.balance = await self._service.report_usage(report)
         except QuotagateError as exc:
             # The reservation stays and is charged at its estimate when it expires: never silently free.
             log.warning("usage not settled: %s", exc, extra={"request_id": ex.request_id, "user_id": ex.user_id})

@@ -14,7 +14,7 @@ from typing import Any
 
 from quotagate.config import Settings
 from quotagate.core.decide import Decision
-from quotagate.core.messages import MessageKey, format_reset, message
+from quotagate.core.messages import MessageKey, format_reset, message, quota_message
 from quotagate.core.model import Balance, QuotaState
 
 
@@ -63,9 +63,12 @@ def _quota_json(balance: Balance, state: QuotaState, purchase_url: str) -> dict[
     }
 
 
-def quota_denial(decision: Decision, settings: Settings, now: datetime, purchase_url: str | None = None) -> HttpDenial:
+def quota_denial(
+    decision: Decision, settings: Settings, now: datetime, purchase_url: str | None = None, balance_url: str = ""
+) -> HttpDenial:
     """The 429 (or 403 when suspended); `purchase_url` is the user's way to more tokens (default: the manual
-    path from the settings)."""
+    path from the settings), `balance_url` their balance page, named instead when the purchase link is too
+    long for the one-line message."""
     if purchase_url is None:
         purchase_url = settings.purchase_hint
     balance = decision.balance
@@ -76,7 +79,14 @@ def quota_denial(decision: Decision, settings: Settings, now: datetime, purchase
         body = error_body(text, "permission_denied", "account_suspended")
         return HttpDenial(403, {"content-type": "application/json"}, body)
     key = MessageKey.QUOTA_EXHAUSTED if balance.left <= 0 else MessageKey.QUOTA_INSUFFICIENT
-    text = message(settings.language, key, how=how, reset=reset, remaining=balance.remaining)
+    text = quota_message(
+        settings.language,
+        key,
+        reset=reset,
+        remaining=balance.remaining,
+        purchase_url=purchase_url,
+        balance_url=balance_url,
+    )
     headers = {
         "content-type": "application/json",
         "retry-after": str(max(1, math.ceil((balance.resets_at - now).total_seconds()))),

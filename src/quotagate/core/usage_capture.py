@@ -56,31 +56,73 @@ def estimate_tokens(chars: int, chars_per_token: float) -> int:
     return math.ceil(chars / chars_per_token) if chars > 0 else 0
 
 
+# A completion that ends by calling tools is left alone: text next to a tool call could break the client.
+_TOOL_FINISH = ("tool_calls", "function_call")
+
+
+def append_to_json_content(body: bytes, text: str) -> bytes | None:
+    """A JSON completion with `text` added to its first choice's message content, or None when it has no
+    plain text answer to add to (not a completion, tool calls, refused content)."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    first = choices[0]
+    message = first.get("message")
+    if first.get("finish_reason") in _TOOL_FINISH or not isinstance(message, dict):
+        return None
+    if message.get("tool_calls") or not isinstance(message.get("content"), str):
+        return None
+    message["content"] += text
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 class SseUsageReader:
     """Follows an OpenAI-style SSE stream chunk by chunk: counts the content streamed and finds the usage.
 
     With `hide_usage` (quotagate asked for the usage itself, the client did not), the usage is taken out of
     what the client receives: an event that only carried usage is dropped, and `usage` is removed from an
-    event that also carried choices. Events are passed on whole, so a partial event waits for its end.
+    event that also carried choices. With `hold_done`, `data: [DONE]` and whatever follows it are held back
+    (see `release`), so one more chunk can go before it. While either rewrites the stream, events are passed
+    on whole, so a partial event waits for its end.
     """
 
-    def __init__(self, hide_usage: bool) -> None:
+    def __init__(self, hide_usage: bool, hold_done: bool = False) -> None:
         self.hide_usage = hide_usage
+        self.hold_done = hold_done
         self.usage: Usage | None = None
         self.content_chars = 0
         self.events = 0
+        self.done_seen = False
+        # What a chunk of our own must repeat to belong to this stream.
+        self.completion_id = ""
+        self.model = ""
+        self.created = 0
+        self.finish_reason = ""
+        self._held = b""
         self._partial = b""
 
+    @property
+    def rewrites(self) -> bool:
+        return self.hide_usage or self.hold_done
+
+    @property
+    def ended_with_tools(self) -> bool:
+        return self.finish_reason in _TOOL_FINISH
+
     def feed(self, chunk: bytes) -> bytes:
-        """Returns the bytes to pass on for this chunk (the chunk itself unless usage is hidden)."""
+        """Returns the bytes to pass on for this chunk (the chunk itself unless the stream is rewritten)."""
         data = self._partial + chunk
         cut = data.rfind(b"\n\n")
         if cut < 0:
             self._partial = data
-            return b"" if self.hide_usage else chunk
+            return b"" if self.rewrites else chunk
         complete, self._partial = data[: cut + 2], data[cut + 2 :]
         out = [self._event(raw) for raw in complete.split(b"\n\n")[:-1]]
-        if not self.hide_usage:
+        if not self.rewrites:
             return chunk
         return b"".join(e for e in out if e)
 
@@ -89,14 +131,39 @@ class SseUsageReader:
         rest, self._partial = self._partial, b""
         if rest.strip():
             kept = self._event(rest)
-            return kept if self.hide_usage else b""
-        return rest if self.hide_usage else b""
+            return kept if self.rewrites else b""
+        return rest if self.rewrites else b""
+
+    def release(self) -> bytes:
+        """The `[DONE]` event and what followed it, held back under `hold_done`."""
+        held, self._held = self._held, b""
+        return held
+
+    def chunk_event(self, content: str) -> bytes:
+        """One more `chat.completion.chunk` of this stream (same id and model) carrying `content`."""
+        event = {
+            "id": self.completion_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+        }
+        return b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
 
     def _event(self, raw: bytes) -> bytes:
-        """Reads one event; returns it as it should reach the client (b"" to drop it)."""
+        """Reads one event; returns it as it should reach the client (b"" to drop or hold it)."""
         whole = raw + b"\n\n"
+        if self.done_seen and self.hold_done:
+            self._held += whole
+            return b""
         payload = b"".join(line[5:].lstrip() for line in raw.split(b"\n") if line.startswith(b"data:")).strip()
-        if not payload or payload == b"[DONE]":
+        if payload == b"[DONE]":
+            self.done_seen = True
+            if self.hold_done:
+                self._held += whole
+                return b""
+            return whole
+        if not payload:
             return whole
         try:
             event = json.loads(payload)
@@ -105,12 +172,17 @@ class SseUsageReader:
         if not isinstance(event, dict):
             return whole
         self.events += 1
+        self._remember_stream(event)
         choices = event.get("choices")
         if isinstance(choices, list):
             for choice in choices:
-                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if not isinstance(choice, dict):
+                    continue
+                delta = choice.get("delta")
                 if isinstance(delta, dict) and isinstance(delta.get("content"), str):
                     self.content_chars += len(delta["content"])
+                if choice.get("index", 0) == 0 and isinstance(choice.get("finish_reason"), str):
+                    self.finish_reason = choice["finish_reason"]
         usage = _usage(event.get("usage"))
         if usage is None:
             if self.hide_usage and "usage" in event and event["usage"] is None:
@@ -124,3 +196,11 @@ class SseUsageReader:
             return b""
         del event["usage"]
         return b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
+
+    def _remember_stream(self, event: dict[str, Any]) -> None:
+        if not self.completion_id and isinstance(event.get("id"), str):
+            self.completion_id = event["id"]
+        if not self.model and isinstance(event.get("model"), str):
+            self.model = event["model"]
+        if not self.created and isinstance(event.get("created"), int):
+            self.created = event["created"]
