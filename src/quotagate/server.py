@@ -29,6 +29,7 @@ from quotagate.core.clock import Clock, SystemClock
 from quotagate.http import build_http_app
 from quotagate.metrics import Metrics
 from quotagate.notify import NotificationSender
+from quotagate.outbox import UsageOutbox
 from quotagate.ratelimit.limiter import RateLimiter
 from quotagate.ratelimit.reload import ReloadingConfig
 from quotagate.ratelimit.store import RedisRateLimitStore
@@ -74,7 +75,8 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         settings.database_url, lambda a: service_box[0].limits_of(a), notifications=notifying
     )
     hot = RedisHotState.from_url(settings.redis_url, settings.redis_prefix)
-    service = QuotaService(settings, ledger, hot, clock or SystemClock(), metrics)
+    outbox = UsageOutbox(hot.client, settings.redis_prefix)
+    service = QuotaService(settings, ledger, hot, clock or SystemClock(), metrics, outbox)
     service_box.append(service)
     if migrate:
         applied = await ledger.migrate()
@@ -145,6 +147,11 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
 async def _sweep(service: QuotaService) -> None:
     while True:
         await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
+        try:
+            # Usage kept while PostgreSQL was away goes first, so expiries below see it settled.
+            await service.drain_outbox()
+        except Exception:
+            log.exception("writing the usage outbox to the ledger failed")
         try:
             await service.refresh_stale()
             await service.expire_due()
