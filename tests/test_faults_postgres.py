@@ -1,0 +1,155 @@
+"""PostgreSQL stopped under traffic: decisions go on from Redis, settled usage waits in the outbox and reaches
+the ledger exactly once when PostgreSQL is back, across a quotagate SIGKILL and restart in between."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from faults import Client, QuotagateProcess, eventually, ledger_of, reconcile
+from harness import make_settings
+
+from quotagate.core.clock import SystemClock
+from quotagate.metrics import Metrics
+from quotagate.outbox import OutboxItem, UsageOutbox
+from quotagate.procs import start_embedded_postgres
+from quotagate.service import QuotaService
+from quotagate.store.postgres import PostgresLedger
+from quotagate.store.ports import NewAccount, UsageRecord
+from quotagate.store.redis import RedisHotState
+
+TTL = 3  # reservation_ttl_seconds: one request is never settled and expires while PostgreSQL is down
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
+    """A PostgreSQL of this test's own, which it may stop (never the shared one); yields its data dir and a
+    one-element list holding its URL."""
+    data = tmp_path / "pg"
+    uri, _ = start_embedded_postgres(data)
+    try:
+        yield data, [uri]
+    finally:
+        # Whether the test left it running or stopped: start_embedded_postgres reuses the data dir, and its
+        # stop function stops that server.
+        _, stop = start_embedded_postgres(data)
+        stop()
+
+
+async def test_postgres_outage_keeps_usage_in_the_outbox_and_writes_it_exactly_once(
+    own_postgres: tuple[Path, list[str]], redis_url: str, redis_prefix: str, uid: str, tmp_path: Path
+) -> None:
+    data_dir, [database_url] = own_postgres
+    qg = QuotagateProcess(tmp_path, database_url, redis_url, redis_prefix, reservation_ttl_seconds=TTL)
+    await qg.start()
+    client = Client(qg.target)
+    try:
+        assert await client.check(uid, f"{uid}-warm")
+        await client.report(uid, f"{uid}-warm", prompt=5, completion=10)
+
+        _, stop_postgres = start_embedded_postgres(data_dir)  # the same server: returns its stop function
+        stop_postgres()
+
+        # Under traffic with PostgreSQL gone: every Check is answered from Redis, every report is kept.
+        requests = [f"{uid}-{i}" for i in range(20)]
+
+        async def one(request_id: str, n: int) -> tuple[bool, int]:
+            allowed = await client.check(uid, request_id)
+            reply = await client.report(uid, request_id, prompt=5, completion=10 + n)
+            return allowed, reply.balance.remaining
+
+        results = await asyncio.gather(*(one(r, n) for n, r in enumerate(requests)))
+        assert all(allowed for allowed, _ in results)
+        repeat = await client.report(uid, requests[0], prompt=5, completion=10)
+        assert not repeat.charged  # a second report of a kept request is a repeat, not a second charge
+        # The usage kept counts against the balance at once: what is left went down by all of it.
+        kept = sum(15 + n for n in range(20))
+        last = await client.report(uid, requests[-1], prompt=1, completion=1)
+        assert last.balance.remaining == 1000 - 15 - kept
+
+        # A request never settled expires during the outage and is kept at its estimate.
+        assert await client.check(uid, f"{uid}-lost")
+        redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+
+            async def lost_in_outbox() -> bool:
+                return bool(await redis.hexists(f"{redis_prefix}outbox", f"{uid}-lost"))
+
+            await eventually(lost_in_outbox, seconds=30, what="the expired reservation in the outbox")
+            assert await redis.hlen(f"{redis_prefix}outbox") == 21
+        finally:
+            await redis.aclose()
+
+        # quotagate dies with the outbox full; PostgreSQL comes back; a new quotagate drains it.
+        qg.kill()
+        _, stop_postgres = start_embedded_postgres(data_dir)
+        await qg.start()
+        await client.close()
+        client = Client(qg.target)
+
+        async def drained() -> bool:
+            return len((await ledger_of(database_url, uid))["events"]) == 22
+
+        await eventually(drained, seconds=30, what="the outbox written to the ledger")
+        ledger = await ledger_of(database_url, uid)
+        events = ledger["events"]
+        assert {r: events[r]["cost"] for r in requests} == {r: 15 + n for n, r in enumerate(requests)}
+        lost = events[f"{uid}-lost"]
+        assert (lost["estimated"], lost["source"]) == (True, "expired")
+        assert ledger["charged"] == 15 + kept + lost["cost"] == ledger["used"]
+
+        env = {**os.environ, **qg.env}
+        code, report = await reconcile(qg.config, env)
+        assert (code, report["drift"], report["outbox"], report["reservations"]) == (0, [], 0, 0)
+
+        # Decisions go on against the ledger's figures.
+        assert await client.check(uid, f"{uid}-after")
+        reply = await client.report(uid, f"{uid}-after", prompt=0, completion=1)
+        assert reply.balance.remaining == 1000 - ledger["used"] - 1
+        assert "ledger unavailable; usage kept in the outbox" in qg.log()
+    finally:
+        await client.close()
+        qg.stop()
+
+
+async def test_an_outbox_record_the_ledger_already_has_is_not_charged_again(
+    database_url: str, redis_url: str, redis_prefix: str, uid: str
+) -> None:
+    """A drainer that dies after PostgreSQL committed and before the record left Redis: the next drain finds
+    the request id in the ledger, charges nothing and only then removes the record and its hold."""
+    settings = make_settings(database_url, redis_url, redis_prefix)
+    service_box: list[QuotaService] = []
+    ledger = await PostgresLedger.connect(database_url, lambda a: service_box[0].limits_of(a))
+    hot = RedisHotState.from_url(redis_url, redis_prefix)
+    outbox = UsageOutbox(hot.client, redis_prefix)
+    services = [QuotaService(settings, ledger, hot, SystemClock(), Metrics(), outbox) for _ in range(2)]
+    service_box.append(services[0])
+    try:
+        await ledger.migrate()
+        await ledger.sync_plans(settings.plans)
+        await ledger.ensure_account(NewAccount(uid), "small")
+        now = datetime.now(UTC)
+        cycle = services[0].cycle(now).key
+        await hot.load(await ledger.snapshot(uid, cycle, now))
+        usage = UsageRecord(f"{uid}-r", uid, "demo-small", 10, 20, cost=30, occurred_at=now)
+        assert await outbox.queue(OutboxItem(usage, cycle))
+        assert not await outbox.queue(OutboxItem(usage, cycle))  # queued once
+        view = await hot.view(uid, cycle, now.timestamp())
+        assert view is not None and view.reserved == 30  # held until the ledger has it
+
+        await ledger.record_usage(usage, cycle, now)  # the commit the dead drainer made
+        # Two drainers at once (two processes): the record is written once and released once.
+        written = await asyncio.gather(*(s.drain_outbox() for s in services))
+        assert sorted(written) == [0, 1]
+        assert await outbox.size() == 0
+        view = await hot.view(uid, cycle, now.timestamp())
+        assert view is not None and (view.reserved, view.allowance_used) == (0, 30)
+        assert (await ledger_of(database_url, uid))["charged"] == 30
+    finally:
+        await hot.close()
+        await ledger.close()
