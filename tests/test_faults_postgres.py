@@ -19,8 +19,8 @@ from quotagate.metrics import Metrics
 from quotagate.outbox import OutboxItem, UsageOutbox
 from quotagate.procs import start_embedded_postgres
 from quotagate.service import QuotaService
-from quotagate.store.postgres import PostgresLedger
 from quotagate.store.ports import NewAccount, UsageRecord
+from quotagate.store.postgres import PostgresLedger
 from quotagate.store.redis import RedisHotState
 
 TTL = 3  # reservation_ttl_seconds: one request is never settled and expires while PostgreSQL is down
