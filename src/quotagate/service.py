@@ -395,11 +395,18 @@ class QuotaService:
         for item in await self.outbox.oldest(limit):
             now = self.clock.now()
             try:
-                outcome, snapshot = await self.ledger.record_usage(item.usage, item.cycle, now)
-            except NotFound:
-                # Settled for a user the ledger has not seen (created while PostgreSQL was away).
-                await self.ledger.ensure_account(NewAccount(item.usage.user_id), self.settings.default_plan)
-                outcome, snapshot = await self.ledger.record_usage(item.usage, item.cycle, now)
+                try:
+                    outcome, snapshot = await self.ledger.record_usage(item.usage, item.cycle, now)
+                except NotFound:
+                    # Settled for a user the ledger has not seen (created while PostgreSQL was away).
+                    await self.ledger.ensure_account(NewAccount(item.usage.user_id), self.settings.default_plan)
+                    outcome, snapshot = await self.ledger.record_usage(item.usage, item.cycle, now)
+            except StoreUnavailable:
+                raise
+            except Exception:
+                # One record the ledger refuses must not hold back the others; it stays and is retried.
+                log.exception("outbox usage not written", extra={"request_id": item.usage.request_id})
+                continue
             if await self.outbox.done(item, snapshot):
                 written += 1
                 if outcome.charged:
