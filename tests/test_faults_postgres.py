@@ -17,7 +17,7 @@ from harness import make_settings
 from quotagate.core.clock import SystemClock
 from quotagate.metrics import Metrics
 from quotagate.outbox import OutboxItem, UsageOutbox
-from quotagate.procs import start_embedded_postgres
+from quotagate.procs import free_port, start_embedded_postgres, start_redis, wait_for_port
 from quotagate.service import QuotaService
 from quotagate.store.ports import NewAccount, UsageRecord
 from quotagate.store.postgres import PostgresLedger
@@ -153,3 +153,54 @@ async def test_an_outbox_record_the_ledger_already_has_is_not_charged_again(
     finally:
         await hot.close()
         await ledger.close()
+
+
+async def test_the_outbox_survives_a_redis_restart_with_the_append_only_file(
+    own_postgres: tuple[Path, list[str]], redis_prefix: str, uid: str, tmp_path: Path
+) -> None:
+    """PostgreSQL away and then Redis restarted too: with the append-only file (as production runs Redis), the
+    usage kept in the outbox is still there and reaches the ledger once."""
+    data_dir, [database_url] = own_postgres
+    port = free_port()
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    redis_proc = start_redis(tmp_path / "redis", port, append_only=True)
+    await wait_for_port("127.0.0.1", port, process=redis_proc)
+    qg = QuotagateProcess(tmp_path, database_url, redis_url, redis_prefix)
+    client: Client | None = None
+    try:
+        await qg.start()
+        client = Client(qg.target)
+        assert await client.check(uid, f"{uid}-warm")
+        await client.report(uid, f"{uid}-warm", prompt=5, completion=10)
+        _, stop_postgres = start_embedded_postgres(data_dir)
+        stop_postgres()
+        requests = [f"{uid}-{i}" for i in range(5)]
+        for n, request_id in enumerate(requests):
+            assert await client.check(uid, request_id)
+            await client.report(uid, request_id, prompt=5, completion=n + 1)
+
+        redis_proc.kill()
+        redis_proc = start_redis(tmp_path / "redis", port, append_only=True)
+        await wait_for_port("127.0.0.1", port, process=redis_proc)
+        redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            assert set(await redis.hkeys(f"{redis_prefix}outbox")) == set(requests)
+        finally:
+            await redis.aclose()
+
+        start_embedded_postgres(data_dir)
+
+        async def drained() -> bool:
+            return len((await ledger_of(database_url, uid))["events"]) == 6
+
+        await eventually(drained, seconds=30, what="the outbox written to the ledger")
+        ledger = await ledger_of(database_url, uid)
+        assert {r: ledger["events"][r]["cost"] for r in requests} == {r: 6 + n for n, r in enumerate(requests)}
+        assert ledger["charged"] == 15 + sum(6 + n for n in range(5)) == ledger["used"]
+        code, report = await reconcile(qg.config, {**os.environ, **qg.env})
+        assert (code, report["drift"], report["outbox"]) == (0, [], 0)
+    finally:
+        if client is not None:
+            await client.close()
+        qg.stop()
+        redis_proc.stop()

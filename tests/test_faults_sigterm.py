@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import httpx
-from faults import QuotagateProcess, eventually, ledger_of
+from faults import QuotagateProcess, eventually, ledger_of, reconcile
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import CLIENT_KEY
 
@@ -97,6 +97,8 @@ async def test_sigterm_turns_not_serving_lets_the_stream_finish_then_exits(
         [event] = ledger["events"].values()
         assert (event["estimated"], event["source"]) == (False, "ext_proc")
         assert event["cost"] == 12 + 5  # completion + the demo upstream's prompt count (20 chars / 4)
+        code, report = await reconcile(qg.config, {**os.environ, **qg.env})
+        assert (code, report["drift"], report["reservations"]) == (0, [], 0)
     finally:
         await http.aclose()
         await channel.close()
