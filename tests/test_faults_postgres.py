@@ -85,6 +85,12 @@ async def test_postgres_outage_keeps_usage_in_the_outbox_and_writes_it_exactly_o
         finally:
             await redis.aclose()
 
+        async def gauge_shows_the_outbox() -> bool:
+            return "quotagate_usage_outbox_records 21.0" in await qg.metrics()
+
+        await eventually(gauge_shows_the_outbox, seconds=15, what="the outbox gauge")
+        assert 'quotagate_usage_reports_total{outcome="queued"} 21.0' in await qg.metrics()
+
         # quotagate dies with the outbox full; PostgreSQL comes back; a new quotagate drains it.
         qg.kill()
         _, stop_postgres = start_embedded_postgres(data_dir)
@@ -106,6 +112,11 @@ async def test_postgres_outage_keeps_usage_in_the_outbox_and_writes_it_exactly_o
         env = {**os.environ, **qg.env}
         code, report = await reconcile(qg.config, env)
         assert (code, report["drift"], report["outbox"], report["reservations"]) == (0, [], 0, 0)
+
+        async def gauge_empty() -> bool:
+            return "quotagate_usage_outbox_records 0.0" in await qg.metrics()
+
+        await eventually(gauge_empty, seconds=15, what="the outbox gauge back at 0")
 
         # Decisions go on against the ledger's figures.
         assert await client.check(uid, f"{uid}-after")

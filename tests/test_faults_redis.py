@@ -95,7 +95,9 @@ async def test_redis_restart_under_traffic(
         without_store = sum(n for key, n in outcomes.items() if key.endswith((":unavailable", ":fail-open")))
         metrics = await qg.metrics()
         assert f'quotagate_store_errors_total{{policy="{policy}"}} {float(without_store)}' in metrics
-        assert qg.log().count(f"store unavailable; on_store_error={policy}") == without_store
+        lines = [line for line in qg.log().splitlines() if f"store unavailable; on_store_error={policy}" in line]
+        assert len(lines) == without_store
+        assert all(f'"request_id": "{uid}-' in line for line in lines)  # each names its request
 
         # Usage reported during the outage was charged all the same, once per request.
         ledger = await ledger_of(database_url, uid)

@@ -392,6 +392,7 @@ class QuotaService:
         if self.outbox is None:
             return 0
         written = 0
+        self.metrics.outbox_records.set(await self.outbox.size())
         for item in await self.outbox.oldest(limit):
             now = self.clock.now()
             try:
@@ -420,6 +421,7 @@ class QuotaService:
                         "charged": outcome.charged,
                     },
                 )
+        self.metrics.outbox_records.set(await self.outbox.size())
         return written
 
     async def expire_due(self, limit: int = 200) -> int:
