@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 import yaml
-from faults import MODEL, Client, eventually, ledger_of, quotagate_config, reconcile
+from faults import MODEL, Client, QuotagateProcess, eventually, ledger_of, quotagate_config, reconcile
 from harness import Stack, make_settings
 
 from quotagate.core.estimate import parse_body
@@ -95,3 +95,46 @@ async def test_a_thousand_requests_race_for_the_last_tokens(
             assert (code, report["drift"]) == (0, [])
         finally:
             await client.close()
+
+
+async def test_two_processes_race_in_strict_mode_without_overspending(
+    database_url: str, redis_url: str, redis_prefix: str, uid: str, tmp_path: Path
+) -> None:
+    """The same race across two quotagate processes sharing Redis and PostgreSQL: one order for all."""
+    for n in range(2):
+        (tmp_path / f"qg{n}").mkdir()
+    processes = [
+        QuotagateProcess(tmp_path / f"qg{n}", database_url, redis_url, redis_prefix, admission_mode="strict")
+        for n in range(2)
+    ]
+    clients: list[Client] = []
+    try:
+        for qg in processes:
+            await qg.start()
+            clients.append(Client(qg.target))
+        assert await clients[0].check(uid, f"{uid}-before")
+        await clients[0].report(uid, f"{uid}-before", prompt=0, completion=SPENT_BEFORE)
+        rng = random.Random(11)
+        costs = {f"{uid}-{i}": rng.randint(2, 40) for i in range(1000)}
+
+        async def one(n: int, request_id: str) -> bool:
+            # Decided by one process, settled by the other half of the time.
+            if not await clients[n % 2].check(uid, request_id):
+                return False
+            await asyncio.sleep(rng.random() * 0.05)
+            reply = await clients[(n // 2) % 2].report(uid, request_id, prompt=2, completion=costs[request_id] - 2)
+            assert reply.charged
+            return True
+
+        admitted = await asyncio.gather(*(one(n, r) for n, r in enumerate(costs)))
+        assert 0 < sum(admitted) < len(admitted)
+        ledger = await ledger_of(database_url, uid)
+        assert len(ledger["events"]) == 1 + sum(admitted)
+        assert SPENT_BEFORE < ledger["charged"] <= ALLOWANCE
+        code, report = await reconcile(processes[0].config, {**os.environ, **processes[0].env})
+        assert (code, report["drift"], report["reservations"]) == (0, [], 0)
+    finally:
+        for client in clients:
+            await client.close()
+        for qg in processes:
+            qg.stop()
