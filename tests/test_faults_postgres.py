@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from faults import Client, QuotagateProcess, eventually, ledger_of, reconcile
-from harness import make_settings
+from harness import Stack, make_settings
 
 from quotagate.core.clock import SystemClock
 from quotagate.metrics import Metrics
@@ -215,3 +215,43 @@ async def test_the_outbox_survives_a_redis_restart_with_the_append_only_file(
             await client.close()
         qg.stop()
         redis_proc.stop()
+
+
+async def test_usage_read_by_ext_proc_waits_in_the_outbox_while_postgres_is_down(
+    own_postgres: tuple[Path, list[str]], redis_url: str, redis_prefix: str, uid: str, tmp_path: Path
+) -> None:
+    """Through Envoy: with PostgreSQL stopped, requests are still decided and the usage ext_proc reads from the
+    answers (JSON and SSE) is kept, then charged from those answers, not estimated, when PostgreSQL returns."""
+    data_dir, [database_url] = own_postgres
+    settings = make_settings(database_url, redis_url, redis_prefix)
+    async with Stack(settings, tmp_path, ext_proc=True) as stack:
+        assert stack.quotagate is not None
+        warm = await stack.chat(uid, completion_tokens=3)
+        assert warm.status_code == 200
+        _, stop_postgres = start_embedded_postgres(data_dir)
+        stop_postgres()
+        responses = [await stack.chat(uid, completion_tokens=5 + n, stream=n % 2 == 1) for n in range(6)]
+        assert [r.status_code for r in responses] == [200] * 6
+        ids = [r.headers["x-request-id"] for r in responses]
+        redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+
+            async def all_kept() -> bool:
+                return set(await redis.hkeys(f"{redis_prefix}outbox")) == set(ids)
+
+            await eventually(all_kept, seconds=15, what="the ext_proc settlements in the outbox")
+        finally:
+            await redis.aclose()
+
+        start_embedded_postgres(data_dir)
+        await stack.quotagate.service.drain_outbox()  # the sweeper would, within 5 s
+
+        async def drained() -> bool:
+            return len((await ledger_of(database_url, uid))["events"]) == 7
+
+        await eventually(drained, seconds=15, what="the outbox written to the ledger")
+        events = (await ledger_of(database_url, uid))["events"]
+        prompt = 3  # the demo upstream counts "hello there" as 3 prompt tokens
+        assert {i: (events[i]["cost"], events[i]["estimated"], events[i]["source"]) for i in ids} == {
+            i: (prompt + 5 + n, False, "ext_proc") for n, i in enumerate(ids)
+        }
