@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,10 +29,14 @@ TTL = 3  # reservation_ttl_seconds: one request is never settled and expires whi
 
 
 @pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
+def own_postgres() -> Iterator[tuple[Path, list[str]]]:
     """A PostgreSQL of this test's own, which it may stop (never the shared one); yields its data dir and a
-    one-element list holding its URL."""
-    data = tmp_path / "pg"
+    one-element list holding its URL.
+
+    Its data lives outside pytest's temp root: as root, PostgreSQL runs as another system user that must
+    traverse the parent directories, and a pytest session starting meanwhile makes its root private again."""
+    base = Path(tempfile.mkdtemp(prefix="quotagate-pg-"))
+    data = base / "pg"
     uri, _ = start_embedded_postgres(data)
     try:
         yield data, [uri]
@@ -39,6 +45,7 @@ def own_postgres(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
         # stop function stops that server.
         _, stop = start_embedded_postgres(data)
         stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_postgres_outage_keeps_usage_in_the_outbox_and_writes_it_exactly_once(

@@ -5,6 +5,8 @@ No grpc or protobuf here: adapters/ translate the wire formats and call these me
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -65,6 +67,9 @@ GROUPINGS = ("none", "day", "model")
 CLIENT_KEY_PREFIX = "qg_"
 EXPORT_FORMATS = ("csv", "jsonl")
 EXPORT_BATCH_ROWS = 1000
+# The outbox drains in batches of this many records, this many ledger transactions at a time.
+OUTBOX_BATCH = 500
+OUTBOX_CONCURRENCY = 4
 EXPORT_FIELDS = (
     "request_id", "user_id", "model", "prompt_tokens", "completion_tokens", "cost", "cycle", "status", "estimated",
     "source", "occurred_at", "recorded_at",
@@ -385,44 +390,60 @@ class QuotaService:
             self._balance(usage.user_id, cycle, view)
         )
 
-    async def drain_outbox(self, limit: int = 500) -> int:
-        """Writes outbox records to the ledger, oldest first; returns how many left the outbox.
-
-        Stops at the first PostgreSQL failure (the rest waits for the next round)."""
+    async def drain_outbox(self, batch: int = OUTBOX_BATCH) -> int:
+        """Writes outbox records to the ledger, oldest first, a few at a time, until the outbox is empty; returns
+        how many left the outbox. A PostgreSQL failure ends the round (the rest waits for the next one)."""
         if self.outbox is None:
             return 0
+        outbox = self.outbox
+        gate = asyncio.Semaphore(OUTBOX_CONCURRENCY)  # leaves the pool's other connections to traffic
+
+        async def write(item: OutboxItem) -> bool:
+            async with gate:
+                return await self._write_outbox_item(outbox, item)
+
         written = 0
-        self.metrics.outbox_records.set(await self.outbox.size())
-        for item in await self.outbox.oldest(limit):
-            now = self.clock.now()
+        try:
+            while True:
+                self.metrics.outbox_records.set(await outbox.size())
+                items = await outbox.oldest(batch)
+                done = sum(await asyncio.gather(*(write(item) for item in items)))
+                written += done
+                if len(items) < batch or done == 0:
+                    return written
+        finally:
+            with contextlib.suppress(StoreUnavailable):
+                self.metrics.outbox_records.set(await outbox.size())
+
+    async def _write_outbox_item(self, outbox: UsageOutbox, item: OutboxItem) -> bool:
+        now = self.clock.now()
+        try:
             try:
-                try:
-                    outcome, snapshot = await self.ledger.record_usage(item.usage, item.cycle, now)
-                except NotFound:
-                    # Settled for a user the ledger has not seen (created while PostgreSQL was away).
-                    await self.ledger.ensure_account(NewAccount(item.usage.user_id), self.settings.default_plan)
-                    outcome, snapshot = await self.ledger.record_usage(item.usage, item.cycle, now)
-            except StoreUnavailable:
-                raise
-            except Exception:
-                # One record the ledger refuses must not hold back the others; it stays and is retried.
-                log.exception("outbox usage not written", extra={"request_id": item.usage.request_id})
-                continue
-            if await self.outbox.done(item, snapshot):
-                written += 1
-                if outcome.charged:
-                    self.metrics.tokens_charged.inc(outcome.cost)
-                log.info(
-                    "outbox usage written to the ledger",
-                    extra={
-                        "request_id": item.usage.request_id,
-                        "user_id": item.usage.user_id,
-                        "cost": outcome.cost,
-                        "charged": outcome.charged,
-                    },
-                )
-        self.metrics.outbox_records.set(await self.outbox.size())
-        return written
+                outcome, snapshot = await self.ledger.record_usage(item.usage, item.cycle, now)
+            except NotFound:
+                # Settled for a user the ledger has not seen (created while PostgreSQL was away).
+                await self.ledger.ensure_account(NewAccount(item.usage.user_id), self.settings.default_plan)
+                outcome, snapshot = await self.ledger.record_usage(item.usage, item.cycle, now)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            # One record the ledger refuses must not hold back the others; it stays and is retried.
+            log.exception("outbox usage not written", extra={"request_id": item.usage.request_id})
+            return False
+        if not await outbox.done(item, snapshot):
+            return False  # another process finished it first
+        if outcome.charged:
+            self.metrics.tokens_charged.inc(outcome.cost)
+        log.info(
+            "outbox usage written to the ledger",
+            extra={
+                "request_id": item.usage.request_id,
+                "user_id": item.usage.user_id,
+                "cost": outcome.cost,
+                "charged": outcome.charged,
+            },
+        )
+        return True
 
     async def expire_due(self, limit: int = 200) -> int:
         """Charges reservations whose TTL passed unsettled at their estimate; returns how many."""
