@@ -11,15 +11,17 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import pytest
 import redis.asyncio as aioredis
-from faults import Client, QuotagateProcess, eventually, ledger_of, reconcile
+from faults import Client, QuotagateProcess, check_request, eventually, ledger_of, reconcile
 from harness import Stack, make_settings
 
 from quotagate.core.clock import SystemClock
 from quotagate.metrics import Metrics
 from quotagate.outbox import OutboxItem, UsageOutbox
 from quotagate.procs import free_port, start_embedded_postgres, start_redis, wait_for_port
+from quotagate.server import start
 from quotagate.service import QuotaService
 from quotagate.store.ports import NewAccount, UsageRecord
 from quotagate.store.postgres import PostgresLedger
@@ -262,3 +264,54 @@ async def test_usage_read_by_ext_proc_waits_in_the_outbox_while_postgres_is_down
         assert {i: (events[i]["cost"], events[i]["estimated"], events[i]["source"]) for i in ids} == {
             i: (prompt + 5 + n, False, "ext_proc") for n, i in enumerate(ids)
         }
+
+
+async def test_usage_for_a_balance_not_in_redis_is_held_until_the_ledger_has_it(
+    own_postgres: tuple[Path, list[str]],
+    redis_url: str,
+    redis_prefix: str,
+    uid: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A report without a reservation (the LiteLLM callback, say) for an account whose balance is not in Redis,
+    while PostgreSQL is down: the usage is kept and its hold waits in Redis, so when the balance is loaded again
+    the next decision already counts it, before the outbox is drained."""
+    data_dir, [database_url] = own_postgres
+    monkeypatch.setattr("quotagate.server.SWEEP_INTERVAL_SECONDS", 3600.0)  # this test drains by itself
+    settings = make_settings(database_url, redis_url, redis_prefix)
+    running = await start(settings)
+    client = Client(f"127.0.0.1:{running.grpc_port}")
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        assert await client.check(uid, f"{uid}-0")
+        await client.report(uid, f"{uid}-0", prompt=0, completion=100)
+        cycle = running.service.cycle(running.service.clock.now()).key
+        balance_key = f"{redis_prefix}bal:{uid}:{cycle}"
+        await redis.delete(balance_key)  # evicted, or never loaded in this Redis
+
+        _, stop_postgres = start_embedded_postgres(data_dir)
+        stop_postgres()
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await client.report(uid, f"{uid}-1", prompt=10, completion=20)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "usage kept in the outbox" in str(failed.value.details())
+        assert await redis.hgetall(balance_key) == {"reserved": "30", "pending": "30"}
+        assert await redis.pttl(balance_key) > 0
+
+        start_embedded_postgres(data_dir)
+        # The balance is loaded from the ledger (which does not have the usage yet) and keeps the hold.
+        reply = await client.authz.Check(check_request(uid, f"{uid}-2"), timeout=10)
+        headers = {h.header.key: h.header.value for h in reply.ok_response.response_headers_to_add}
+        estimate = int(await redis.hget(f"{redis_prefix}res:{uid}-2", "estimate") or 0)
+        assert int(headers["x-quota-remaining"]) == 1000 - 100 - 30  # as the decision saw it: the hold counted
+        loaded = await redis.hgetall(balance_key)
+        assert (int(loaded["used"]), int(loaded["pending"]), estimate > 0) == (100, 30, True)
+
+        await running.service.drain_outbox()
+        view = await redis.hgetall(balance_key)
+        assert (int(view["used"]), int(view["reserved"]), int(view["pending"])) == (130, estimate, 0)
+        assert (await ledger_of(database_url, uid))["charged"] == 130
+    finally:
+        await redis.aclose()
+        await client.close()
+        await running.stop()

@@ -385,7 +385,8 @@ class QuotaService:
         )
         view = await self.hot.view(usage.user_id, cycle.key, now.timestamp())
         if view is None:
-            raise error  # kept, but no balance to answer with
+            # Kept, but this account's figures are not in Redis: there is no balance to answer with.
+            raise StoreUnavailable(f"usage kept in the outbox; the balance is known again with the ledger: {error}")
         return SettleOutcome(charged=queued and usage.succeeded, cost=item.held, user_id=usage.user_id), (
             self._balance(usage.user_id, cycle, view)
         )
