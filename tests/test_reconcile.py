@@ -96,3 +96,30 @@ async def test_reconcile_exits_6_when_a_store_is_unreachable(tmp_path: Path, red
     out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode == 6, (out, err)
     assert b"store unavailable" in err
+
+
+async def test_a_balance_the_ledger_does_not_know_is_drift_and_repair_removes_it(
+    database_url: str, redis_url: str, redis_prefix: str, uid: str, tmp_path: Path
+) -> None:
+    settings = make_settings(database_url, redis_url, redis_prefix)
+    running = await start(settings)  # migrates the test database
+    await running.stop()
+    config = tmp_path / "quotagate.yaml"
+    config.write_text(yaml.safe_dump(quotagate_config(redis_prefix)), encoding="utf-8")
+    env = {**os.environ, "QUOTAGATE_DATABASE_URL": database_url, "QUOTAGATE_REDIS_URL": redis_url}
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        code, report = await reconcile(config, env)
+        assert (code, report["checked"], report["drift"]) == (0, 0, [])
+        key = f"{redis_prefix}bal:{uid}:{report['cycle']}"
+        await redis.hset(key, mapping={"status": "active", "used": 5, "reserved": 0, "version": 3})
+        code, report = await reconcile(config, env)
+        assert code == 1
+        assert report["drift"] == [
+            {"user_id": uid, "fields": {"account": {"redis": "cached", "ledger": "no such account"}}}
+        ]
+        code, report = await reconcile(config, env, "--repair")
+        assert (code, report["repaired"]) == (0, 1)
+        assert not await redis.exists(key)
+    finally:
+        await redis.aclose()
