@@ -7,16 +7,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
-from faults import QuotagateProcess, eventually, ledger_of, reconcile
-from harness import CLIENT_KEY
+import yaml
+from faults import Client, QuotagateProcess, eventually, ledger_of, quotagate_config, reconcile
+from harness import CLIENT_KEY, make_settings
 
+from quotagate.core.clock import FixedClock
 from quotagate.demo_upstream import start_demo_upstream
 from quotagate.envoyconf import EnvoyOptions, write_envoy_config
 from quotagate.procs import free_port, start_envoy, wait_envoy_ready
+from quotagate.server import start
+from quotagate.store.ports import UsageRecord
 
 TTL = 3  # reservation_ttl_seconds
 
@@ -129,3 +135,40 @@ async def test_sigkill_during_streams_charges_estimates_once_after_restart(
         envoy.stop()
         await upstream.cleanup()
         qg.stop()
+
+
+async def test_a_settlement_the_ledger_has_but_redis_never_heard_of_is_not_charged_again(
+    database_url: str, redis_url: str, redis_prefix: str, uid: str, tmp_path: Path
+) -> None:
+    """A process killed between a settlement's PostgreSQL commit and its Redis step leaves the reservation in
+    Redis: when it expires, the ledger already has the request id, so nothing more is charged and the hold
+    goes."""
+    clock = FixedClock(datetime.now(UTC))
+    settings = make_settings(database_url, redis_url, redis_prefix, reservation_ttl_seconds=60)
+    running = await start(settings, clock=clock)
+    client = Client(f"127.0.0.1:{running.grpc_port}")
+    try:
+        assert await client.check(uid, f"{uid}-1")
+        service = running.service
+        now = clock.now()
+        usage = UsageRecord(f"{uid}-1", uid, "demo-small", 7, 10, cost=17, occurred_at=now, source="ext_proc")
+        await service.ledger.record_usage(usage, service.cycle(now).key, now)  # the commit; then the kill
+
+        clock.advance(61)
+        assert await service.expire_due() == 0  # nothing charged at the estimate
+        ledger = await ledger_of(database_url, uid)
+        assert (ledger["charged"], ledger["events"][f"{uid}-1"]["source"]) == (17, "ext_proc")
+        view = await service.hot.view(uid, service.cycle(clock.now()).key, clock.now().timestamp())
+        assert view is not None and (view.allowance_used, view.reserved) == (17, 0)
+        code, report = await reconcile_with(redis_prefix, database_url, redis_url, tmp_path)
+        assert (code, report["drift"], report["reservations"]) == (0, [], 0)
+    finally:
+        await client.close()
+        await running.stop()
+
+
+async def reconcile_with(prefix: str, database_url: str, redis_url: str, tmp: Path) -> tuple[int, Any]:
+    config = tmp / "reconcile.yaml"
+    config.write_text(yaml.safe_dump(quotagate_config(prefix)), encoding="utf-8")
+    env = {**os.environ, "QUOTAGATE_DATABASE_URL": database_url, "QUOTAGATE_REDIS_URL": redis_url}
+    return await reconcile(config, env)
