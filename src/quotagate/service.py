@@ -398,10 +398,17 @@ class QuotaService:
             return 0
         outbox = self.outbox
         gate = asyncio.Semaphore(OUTBOX_CONCURRENCY)  # leaves the pool's other connections to traffic
+        failures: list[StoreUnavailable] = []
 
         async def write(item: OutboxItem) -> bool:
             async with gate:
-                return await self._write_outbox_item(outbox, item)
+                if failures:
+                    return False  # PostgreSQL went away: the rest waits for the next round
+                try:
+                    return await self._write_outbox_item(outbox, item)
+                except StoreUnavailable as exc:
+                    failures.append(exc)
+                    return False
 
         written = 0
         try:
@@ -410,6 +417,8 @@ class QuotaService:
                 items = await outbox.oldest(batch)
                 done = sum(await asyncio.gather(*(write(item) for item in items)))
                 written += done
+                if failures:
+                    raise failures[0]
                 if len(items) < batch or done == 0:
                     return written
         finally:
