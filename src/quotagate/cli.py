@@ -1,4 +1,4 @@
-"""The `quotagate` command: up, serve, migrate, check-config."""
+"""The `quotagate` command: up, serve, migrate, reconcile, check-config, admin."""
 
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="apply pending PostgreSQL migrations")
     migrate.add_argument("--config", type=Path)
+
+    reconcile = sub.add_parser(
+        "reconcile", help="compare Redis's balances with the PostgreSQL ledger; exits 1 on drift unless --repair"
+    )
+    reconcile.add_argument("--config", type=Path)
+    reconcile.add_argument("--json", action="store_true", help="the report as JSON")
+    reconcile.add_argument("--repair", action="store_true", help="rewrite drifting balances from the ledger")
 
     add_admin_parser(sub)
 
@@ -102,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(args.log_level)
             asyncio.run(serve_forever(settings, migrate=not args.no_migrate))
             return 0
+        if args.command == "reconcile":
+            from quotagate.reconcile import run_reconcile
+
+            return asyncio.run(run_reconcile(settings, as_json=args.json, repair=args.repair))
         if args.command == "migrate":
             from quotagate.store.postgres import PostgresLedger
 

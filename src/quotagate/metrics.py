@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -62,5 +62,10 @@ class Metrics:
             "quotagate_store_errors_total",
             "Decisions taken without the store, by the on_store_error policy applied (deny, allow).",
             ["policy"],
+            registry=self.registry,
+        )
+        self.outbox_records = Gauge(
+            "quotagate_usage_outbox_records",
+            "Settled usage waiting in the Redis outbox for PostgreSQL (as of this process's last drain).",
             registry=self.registry,
         )

@@ -341,8 +341,9 @@ def _redis_server_path() -> str:
     return path
 
 
-def start_redis(data_dir: pathlib.Path, port: int) -> ManagedProcess:
-    """Start a throw-away redis-server on 127.0.0.1:`port` (no persistence); wait with `wait_for_port`."""
+def start_redis(data_dir: pathlib.Path, port: int, append_only: bool = False) -> ManagedProcess:
+    """Start a redis-server on 127.0.0.1:`port`; wait with `wait_for_port`. Throw-away (no persistence) unless
+    `append_only`: then every write is synced to an append-only file in `data_dir` and survives a restart."""
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         _redis_server_path(),
@@ -353,8 +354,7 @@ def start_redis(data_dir: pathlib.Path, port: int) -> ManagedProcess:
         # Quota counters are rebuilt from PostgreSQL; snapshots would only cost I/O.
         "--save",
         "",
-        "--appendonly",
-        "no",
+        *(["--appendonly", "yes", "--appendfsync", "always"] if append_only else ["--appendonly", "no"]),
         "--dir",
         str(data_dir),
         "--daemonize",

@@ -32,6 +32,7 @@ from quotagate.core.clock import Clock, SystemClock
 from quotagate.http import build_http_app
 from quotagate.metrics import Metrics
 from quotagate.notify import NotificationSender, WebhookSender
+from quotagate.outbox import UsageOutbox
 from quotagate.ratelimit.limiter import RateLimiter
 from quotagate.ratelimit.reload import ReloadingConfig
 from quotagate.ratelimit.store import RedisRateLimitStore
@@ -85,7 +86,8 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         webhook=settings.notifications.webhook,
     )
     hot = RedisHotState.from_url(settings.redis_url, settings.redis_prefix)
-    service = QuotaService(settings, ledger, hot, clock or SystemClock(), metrics)
+    outbox = UsageOutbox(hot.client, settings.redis_prefix)
+    service = QuotaService(settings, ledger, hot, clock or SystemClock(), metrics, outbox)
     service_box.append(service)
     if migrate:
         applied = await ledger.migrate()
@@ -201,6 +203,11 @@ async def _start_admin_server(
 async def _sweep(service: QuotaService) -> None:
     while True:
         await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
+        try:
+            # Usage kept while PostgreSQL was away goes first, so expiries below see it settled.
+            await service.drain_outbox()
+        except Exception:
+            log.exception("writing the usage outbox to the ledger failed")
         try:
             await service.refresh_stale()
             await service.expire_due()

@@ -6,6 +6,7 @@ No grpc or protobuf here: adapters/ translate the wire formats and call these me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -38,6 +39,7 @@ from quotagate.core.plans import PlanChanges, validate_plan
 from quotagate.core.weights import weight_for, weighted_cost
 from quotagate.links import LinkSigner, UserLinks
 from quotagate.metrics import Metrics
+from quotagate.outbox import OutboxItem, UsageOutbox
 from quotagate.store.ports import (
     AccountChanges,
     AccountRecord,
@@ -75,6 +77,9 @@ EXPORT_BATCH_ROWS = 1000
 # After a plan change its accounts' hot state is rewritten in batches read from the ledger, this many at a time.
 PLAN_RELOAD_BATCH = 500
 PLAN_RELOAD_CONCURRENCY = 50
+# The outbox drains in batches of this many records, this many ledger transactions at a time.
+OUTBOX_BATCH = 500
+OUTBOX_CONCURRENCY = 4
 EXPORT_FIELDS = (
     "request_id", "user_id", "model", "prompt_tokens", "completion_tokens", "cost", "cycle", "status", "estimated",
     "source", "occurred_at", "recorded_at",
@@ -137,12 +142,23 @@ def validate_id(kind: str, value: str) -> str:
 
 
 class QuotaService:
-    def __init__(self, settings: Settings, ledger: Ledger, hot: HotState, clock: Clock, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        hot: HotState,
+        clock: Clock,
+        metrics: Metrics,
+        outbox: UsageOutbox | None = None,
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.hot = hot
         self.clock = clock
         self.metrics = metrics
+        # Where settled usage waits while PostgreSQL is away; None: such a settlement fails (and the
+        # reservation is charged at its estimate when it expires).
+        self.outbox = outbox
         # user -> plan id, so Check weighs its estimate without a second store round trip. A stale entry
         # only skews one estimate; the charge uses the plan the ledger knows.
         self._plan_of: OrderedDict[str, str] = OrderedDict()
@@ -340,7 +356,12 @@ class QuotaService:
                 raise InvalidRequest(f"{name} must not be negative")
             if value > MAX_REPORTED_TOKENS:
                 raise InvalidRequest(f"{name} must be at most {MAX_REPORTED_TOKENS}")
-        reservation = await self.hot.peek_reservation(request_id)
+        try:
+            reservation = await self.hot.peek_reservation(request_id)
+        except StoreUnavailable as exc:
+            # Redis is away: the ledger alone can still charge the usage, to the user the report names.
+            log.warning("reservation not readable; settling by the reported user", extra={"error": str(exc)})
+            reservation = None
         if reservation is not None:
             if report.user_id and report.user_id != reservation.user_id:
                 raise InvalidRequest(f"request_id {request_id!r} was reserved for another user than {report.user_id!r}")
@@ -348,13 +369,10 @@ class QuotaService:
         else:
             user_id = validate_id("user_id (no reservation exists for this request_id)", report.user_id)
         now = self.clock.now()
-        account = await self.ledger.get_account(user_id)
-        if account is None:
-            account = await self.ledger.ensure_account(NewAccount(user_id), self.settings.default_plan)
-        if account.plan_id not in self._plans:
-            await self.refresh_plans()  # created by another process since the last reload: price with its weights
         model = report.model or (reservation.model if reservation else "")
-        cost = weighted_cost(report.prompt_tokens, report.completion_tokens, self.weight(account.plan_id, model))
+        cost = weighted_cost(
+            report.prompt_tokens, report.completion_tokens, self.weight(await self._plan_for_usage(user_id), model)
+        )
         usage = UsageRecord(
             request_id=request_id,
             user_id=user_id,
@@ -369,9 +387,29 @@ class QuotaService:
         )
         return await self._settle(usage, now)
 
+    async def _plan_for_usage(self, user_id: str) -> str:
+        """The plan whose weights price a usage report: the ledger's, else (PostgreSQL away) the one Check last
+        saw for the user."""
+        try:
+            account = await self.ledger.get_account(user_id)
+            if account is None:
+                account = await self.ledger.ensure_account(NewAccount(user_id), self.settings.default_plan)
+            if account.plan_id not in self._plans:
+                await self.refresh_plans()  # created by another process since the last reload: use its weights
+        except StoreUnavailable:
+            if self.outbox is None:
+                raise
+            return self._plan_of.get(user_id, self.settings.default_plan)
+        return account.plan_id
+
     async def _settle(self, usage: UsageRecord, now: datetime) -> tuple[SettleOutcome, Balance]:
         cycle = self.cycle(now)
-        outcome, snapshot = await self._knowing_plans(self.ledger.record_usage, usage, cycle.key, now)
+        try:
+            outcome, snapshot = await self._knowing_plans(self.ledger.record_usage, usage, cycle.key, now)
+        except StoreUnavailable as exc:
+            if self.outbox is None:
+                raise
+            return await self._queue_usage(self.outbox, usage, cycle, now, exc)
         try:
             await self.hot.settle(usage.request_id, snapshot)
         except StoreUnavailable as exc:
@@ -384,6 +422,88 @@ class QuotaService:
             self.metrics.usage_reports.labels("charged").inc()
             self.metrics.tokens_charged.inc(outcome.cost)
         return outcome, await self._live_balance(snapshot, cycle, now)
+
+    async def _queue_usage(
+        self, outbox: UsageOutbox, usage: UsageRecord, cycle: Cycle, now: datetime, error: StoreUnavailable
+    ) -> tuple[SettleOutcome, Balance]:
+        item = OutboxItem(usage, cycle.key)
+        queued = await outbox.queue(item)  # Redis away too: StoreUnavailable, and the reservation stays
+        self.metrics.usage_reports.labels("queued" if queued else "duplicate").inc()
+        log.warning(
+            "ledger unavailable; usage kept in the outbox" if queued else "usage already in the outbox",
+            extra={"request_id": usage.request_id, "user_id": usage.user_id, "cost": item.held, "error": str(error)},
+        )
+        view = await self.hot.view(usage.user_id, cycle.key, now.timestamp())
+        if view is None:
+            # Kept, but this account's figures are not in Redis: there is no balance to answer with.
+            raise StoreUnavailable(f"usage kept in the outbox; the balance is known again with the ledger: {error}")
+        return SettleOutcome(charged=queued and usage.succeeded, cost=item.held, user_id=usage.user_id), (
+            self._balance(usage.user_id, cycle, view)
+        )
+
+    async def drain_outbox(self, batch: int = OUTBOX_BATCH) -> int:
+        """Writes outbox records to the ledger, oldest first, a few at a time, until the outbox is empty; returns
+        how many left the outbox. A PostgreSQL failure ends the round (the rest waits for the next one)."""
+        if self.outbox is None:
+            return 0
+        outbox = self.outbox
+        gate = asyncio.Semaphore(OUTBOX_CONCURRENCY)  # leaves the pool's other connections to traffic
+        failures: list[StoreUnavailable] = []
+
+        async def write(item: OutboxItem) -> bool:
+            async with gate:
+                if failures:
+                    return False  # PostgreSQL went away: the rest waits for the next round
+                try:
+                    return await self._write_outbox_item(outbox, item)
+                except StoreUnavailable as exc:
+                    failures.append(exc)
+                    return False
+
+        written = 0
+        try:
+            while True:
+                self.metrics.outbox_records.set(await outbox.size())
+                items = await outbox.oldest(batch)
+                done = sum(await asyncio.gather(*(write(item) for item in items)))
+                written += done
+                if failures:
+                    raise failures[0]
+                if len(items) < batch or done == 0:
+                    return written
+        finally:
+            with contextlib.suppress(StoreUnavailable):
+                self.metrics.outbox_records.set(await outbox.size())
+
+    async def _write_outbox_item(self, outbox: UsageOutbox, item: OutboxItem) -> bool:
+        now = self.clock.now()
+        try:
+            try:
+                outcome, snapshot = await self.ledger.record_usage(item.usage, item.cycle, now)
+            except NotFound:
+                # Settled for a user the ledger has not seen (created while PostgreSQL was away).
+                await self.ledger.ensure_account(NewAccount(item.usage.user_id), self.settings.default_plan)
+                outcome, snapshot = await self.ledger.record_usage(item.usage, item.cycle, now)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            # One record the ledger refuses must not hold back the others; it stays and is retried.
+            log.exception("outbox usage not written", extra={"request_id": item.usage.request_id})
+            return False
+        if not await outbox.done(item, snapshot):
+            return False  # another process finished it first
+        if outcome.charged:
+            self.metrics.tokens_charged.inc(outcome.cost)
+        log.info(
+            "outbox usage written to the ledger",
+            extra={
+                "request_id": item.usage.request_id,
+                "user_id": item.usage.user_id,
+                "cost": outcome.cost,
+                "charged": outcome.charged,
+            },
+        )
+        return True
 
     async def expire_due(self, limit: int = 200) -> int:
         """Charges reservations whose TTL passed unsettled at their estimate; returns how many."""

@@ -119,7 +119,13 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             policy = self._settings.on_store_error
             metrics.store_errors.labels(policy).inc()
             metrics.decisions.labels("error").inc()
-            log.error("store unavailable; on_store_error=%s: %s", policy, exc)
+            # One line per decision taken without the store, naming the request (a fail-open one goes unmetered).
+            log.error(
+                "store unavailable; on_store_error=%s: %s",
+                policy,
+                exc,
+                extra={"request_id": request.attributes.request.http.headers.get("x-request-id", "")},
+            )
             if policy == "allow":
                 return external_auth_pb2.CheckResponse(
                     status=status_pb2.Status(code=code_pb2.OK), ok_response=external_auth_pb2.OkHttpResponse()
