@@ -25,7 +25,7 @@ import yaml
 
 from quotagate.config import Settings, load_settings
 from quotagate.core.weights import weight_for
-from quotagate.envoyconf import HTTP_CLUSTER
+from quotagate.envoyconf import HTTP_CLUSTER, USER_PAGES_PREFIX
 from quotagate.server import split_listen
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -508,3 +508,12 @@ def test_compose_refuses_to_start_without_the_librechat_secrets(compose: dict[st
             service_env(librechat, missing)
         with pytest.raises(MissingVariable, match=name):  # `:?` also refuses an empty value
             service_env(librechat, {**ALL_HOST_ENV, name: ""})
+
+
+def test_librechat_footer_links_to_the_balance_page_through_envoy(compose: dict[str, Any]) -> None:
+    footer = librechat_config()["interface"]["customFooter"]
+    label, _, rest = footer.partition("](")
+    assert label.startswith("[") and rest.endswith(")"), f"customFooter is not a Markdown link: {footer!r}"
+    url = urlsplit(rest[:-1])
+    assert url.path == USER_PAGES_PREFIX
+    assert url.port in published_container_ports(service(compose, "envoy")), "the link does not reach Envoy"
