@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -62,5 +62,12 @@ class Metrics:
             "quotagate_store_errors_total",
             "Decisions taken without the store, by the on_store_error policy applied (deny, allow).",
             ["policy"],
+            registry=self.registry,
+        )
+        self.worker_info = Gauge(
+            "quotagate_worker_info",
+            "1, labelled with this serving process's worker index and pid (one series per process: with "
+            "--workers N each scrape reaches one of the N).",
+            ["worker", "pid"],
             registry=self.registry,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from quotagate.adapters.usage import UsageService
 from quotagate.config import Settings
 from quotagate.core.clock import Clock, SystemClock
 from quotagate.http import build_http_app
+from quotagate.keywatch import ClientKeyVersion, watch_client_keys
 from quotagate.metrics import Metrics
 from quotagate.notify import NotificationSender
 from quotagate.ratelimit.limiter import RateLimiter
@@ -37,6 +39,7 @@ from quotagate.store.postgres import PostgresLedger
 from quotagate.store.redis import RedisHotState
 from quotagate.store.resp import PipelinedRedis
 from quotagate.v1 import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb2_grpc
+from quotagate.workers import WorkerRole
 
 log = logging.getLogger("quotagate.server")
 
@@ -66,8 +69,12 @@ class Running:
     stop: Callable[[], Awaitable[None]]
 
 
-async def start(settings: Settings, clock: Clock | None = None, migrate: bool = True) -> Running:
+async def start(
+    settings: Settings, clock: Clock | None = None, migrate: bool = True, role: WorkerRole | None = None
+) -> Running:
+    role = role or WorkerRole()
     metrics = Metrics()
+    metrics.worker_info.labels(str(role.index), str(os.getpid())).set(1)
     service_box: list[QuotaService] = []
     notifying = settings.notifications.enabled
     ledger = await PostgresLedger.connect(
@@ -76,6 +83,8 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     hot = RedisHotState.from_url(settings.redis_url, settings.redis_prefix)
     service = QuotaService(settings, ledger, hot, clock or SystemClock(), metrics)
     service_box.append(service)
+    key_version = ClientKeyVersion(hot.client, settings.redis_prefix)
+    service.on_client_keys_changed = key_version.bump
     if migrate:
         applied = await ledger.migrate()
         if applied:
@@ -118,10 +127,14 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     await site.start()
     http_port = runner.addresses[0][1] if runner.addresses else http_port
 
-    sweeper = asyncio.create_task(_sweep(service), name="reservation-sweeper")
-    watcher = asyncio.create_task(rate_limits.watch(), name="rate-limit-config-watcher")
-    tasks = [sweeper, watcher]
-    if notifying:
+    # Per process: the rate-limit config, the client keys and the users this process failed to update.
+    # Once per deployment (worker 0): charging expired reservations and sending e-mails.
+    tasks = [
+        asyncio.create_task(_sweep(service, expire=role.runs_singletons), name="reservation-sweeper"),
+        asyncio.create_task(rate_limits.watch(), name="rate-limit-config-watcher"),
+        asyncio.create_task(watch_client_keys(service, key_version), name="client-key-watcher"),
+    ]
+    if notifying and role.runs_singletons:
         tasks.append(asyncio.create_task(NotificationSender(ledger, settings).run(), name="notification-sender"))
 
     async def stop() -> None:
@@ -138,27 +151,34 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         await hot.close()
         await ledger.close()
 
-    log.info("quotagate serving gRPC on %s (port %d), HTTP on port %d", settings.grpc_listen, grpc_port, http_port)
+    log.info(
+        "quotagate serving gRPC on %s (port %d), HTTP on port %d",
+        settings.grpc_listen,
+        grpc_port,
+        http_port,
+        extra={"worker": role.index, "pid": os.getpid()},
+    )
     return Running(service=service, grpc_port=grpc_port, http_port=http_port, stop=stop)
 
 
-async def _sweep(service: QuotaService) -> None:
+async def _sweep(service: QuotaService, expire: bool = True) -> None:
     while True:
         await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
         try:
             await service.refresh_stale()
-            await service.expire_due()
+            if expire:
+                await service.expire_due()
         except Exception:  # the sweeper must outlive a store hiccup; it retries next round
             log.exception("expiring reservations failed")
         try:
-            # Keys created or revoked by other processes reach this one's cache within one round.
+            # The fallback when the client key version in Redis cannot be read (keywatch.py).
             await service.refresh_client_keys()
         except Exception:
             log.exception("refreshing client keys failed")
 
 
-async def serve_forever(settings: Settings, migrate: bool = True) -> None:
-    running = await start(settings, migrate=migrate)
+async def serve_forever(settings: Settings, migrate: bool = True, role: WorkerRole | None = None) -> None:
+    running = await start(settings, migrate=migrate, role=role)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,7 +11,7 @@ import json
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -129,6 +129,8 @@ class QuotaService:
         # SHA-256 -> client, for the active keys stored in the database: Check reads this map, never the
         # database. Refreshed at startup, after each create/revoke here, and periodically by the sweeper.
         self._db_clients: dict[str, Client] = {}
+        # Told after a key is created or revoked here, so other processes reload theirs (keywatch.py).
+        self.on_client_keys_changed: Callable[[], Awaitable[None]] | None = None
 
     # -- client keys ----------------------------------------------------------------------------------
 
@@ -178,15 +180,24 @@ class QuotaService:
             created_by=actor,
         )
         created = await self.key_store().create_client_key(record, reason.strip())
-        await self.refresh_client_keys()
+        await self._client_keys_changed()
         return secret, created
 
     async def revoke_client_key(self, name: str, reason: str, actor: str) -> ClientKeyRecord:
         name = validate_id("name", name)
         reason = require_reason(reason, "the key is revoked")
         revoked = await self.key_store().revoke_client_key(name, reason, actor)
-        await self.refresh_client_keys()
+        await self._client_keys_changed()
         return revoked
+
+    async def _client_keys_changed(self) -> None:
+        await self.refresh_client_keys()
+        if self.on_client_keys_changed is None:
+            return
+        try:
+            await self.on_client_keys_changed()
+        except Exception as exc:  # the change is committed; other processes still catch up at their next sweep
+            log.warning("could not announce the client key change: %s", exc)
 
     # -- pure helpers -------------------------------------------------------------------------------
 
