@@ -10,7 +10,7 @@ import re
 import signal
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,33 +70,25 @@ def base_config(extra: dict[str, Any] | None = None) -> dict[str, Any]:
 
 @dataclass
 class Served:
-    """A `quotagate serve` subprocess; its combined output is collected in `output`."""
+    """A `quotagate serve` subprocess; its combined output goes to a file (a pipe could fill up and block the
+    server while a synchronous test holds the event loop)."""
 
     proc: asyncio.subprocess.Process
     grpc_port: int
     http_port: int
-    output: bytearray = field(default_factory=bytearray)
-    _reader: asyncio.Task[None] | None = None
+    log_path: Path
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while chunk := await self.proc.stdout.read(65536):
-            self.output.extend(chunk)
-
     async def terminate(self, timeout: float = 60) -> int:  # noqa: ASYNC109
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        if self._reader is not None:
-            await asyncio.wait_for(self._reader, timeout)
-        return code
+        return await asyncio.wait_for(self.proc.wait(), timeout)
 
     def text(self) -> str:
-        return self.output.decode(errors="replace")
+        return self.log_path.read_text(errors="replace")
 
     async def scrape(self) -> str:
         """/metrics over a fresh connection (so, with workers, from whichever worker the kernel picks)."""
@@ -138,13 +130,13 @@ async def start_served(
         "QUOTAGATE_ADMIN_TOKEN": ADMIN_TOKEN,
         **(env or {}),
     }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "quotagate.cli", "serve", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=full_env,
-        start_new_session=True,
-    )  # fmt: skip
-    served = Served(proc, grpc_port, http_port)
-    served._reader = asyncio.create_task(served._read())
+    log_path = path.with_suffix(".log")
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "quotagate.cli", "serve", *args,
+            stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=full_env, start_new_session=True,
+        )  # fmt: skip
+    served = Served(proc, grpc_port, http_port, log_path)
     try:
         await wait_for_port("127.0.0.1", grpc_port, timeout=60)
         await wait_for_port("127.0.0.1", http_port, timeout=30)

@@ -25,6 +25,7 @@ from quotagate.adapters.ext_authz import AuthorizationService
 from quotagate.adapters.ext_proc import ExternalProcessorService
 from quotagate.adapters.ratelimit import RateLimitService
 from quotagate.adapters.usage import UsageService
+from quotagate.adapters.wire import add_guarded
 from quotagate.config import Settings
 from quotagate.core.clock import Clock, SystemClock
 from quotagate.http import build_http_app
@@ -93,9 +94,10 @@ async def start(
     await service.refresh_client_keys()
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 8 << 20)])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(service), server)
+    # Requests that do not parse (invalid UTF-8, truncated) get INVALID_ARGUMENT, not grpcio's UNKNOWN.
+    add_guarded(server, external_auth_pb2_grpc.add_AuthorizationServicer_to_server, AuthorizationService(service))
     ext_proc = ExternalProcessorService(service)
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ext_proc, server)
+    add_guarded(server, external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server, ext_proc)
     rate_limits = ReloadingConfig(
         settings.rate_limit_files or (DEFAULT_RATE_LIMITS,), on_error=lambda _: metrics.ratelimit_config_errors.inc()
     )
@@ -106,9 +108,10 @@ async def start(
         service.clock,
         settings.timezone,
     )
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter, settings, metrics), server)
-    usage_pb2_grpc.add_UsageServicer_to_server(UsageService(service), server)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service), server)
+    rate_limit_service = RateLimitService(limiter, settings, metrics)
+    add_guarded(server, rls_pb2_grpc.add_RateLimitServiceServicer_to_server, rate_limit_service)
+    add_guarded(server, usage_pb2_grpc.add_UsageServicer_to_server, UsageService(service))
+    add_guarded(server, admin_pb2_grpc.add_AdminServicer_to_server, AdminService(service))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
