@@ -41,6 +41,9 @@ CHAT_BODY = (
 _ID_TEMPLATE = "t" * 8 + "-00-0000000-000000000000"
 
 
+_CALLS = itertools.count()
+
+
 class Denied(Exception):
     pass
 
@@ -96,13 +99,14 @@ class Payload:
     prefix: bytes
     tag: str
     phase: int = 0
+    channels: int = 1
 
 
 def make_caller(channel: grpc.aio.Channel, payload: Payload) -> Callable[[], Awaitable[None]]:
     check = channel.unary_unary(CHECK_METHOD)  # no serializers: bytes in, bytes out
     head = f"{payload.tag}-{payload.phase:02d}-{os.getpid() % 10_000_000:07d}-".encode()
     bases, prefix, users = payload.bases, payload.prefix, len(payload.bases)
-    counter = itertools.count()
+    counter = _CALLS  # one count for all the channels of this process: every x-request-id stays unique
 
     async def call() -> None:
         n = next(counter)
@@ -119,7 +123,8 @@ async def check_load(
 ) -> common.LoadResult:
     """The load entry (common.run_load): one channel per client process, `concurrency` calls in flight."""
     return await common.grpc_load(
-        payload.target, lambda channel: make_caller(channel, payload), concurrency, seconds, warmup, ready
+        payload.target, lambda channel: make_caller(channel, payload), concurrency, seconds, warmup, ready,
+        payload.channels,
     )
 
 
@@ -149,16 +154,21 @@ async def main_async(args: argparse.Namespace) -> int:
     async with common.Bench("bench-check", keep_tmp=args.keep_tmp) as bench:
         stores = await common.start_stores(bench, args.database_url, args.redis_url)
         profile_path = bench.tmp / "quotagate.prof" if args.profile else None
-        qg = await common.start_quotagate(bench, stores, log_level=args.log_level, profile_path=profile_path)
+        qg = await common.start_quotagate(
+            bench, stores, log_level=args.log_level, profile_path=profile_path, workers=args.workers
+        )
         payload = Payload(
             target=qg.grpc_target,
             bases=tuple(base_request(qg.client_key, f"bench-user-{i:04d}") for i in range(args.users)),
             prefix=id_prefix(),
             tag=secrets.token_hex(4),
+            channels=args.channels,
         )
         verify_request_encoding(payload)
         await prime(payload)
-        servers = [Server("quotagate", payload, common.Probe({"server": qg.proc.pid}, stores.redis_url, qg.http_port))]
+        # With workers each /metrics scrape reaches one of them, so the handler column is left out.
+        metrics_port = qg.http_port if args.workers == 1 else None
+        servers = [Server("quotagate", payload, common.Probe({"server": qg.proc.pid}, stores.redis_url, metrics_port))]
         if args.baseline:
             port = free_port()
             argv = [sys.executable, str(Path(__file__).with_name("trivial_authz.py")), "--port", str(port)]
@@ -170,7 +180,10 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"bench_check: {time.strftime('%Y-%m-%d %H:%M')}, {common.machine_note()}")
         print(f"  {stores.database_note}")
         print(f"  {stores.redis_note}")
-        print(f"  quotagate: one process (python -m quotagate.cli serve), gRPC {qg.grpc_target}")
+        if args.workers == 1:
+            print(f"  quotagate: one process (python -m quotagate.cli serve), gRPC {qg.grpc_target}")
+        else:
+            print(f"  quotagate: serve --workers {args.workers} (server CPU% sums the workers), gRPC {qg.grpc_target}")
         if args.baseline:
             print("  baseline: bench/trivial_authz.py, an always-OK grpc.aio Check server in its own process")
         load_note = (
@@ -182,10 +195,11 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"  users: {args.users}; every allowed Check reserves in Redis\n", flush=True)
 
         headers = ["server", "concurrency", "clients", "calls", "calls/s", "p50 ms", "p99 ms", "max ms", "errors",
-                   "handler ms", "server CPU%", "redis CPU%", "client CPU%", "other CPU%"]  # fmt: skip
+                   "handler ms", "server CPU%", "calls/CPU-s", "redis CPU%", "client CPU%", "other CPU%"]  # fmt: skip
         rows: list[list[object]] = []
         problems: list[str] = []
         best = 0.0
+        best_per_core = 0.0
         phases = itertools.count(1)
         for level in args.concurrency:
             for server in servers:
@@ -193,6 +207,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 rows.append(row)
                 if server.name == "quotagate":
                     best = max(best, result.rate)
+                    best_per_core = max(best_per_core, float(row[11]))
                 if result.errors:
                     problems.append(f"{server.name}, concurrency {level}: {result.errors} errors, "
                                     f"first: {result.first_error}")  # fmt: skip
@@ -204,8 +219,13 @@ async def main_async(args: argparse.Namespace) -> int:
             " period; server = the Check server process (all its threads); other = the rest of the machine"
             " (nothing else of ours runs here, so that is another workload sharing the cores)."
         )
-        verdict = "met" if best >= 3000 else "NOT met"
-        print(f"target >= 3,000 Check calls/s with real Redis state: {verdict} (best {best:,.0f} calls/s)")
+        print("calls/CPU-s: calls/s over the server's busy cores (server CPU% / 100): Checks per core-second.")
+        verdict = "met" if best_per_core >= 5000 else "NOT met"
+        print(
+            f"target >= 5,000 Check calls/s per core with real Redis state: {verdict} "
+            f"(best {best_per_core:,.0f} calls per core-second; best throughput {best:,.0f} calls/s with "
+            f"{args.workers} worker(s))"
+        )
         for problem in problems:
             print(f"problem: {problem}")
         if profile_path is not None:
@@ -246,8 +266,10 @@ async def measure(
     client_cpu = 100 * result.client_cpu / wall if wall > 0 else math.nan
     other_cpu = common.cpu_percent(before, after, "machine") - server_cpu - redis_cpu - client_cpu
     common.log(f"{server.name}, concurrency {level}: {result.rate:,.0f} calls/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    per_core = result.rate / (server_cpu / 100) if server_cpu > 0 else math.nan
     row: list[object] = [server.name, level, result.processes, result.calls, result.rate, p50, p99, worst,
-                         result.errors, handler_ms, server_cpu, redis_cpu, client_cpu, max(0.0, other_cpu)]  # fmt: skip
+                         result.errors, handler_ms, server_cpu, per_core, redis_cpu, client_cpu,
+                         max(0.0, other_cpu)]  # fmt: skip
     return row, result
 
 
@@ -256,6 +278,14 @@ def main() -> int:
     common.add_common_arguments(parser)
     parser.add_argument("--concurrency", type=parse_levels, default=[1, 16, 64], help="levels (default 1,16,64)")
     parser.add_argument("--log-level", default="INFO", help="quotagate's log level (default INFO)")
+    parser.add_argument("--workers", type=int, default=1, help="quotagate serve --workers N (default 1)")
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=1,
+        help="gRPC channels (connections) per client process, calls spread over them (default 1); with --workers, "
+        "use several so that the kernel can spread connections over the workers",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="run quotagate under cProfile and print where its time goes"
     )
@@ -265,7 +295,8 @@ def main() -> int:
         help="also measure bench/trivial_authz.py (an always-OK grpc.aio Check server) at each level",
     )
     args = parser.parse_args()
-    if args.users < 1 or args.clients < 1 or not 0 < args.seconds <= 600 or not 0 <= args.warmup <= 60:
+    bad_counts = args.workers < 1 or args.users < 1 or args.clients < 1 or args.channels < 1
+    if bad_counts or not 0 < args.seconds <= 600 or not 0 <= args.warmup <= 60:
         parser.error("--users and --clients must be positive, --seconds in (0, 600], --warmup in [0, 60]")
     common.install_signal_handlers()
     try:

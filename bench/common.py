@@ -295,12 +295,15 @@ async def start_quotagate(
     log_level: str = "INFO",
     profile_path: Path | None = None,
     rate_limits: Path | None = None,
+    workers: int = 1,
+    extra_config: dict[str, Any] | None = None,
 ) -> Quotagate:
     """quotagate in its own process; with `profile_path` under cProfile (written when it stops on SIGTERM), with
-    `rate_limits` reading that envoyproxy/ratelimit-format file (config key `rate_limits`) instead of its default."""
+    `rate_limits` reading that envoyproxy/ratelimit-format file (config key `rate_limits`) instead of its default,
+    with `workers` > 1 as `serve --workers N` (a supervisor and N serving processes on the same ports)."""
     client_key = "bench-" + secrets.token_hex(16)
     config_path = bench.tmp / "quotagate.yaml"
-    config = quotagate_config(stores, client_key)
+    config = quotagate_config(stores, client_key) | (extra_config or {})
     if rate_limits is not None:
         config["rate_limits"] = str(rate_limits)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -319,10 +322,29 @@ async def start_quotagate(
     argv = [sys.executable, "-m", "quotagate.cli", "serve", "--config", str(config_path), "--log-level", log_level]
     if profile_path is not None:
         argv[1:1] = ["-m", "cProfile", "-o", str(profile_path)]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     proc = bench.manage(ManagedProcess(argv, bench.tmp / "quotagate.log", env=env, name="quotagate").start())
     await wait_for_port(HOST, grpc_port, timeout=60, process=proc)
     await wait_ready(http_port, proc)
+    if workers > 1:
+        await wait_workers(http_port, workers, proc)
     return Quotagate(proc, grpc_port, http_port, client_key, config_path)
+
+
+async def wait_workers(http_port: int, count: int, proc: ManagedProcess, timeout: float = 60.0) -> None:  # noqa: ASYNC109
+    """Until `count` distinct worker pids answered /metrics (each scrape is a new connection, so any worker)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(seen)} of {count} quotagate workers answered")
+        if not proc.alive():
+            raise RuntimeError(proc.describe_exit())
+        with contextlib.suppress(OSError):
+            metrics = await asyncio.to_thread(scrape_metrics, http_port)
+            seen |= {k for k in metrics if k.startswith("quotagate_worker_info{")}
+        await asyncio.sleep(0.05)
 
 
 async def wait_ready(http_port: int, proc: ManagedProcess, timeout: float = 30.0) -> None:  # noqa: ASYNC109
@@ -375,6 +397,23 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and all its living descendants (a `serve --workers N` supervisor and its workers)."""
+    total = process_cpu_seconds(pid)
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return total
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as children:
+                kids = [int(k) for k in children.read().split()]
+        except OSError:
+            continue
+        total += sum(tree_cpu_seconds(kid) for kid in kids)
+    return total
+
+
 def redis_cpu_seconds(redis_url: str) -> float:
     """CPU time the Redis server used so far, from its own INFO (so it works for a server we did not start)."""
     client = redis_sync.Redis.from_url(redis_url, socket_timeout=5)
@@ -408,7 +447,7 @@ class Probe:
         self.pids, self.redis_url, self.metrics_port = pids, redis_url, metrics_port
 
     def snapshot(self) -> Snapshot:
-        cpu = {name: process_cpu_seconds(pid) for name, pid in self.pids.items()}
+        cpu = {name: tree_cpu_seconds(pid) for name, pid in self.pids.items()}
         cpu["machine"] = machine_busy_seconds()
         if self.redis_url:
             cpu["redis"] = redis_cpu_seconds(self.redis_url)
@@ -560,22 +599,29 @@ async def grpc_load(
     seconds: float,
     warmup: float,
     ready: Callable[[], Awaitable[None]],
+    channels: int = 1,
 ) -> LoadResult:
-    """The body of a gRPC load entry: one channel, `concurrency` calls in flight, warm-up, then the measure."""
+    """The body of a gRPC load entry: `channels` channels (each its own connection, so with `serve --workers`
+    the kernel spreads them over the workers), `concurrency` calls in flight over them in turn, warm-up, then the
+    measure."""
     import grpc
 
-    channel = grpc.aio.insecure_channel(target)
+    count = max(1, min(channels, concurrency))
+    opened = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(count)
+    ]
     try:
-        await asyncio.wait_for(channel.channel_ready(), 30)
-        call = make_call(channel)
+        await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 30) for c in opened))
+        callers = [make_call(c) for c in opened]
+        calls = [callers[i % count] for i in range(concurrency)]
         if warmup > 0:
-            warm = await closed_loop([call] * concurrency, warmup, record=False)
+            warm = await closed_loop(calls, warmup, record=False)
             if warm.errors:
                 raise RuntimeError(f"warm-up failed: {warm.errors} errors, first: {warm.first_error}")
         await ready()
-        return await closed_loop([call] * concurrency, seconds)
+        return await closed_loop(calls, seconds)
     finally:
-        await channel.close()
+        await asyncio.gather(*(c.close() for c in opened))
 
 
 def split_concurrency(concurrency: int, clients: int) -> list[int]:

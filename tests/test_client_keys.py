@@ -15,7 +15,7 @@ import grpc
 import pytest
 from harness import ADMIN_TOKEN, Stack, make_settings
 
-from quotagate import server
+from quotagate import keywatch, server
 from quotagate.config import Settings, sha256_hex
 from quotagate.server import Running
 from quotagate.v1 import admin_pb2
@@ -84,6 +84,7 @@ async def test_keys_changed_by_another_process_are_seen_after_the_refresh(
     database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path, uid: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(server, "SWEEP_INTERVAL_SECONDS", 3600.0)  # only the explicit refresh below
+    monkeypatch.setattr(keywatch, "POLL_SECONDS", 3600.0)
     async with Stack(settings_for(database_url, redis_url, redis_prefix), tmp_path) as stack:
         created = await create(stack, f"{uid}-other", trusted=True)
         assert (await stack.chat(uid, key=created.secret)).status_code == 200
@@ -110,6 +111,7 @@ async def test_the_sweeper_refreshes_the_keys_periodically(
     database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path, uid: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(server, "SWEEP_INTERVAL_SECONDS", 0.2)
+    monkeypatch.setattr(keywatch, "POLL_SECONDS", 3600.0)  # the change below bypasses quotagate: no version bump
     async with Stack(settings_for(database_url, redis_url, redis_prefix), tmp_path) as stack:
         created = await create(stack, f"{uid}-swept", trusted=True)
         assert (await stack.chat(uid, key=created.secret)).status_code == 200

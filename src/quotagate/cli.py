@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from quotagate.admin_cli import add_admin_parser, run_admin
-from quotagate.config import ConfigError, load_settings
+from quotagate.config import ConfigError, Settings, load_settings
 from quotagate.ratelimit.config import RateLimitConfigError, load_ratelimit_config
 
 
@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="YAML config (default: $QUOTAGATE_CONFIG)")
     serve.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="serving processes sharing the gRPC and HTTP ports (SO_REUSEPORT), supervised by this one (default 1)",
+    )
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
 
     migrate = sub.add_parser("migrate", help="apply pending PostgreSQL migrations")
     migrate.add_argument("--config", type=Path)
@@ -78,6 +85,35 @@ def _is_rate_limit_file(path: Path) -> bool:
     return isinstance(data, dict) and "domain" in data
 
 
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from quotagate.logs import setup_logging
+
+    setup_logging(args.log_level)
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    if args.workers > 1 and args.worker_index is None:
+        from quotagate.server import split_listen
+        from quotagate.workers import Supervisor
+
+        for name, listen in (("grpc_listen", settings.grpc_listen), ("http_listen", settings.http_listen)):
+            if split_listen(listen)[1] == 0:
+                raise ConfigError(f"{name}: --workers needs a fixed port, not 0 (each worker would get its own)")
+        command = [sys.executable, "-m", "quotagate.cli", "serve", "--log-level", args.log_level]
+        command += ["--workers", str(args.workers)]
+        if args.config is not None:
+            command += ["--config", str(args.config)]
+        if args.no_migrate:
+            command.append("--no-migrate")  # else every worker migrates; an advisory lock makes that safe
+        return asyncio.run(Supervisor(command, args.workers).run())
+
+    from quotagate.server import serve_forever
+    from quotagate.workers import WorkerRole
+
+    role = WorkerRole(args.worker_index or 0, args.workers)
+    asyncio.run(serve_forever(settings, migrate=not args.no_migrate, role=role))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -103,12 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         settings = load_settings(args.config, os.environ)
         if args.command == "serve":
-            from quotagate.logs import setup_logging
-            from quotagate.server import serve_forever
-
-            setup_logging(args.log_level)
-            asyncio.run(serve_forever(settings, migrate=not args.no_migrate))
-            return 0
+            return _serve(args, settings)
         if args.command == "reconcile":
             from quotagate.reconcile import run_reconcile
 

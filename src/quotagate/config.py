@@ -141,10 +141,11 @@ class Settings:
     # Signs the personal links; production refuses the default.
     link_secret: str = DEFAULT_LINK_SECRET
     clients: tuple[Client, ...] = ()
-    upstream_api_key: str = ""
+    # Secrets (and URLs that may carry passwords) are left out of repr, so printing settings leaks nothing.
+    upstream_api_key: str = field(default="", repr=False)
     admin_tokens: tuple[AdminToken, ...] = ()
-    database_url: str = "postgresql://127.0.0.1:5432/quotagate"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = field(default="postgresql://127.0.0.1:5432/quotagate", repr=False)
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     redis_prefix: str = "qg:"
     grpc_listen: str = "127.0.0.1:50051"
     http_listen: str = "127.0.0.1:8080"

@@ -69,3 +69,10 @@ class Metrics:
             "Settled usage waiting in the Redis outbox for PostgreSQL (as of this process's last drain).",
             registry=self.registry,
         )
+        self.worker_info = Gauge(
+            "quotagate_worker_info",
+            "1, labelled with this serving process's worker index and pid (one series per process: with "
+            "--workers N each scrape reaches one of the N).",
+            ["worker", "pid"],
+            registry=self.registry,
+        )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,11 +25,13 @@ from quotagate.adapters.ext_authz import AuthorizationService
 from quotagate.adapters.ext_proc import ExternalProcessorService
 from quotagate.adapters.ratelimit import RateLimitService
 from quotagate.adapters.usage import UsageService
+from quotagate.adapters.wire import add_guarded
 from quotagate.billing.setup import create_billing
 from quotagate.billing.web import add_billing_routes
 from quotagate.config import Settings
 from quotagate.core.clock import Clock, SystemClock
 from quotagate.http import build_http_app
+from quotagate.keywatch import ClientKeyVersion, watch_client_keys
 from quotagate.metrics import Metrics
 from quotagate.notify import NotificationSender, WebhookSender
 from quotagate.outbox import UsageOutbox
@@ -43,6 +45,7 @@ from quotagate.store.redis import RedisHotState
 from quotagate.store.resp import PipelinedRedis
 from quotagate.v1 import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb2_grpc
 from quotagate.web.quota import add_quota_routes
+from quotagate.workers import WorkerRole
 
 log = logging.getLogger("quotagate.server")
 
@@ -74,8 +77,12 @@ class Running:
     admin_port: int = 0  # the Admin service's port: grpc_port unless admin.listen gives it one of its own
 
 
-async def start(settings: Settings, clock: Clock | None = None, migrate: bool = True) -> Running:
+async def start(
+    settings: Settings, clock: Clock | None = None, migrate: bool = True, role: WorkerRole | None = None
+) -> Running:
+    role = role or WorkerRole()
     metrics = Metrics()
+    metrics.worker_info.labels(str(role.index), str(os.getpid())).set(1)
     service_box: list[QuotaService] = []
     notifying = settings.notifications.enabled
     ledger = await PostgresLedger.connect(
@@ -89,6 +96,8 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     outbox = UsageOutbox(hot.client, settings.redis_prefix)
     service = QuotaService(settings, ledger, hot, clock or SystemClock(), metrics, outbox)
     service_box.append(service)
+    key_version = ClientKeyVersion(hot.client, settings.redis_prefix)
+    service.on_client_keys_changed = key_version.bump
     if migrate:
         applied = await ledger.migrate()
         if applied:
@@ -100,9 +109,10 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     await service.refresh_client_keys()
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 8 << 20)])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(service), server)
+    # Requests that do not parse (invalid UTF-8, truncated) get INVALID_ARGUMENT, not grpcio's UNKNOWN.
+    add_guarded(server, external_auth_pb2_grpc.add_AuthorizationServicer_to_server, AuthorizationService(service))
     ext_proc = ExternalProcessorService(service, PostgresNoticeBook(ledger.pool))
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ext_proc, server)
+    add_guarded(server, external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server, ext_proc)
     rate_limits = ReloadingConfig(
         settings.rate_limit_files or (DEFAULT_RATE_LIMITS,), on_error=lambda _: metrics.ratelimit_config_errors.inc()
     )
@@ -113,12 +123,14 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         service.clock,
         settings.timezone,
     )
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(limiter, settings, metrics), server)
-    usage_pb2_grpc.add_UsageServicer_to_server(UsageService(service), server)
+    rate_limit_service = RateLimitService(limiter, settings, metrics)
+    add_guarded(server, rls_pb2_grpc.add_RateLimitServiceServicer_to_server, rate_limit_service)
+    add_guarded(server, usage_pb2_grpc.add_UsageServicer_to_server, UsageService(service))
     separate_admin = bool(settings.admin.listen)
     billing = create_billing(service, ledger)
+    admin_service = AdminService(service, billing)
     if not separate_admin:
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service, billing), server)
+        add_guarded(server, admin_pb2_grpc.add_AdminServicer_to_server, admin_service)
     served = tuple(n for n in SERVICE_NAMES if not (separate_admin and n == ADMIN_SERVICE_NAME))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -129,7 +141,7 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     await server.start()
     admin_server, admin_port = None, grpc_port
     if separate_admin:
-        admin_server, admin_port = await _start_admin_server(settings, AdminService(service, billing), health_servicer)
+        admin_server, admin_port = await _start_admin_server(settings, admin_service, health_servicer)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -145,12 +157,16 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
     await site.start()
     http_port = runner.addresses[0][1] if runner.addresses else http_port
 
-    sweeper = asyncio.create_task(_sweep(service), name="reservation-sweeper")
-    watcher = asyncio.create_task(rate_limits.watch(), name="rate-limit-config-watcher")
-    tasks = [sweeper, watcher]
-    if settings.notifications.mail:
+    # Per process: the rate-limit config, the client keys and the users this process failed to update.
+    # Once per deployment (worker 0): charging expired reservations and sending e-mails.
+    tasks = [
+        asyncio.create_task(_sweep(service, expire=role.runs_singletons), name="reservation-sweeper"),
+        asyncio.create_task(rate_limits.watch(), name="rate-limit-config-watcher"),
+        asyncio.create_task(watch_client_keys(service, key_version), name="client-key-watcher"),
+    ]
+    if settings.notifications.mail and role.runs_singletons:
         tasks.append(asyncio.create_task(NotificationSender(ledger, settings).run(), name="notification-sender"))
-    if settings.notifications.webhook:
+    if settings.notifications.webhook and role.runs_singletons:
         tasks.append(asyncio.create_task(WebhookSender(ledger, settings).run(), name="webhook-sender"))
 
     async def stop() -> None:
@@ -158,8 +174,10 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         await health_servicer.enter_graceful_shutdown()
         for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Bounded: a background loop that swallowed its cancellation must not hold up the shutdown.
+        _, stuck = await asyncio.wait(tasks, timeout=5)
+        for task in stuck:
+            log.warning("background task %s did not stop when asked", task.get_name())
         if admin_server is not None:
             await admin_server.stop(grace=5)
         await server.stop(grace=5)
@@ -170,7 +188,13 @@ async def start(settings: Settings, clock: Clock | None = None, migrate: bool = 
         await hot.close()
         await ledger.close()
 
-    log.info("quotagate serving gRPC on %s (port %d), HTTP on port %d", settings.grpc_listen, grpc_port, http_port)
+    log.info(
+        "quotagate serving gRPC on %s (port %d), HTTP on port %d",
+        settings.grpc_listen,
+        grpc_port,
+        http_port,
+        extra={"worker": role.index, "pid": os.getpid()},
+    )
     return Running(service=service, grpc_port=grpc_port, http_port=http_port, stop=stop, admin_port=admin_port)
 
 
@@ -200,7 +224,7 @@ async def _start_admin_server(
     return server, port
 
 
-async def _sweep(service: QuotaService) -> None:
+async def _sweep(service: QuotaService, expire: bool = True) -> None:
     while True:
         await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
         try:
@@ -210,11 +234,12 @@ async def _sweep(service: QuotaService) -> None:
             log.exception("writing the usage outbox to the ledger failed")
         try:
             await service.refresh_stale()
-            await service.expire_due()
+            if expire:
+                await service.expire_due()
         except Exception:  # the sweeper must outlive a store hiccup; it retries next round
             log.exception("expiring reservations failed")
         try:
-            # Keys created or revoked by other processes reach this one's cache within one round.
+            # The fallback when the client key version in Redis cannot be read (keywatch.py).
             await service.refresh_client_keys()
         except Exception:
             log.exception("refreshing client keys failed")
@@ -225,8 +250,8 @@ async def _sweep(service: QuotaService) -> None:
             log.exception("refreshing plans failed")
 
 
-async def serve_forever(settings: Settings, migrate: bool = True) -> None:
-    running = await start(settings, migrate=migrate)
+async def serve_forever(settings: Settings, migrate: bool = True, role: WorkerRole | None = None) -> None:
+    running = await start(settings, migrate=migrate, role=role)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

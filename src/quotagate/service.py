@@ -180,6 +180,8 @@ class QuotaService:
         # Changed plans whose accounts' hot state is still to be rewritten (see refresh_plans).
         self._plans_to_reload: set[str] = set()
         self._plan_reload_lock = asyncio.Lock()
+        # Told after a key is created or revoked here, so other processes reload theirs (keywatch.py).
+        self.on_client_keys_changed: Callable[[], Awaitable[None]] | None = None
 
     # -- client keys ----------------------------------------------------------------------------------
 
@@ -229,15 +231,24 @@ class QuotaService:
             created_by=actor,
         )
         created = await self.key_store().create_client_key(record, reason.strip())
-        await self.refresh_client_keys()
+        await self._client_keys_changed()
         return secret, created
 
     async def revoke_client_key(self, name: str, reason: str, actor: str) -> ClientKeyRecord:
         name = validate_id("name", name)
         reason = require_reason(reason, "the key is revoked")
         revoked = await self.key_store().revoke_client_key(name, reason, actor)
-        await self.refresh_client_keys()
+        await self._client_keys_changed()
         return revoked
+
+    async def _client_keys_changed(self) -> None:
+        await self.refresh_client_keys()
+        if self.on_client_keys_changed is None:
+            return
+        try:
+            await self.on_client_keys_changed()
+        except Exception as exc:  # the change is committed; other processes still catch up at their next sweep
+            log.warning("could not announce the client key change: %s", exc)
 
     # -- pure helpers -------------------------------------------------------------------------------
 

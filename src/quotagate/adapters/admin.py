@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from quotagate.adapters.convert import balance_message, timestamp
+from quotagate.adapters.convert import balance_message, datetime_of, timestamp
 from quotagate.adapters.errors import PermissionDenied, Unauthenticated, grpc_errors, status_code_of
 from quotagate.billing.service import Billing
 from quotagate.billing.store import PaymentRecord
@@ -101,8 +101,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         start, end, rows = await self._service.usage(
             request.user_id,
             request.cycle.strip(),
-            request.start.ToDatetime(UTC) if request.HasField("start") else None,
-            request.end.ToDatetime(UTC) if request.HasField("end") else None,
+            datetime_of(request, "start"),
+            datetime_of(request, "end"),
             request.group_by.strip().lower(),
         )
         total = UsageTotals(
@@ -129,8 +129,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             chunks = self._service.export_usage(
                 request.user_id,
                 request.cycle.strip(),
-                request.start.ToDatetime(UTC) if request.HasField("start") else None,
-                request.end.ToDatetime(UTC) if request.HasField("end") else None,
+                datetime_of(request, "start"),
+                datetime_of(request, "end"),
                 request.format,
             )
             async for data in chunks:
@@ -302,7 +302,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.GrantCreditsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GrantCreditsResponse:
         token = authorize(self._service.settings, context, "operator")
-        expires_at = request.expires_at.ToDatetime(UTC) if request.HasField("expires_at") else None
+        expires_at = datetime_of(request, "expires_at")
         grant_id, balance = await self._service.grant(
             request.user_id, request.amount, request.reason, expires_at, request.source or "admin", token.name
         )

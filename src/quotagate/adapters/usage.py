@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC
-
 import grpc
 
-from quotagate.adapters.convert import balance_message
+from quotagate.adapters.convert import balance_message, datetime_of
 from quotagate.adapters.errors import grpc_errors
 from quotagate.service import QuotaService, UsageReport
 from quotagate.v1 import usage_pb2, usage_pb2_grpc
@@ -20,7 +18,7 @@ class UsageService(usage_pb2_grpc.UsageServicer):
     async def ReportUsage(
         self, request: usage_pb2.ReportUsageRequest, context: grpc.aio.ServicerContext
     ) -> usage_pb2.ReportUsageResponse:
-        occurred_at = request.occurred_at.ToDatetime(UTC) if request.HasField("occurred_at") else None
+        occurred_at = datetime_of(request, "occurred_at")
         outcome, balance = await self._service.report_usage(
             UsageReport(
                 request_id=request.request_id,

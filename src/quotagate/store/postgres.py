@@ -107,6 +107,10 @@ def _store(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine
             return await method(*args, **kwargs)
         except _CONNECTION_ERRORS as exc:
             raise StoreUnavailable(f"postgresql: {type(exc).__name__}: {exc}") from exc
+        except asyncpg.DataError as exc:
+            # SQLSTATE class 22: a value PostgreSQL cannot store (a NUL in text, a number out of range) is the
+            # caller's input, refused as such; the transaction rolled back, so nothing was written.
+            raise InvalidRequest(f"value not accepted: {exc}") from exc
 
     return wrapper
 

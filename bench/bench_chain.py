@@ -1,0 +1,288 @@
+"""The whole chain against one LiteLLM proxy process: is quotagate ever the bottleneck in front of LiteLLM?
+
+    scripts/dev python bench/bench_chain.py [--seconds 5] [--connections 32] [--rounds 1] [--workers N]
+
+Starts, each in its own process: PostgreSQL and Redis (or uses the given ones), quotagate (`serve`, or
+`serve --workers N`), the demo upstream, a real LiteLLM proxy with a mock model (no provider is called; its own
+usage figures), and three Envoys built from quotagate.envoyconf:
+
+- plain: ext_authz, ext_proc and the rate-limit filter removed, to the demo upstream;
+- chain: the shipped filters (ext_authz Check, rate limit, ext_proc usage capture and settlement), to the demo
+  upstream, which answers in well under a millisecond, so the chain itself is what is measured;
+- chain + LiteLLM: the same filters, to LiteLLM (quotagate swaps the client's key for LiteLLM's master key).
+
+Phases: 1 connection with sequential requests (plain, chain: the latency quotagate adds at low load), then
+--connections connections in a closed loop (chain, LiteLLM direct, chain + LiteLLM: saturation throughput).
+It prints the added p50 at low load (target <= 1 ms) and the chain's saturation throughput over LiteLLM's
+(target >= 3x), both from the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import bench_envoy
+import bench_ratelimit
+import common
+import yaml
+
+from quotagate.envoyconf import EnvoyOptions, build_envoy_config
+from quotagate.procs import free_port, start_litellm, wait_litellm_ready
+
+FILTERS_OFF = ("envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc", "envoy.filters.http.ratelimit")
+LITELLM_CONFIG = {
+    "model_list": [
+        {
+            "model_name": "demo-small",
+            "litellm_params": {
+                "model": "openai/demo-small",
+                "api_key": "mock-provider-key",
+                "mock_response": "Hello from LiteLLM's mock model.",
+            },
+        }
+    ],
+    "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
+}
+
+
+def without_filters(config: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    removed = 0
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                hcm = network_filter["typed_config"]
+                before = len(hcm["http_filters"])
+                hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in names]
+                removed += before - len(hcm["http_filters"])
+    if removed != len(names):
+        raise RuntimeError(f"expected the filters {names} in the Envoy config, removed {removed}")
+    return config
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    key: str
+    pids: dict[str, int]
+    results: dict[int, common.LoadResult] = field(default_factory=dict)
+    cpu: dict[int, dict[str, float]] = field(default_factory=dict)
+    checks: dict[int, float] = field(default_factory=dict)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    async with common.Bench("bench-chain", keep_tmp=args.keep_tmp) as bench:
+        stores = await common.start_stores(bench, args.database_url, args.redis_url)
+        master_key = "sk-bench-" + secrets.token_hex(16)
+        # The shipped descriptors with limits never reached (the shipped 60 a minute would deny the load).
+        rate_limits = bench.tmp / "ratelimit.yaml"
+        rate_limits.write_text(bench_ratelimit.RATE_LIMITS_YAML, encoding="utf-8")
+        qg = await common.start_quotagate(
+            bench,
+            stores,
+            log_level=args.log_level,
+            rate_limits=rate_limits,
+            workers=args.workers,
+            extra_config={"upstream": {"api_key": master_key}},
+        )
+        upstream, upstream_port = await bench_envoy.start_upstream(bench)
+
+        litellm_port = free_port()
+        litellm_config = bench.tmp / "litellm.yaml"
+        litellm_config.write_text(yaml.safe_dump(LITELLM_CONFIG, sort_keys=False), encoding="utf-8")
+        env = {**os.environ, "LITELLM_MASTER_KEY": master_key, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+        litellm = bench.manage(start_litellm(litellm_config, litellm_port, bench.tmp / "litellm.log", env=env))
+        await wait_litellm_ready(litellm_port, timeout=120, process=litellm)
+
+        def options(port: int) -> EnvoyOptions:
+            return EnvoyOptions(
+                upstream_host=common.HOST,
+                upstream_port=port,
+                listen_port=free_port(),
+                admin_port=free_port(),
+                authz_port=qg.grpc_port,
+            )
+
+        plain_cfg = without_filters(build_envoy_config(options(upstream_port)), FILTERS_OFF)
+        plain, plain_port = await bench_envoy.start_envoy_target(bench, "plain", plain_cfg, args.envoy_concurrency)
+        chain, chain_port = await bench_envoy.start_envoy_target(
+            bench, "chain", build_envoy_config(options(upstream_port)), args.envoy_concurrency
+        )
+        chain_ll, chain_ll_port = await bench_envoy.start_envoy_target(
+            bench, "chain-litellm", build_envoy_config(options(litellm_port)), args.envoy_concurrency
+        )
+        base = {"quotagate": qg.proc.pid}
+        breakdown: list[str] = []
+        started: dict[str, tuple[int, int]] = {}
+        if args.breakdown:
+            # The chain's filters one step at a time, to see what each adds at low load.
+            for name, removed in (
+                ("Check only", FILTERS_OFF[1:]),
+                ("Check + ext_proc", FILTERS_OFF[2:]),
+            ):
+                cfg = without_filters(build_envoy_config(options(upstream_port)), removed)
+                proc, port = await bench_envoy.start_envoy_target(
+                    bench, name.replace(" ", "").replace("+", "-"), cfg, args.envoy_concurrency
+                )
+                breakdown.append(name)
+                started[name] = (proc.pid, port)
+        targets = {
+            "plain": Target("plain Envoy -> demo", plain_port, qg.client_key, {"envoy": plain.pid, "up": upstream.pid}),
+            "chain": Target(
+                "chain -> demo", chain_port, qg.client_key, {"envoy": chain.pid, "up": upstream.pid} | base
+            ),
+            "litellm": Target("LiteLLM direct", litellm_port, master_key, {"up": litellm.pid}),
+            "chain_ll": Target(
+                "chain -> LiteLLM", chain_ll_port, qg.client_key, {"envoy": chain_ll.pid, "up": litellm.pid} | base
+            ),
+        }
+        for name in breakdown:
+            envoy_pid, envoy_port = started[name]
+            pids = {"envoy": envoy_pid, "up": upstream.pid} | base
+            targets[name] = Target(f"{name} -> demo", envoy_port, qg.client_key, pids)
+
+        # Every account exists and sits in Redis before measuring; LiteLLM answers once before it is timed.
+        for target in (targets["chain"], targets["litellm"]):
+            conn = bench_envoy.Connection(target.port)
+            try:
+                for request in bench_envoy.build_requests(target.port, target.key, args.users):
+                    await conn.request(request)
+            finally:
+                await conn.close()
+
+        print(f"bench_chain: {time.strftime('%Y-%m-%d %H:%M')}, {common.machine_note()}")
+        print(f"  {stores.database_note}")
+        print(f"  {stores.redis_note}")
+        workers = "one process" if args.workers == 1 else f"serve --workers {args.workers}"
+        print(f"  quotagate: {workers}; Envoy worker threads: {args.envoy_concurrency or 'default'}")
+        print("  chain = Envoy with the shipped filters: ext_authz Check, rate limit, ext_proc usage capture")
+        print(f"  load: HTTP/1.1 keep-alive; {args.warmup:g} s warm-up + {args.seconds:g} s per phase, "
+              f"{args.rounds} round(s)\n", flush=True)  # fmt: skip
+
+        phases = [(1, ["plain", *breakdown, "chain"]), (args.connections, ["chain", "litellm", "chain_ll"])]
+        for round_no in range(args.rounds):
+            for level, names in phases:
+                for name in names:
+                    await measure(targets[name], level, args, stores.redis_url, qg.http_port, round_no)
+        return report(targets, args)
+
+
+async def measure(
+    target: Target, level: int, args: argparse.Namespace, redis_url: str, http_port: int, round_no: int
+) -> None:
+    probe = common.Probe(target.pids, redis_url, http_port if args.workers == 1 else None)
+    marks: list[common.Snapshot] = []
+
+    def mark_start() -> None:
+        marks.append(probe.snapshot())
+
+    payload = bench_envoy.Payload(target.port, bench_envoy.build_requests(target.port, target.key, args.users))
+    result = await asyncio.to_thread(
+        common.run_load, bench_envoy.http_load, payload, level, args.clients, args.seconds, args.warmup, mark_start
+    )
+    after = probe.snapshot()
+    before = marks[0]
+    wall = after.wall - before.wall
+    cpu = {k: 100 * (after.cpu[k] - before.cpu[k]) / wall for k in after.cpu}
+    cpu["client"] = 100 * result.client_cpu / wall
+    if level in target.results:  # pool rounds
+        total = target.results[level]
+        seconds = total.calls / total.rate + result.calls / result.rate if total.rate and result.rate else 0.0
+        total.calls += result.calls
+        total.errors += result.errors
+        total.latencies.extend(result.latencies)
+        total.rate = total.calls / seconds if seconds else 0.0
+        total.first_error = total.first_error or result.first_error
+        target.cpu[level] = {k: (target.cpu[level][k] + v) / 2 for k, v in cpu.items()}
+    else:
+        target.results[level] = result
+        target.cpu[level] = cpu
+    p50, p99, _ = result.summary()
+    common.log(
+        f"round {round_no + 1}, {level} conn, {target.name}: {result.rate:,.0f} req/s, p50 {p50:.2f} ms, "
+        f"p99 {p99:.2f} ms, errors {result.errors}"
+    )
+
+
+def report(targets: dict[str, Target], args: argparse.Namespace) -> int:
+    headers = ["target", "conns", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "envoy CPU%",
+               "quotagate CPU%", "upstream CPU%", "redis CPU%", "client CPU%", "machine CPU%"]  # fmt: skip
+    rows: list[list[object]] = []
+    problems: list[str] = []
+    for level in (1, args.connections):
+        for target in targets.values():
+            if level not in target.results:
+                continue
+            result, cpu = target.results[level], target.cpu[level]
+            p50, p99, worst = result.summary()
+            rows.append([target.name, level, result.calls, result.rate, p50, p99, worst, result.errors,
+                         cpu.get("envoy", math.nan), cpu.get("quotagate", math.nan), cpu.get("up", math.nan),
+                         cpu.get("redis", math.nan), cpu["client"], cpu["machine"]])  # fmt: skip
+            if result.errors:
+                problems.append(f"{target.name}, {level} conns: {result.errors} errors, first: {result.first_error}")
+    common.print_table(headers, rows, title="Through the chain and LiteLLM (req/s = successful requests / seconds)")
+    print("machine CPU%: all of the machine's busy time (2 cores = 200%), ours and anything else running.")
+
+    plain50 = targets["plain"].results[1].summary()[0]
+    chain50 = targets["chain"].results[1].summary()[0]
+    added = chain50 - plain50
+    for key, target in targets.items():
+        if key not in ("plain", "chain", "litellm", "chain_ll"):
+            print(f"  added p50 at low load with {target.name}: {target.results[1].summary()[0] - plain50:.2f} ms")
+    chain_rate = targets["chain"].results[args.connections].rate
+    litellm_rate = targets["litellm"].results[args.connections].rate
+    chain_ll_rate = targets["chain_ll"].results[args.connections].rate
+    ratio = chain_rate / litellm_rate if litellm_rate else math.nan
+    print()
+    print(f"added p50 at low load (1 connection, chain vs plain Envoy): {added:.2f} ms "
+          f"(target <= 1 ms: {'met' if added <= 1.0 else 'NOT met'})")  # fmt: skip
+    verdict = "met" if ratio >= 3 else "NOT met"
+    print(f"saturation, {args.connections} connections: chain {chain_rate:,.0f} req/s, one LiteLLM process "
+          f"{litellm_rate:,.0f} req/s: ratio {ratio:.2f} (target >= 3: {verdict})")  # fmt: skip
+    print(f"the chain in front of LiteLLM: {chain_ll_rate:,.0f} req/s = "
+          f"{chain_ll_rate / litellm_rate if litellm_rate else math.nan:.2f} of LiteLLM alone")  # fmt: skip
+    for problem in problems:
+        print(f"problem: {problem}")
+    return 1 if problems else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_arguments(parser)
+    parser.add_argument("--connections", type=int, default=32, help="connections of the saturation phase")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat all phases; results pooled")
+    parser.add_argument("--workers", type=int, default=1, help="quotagate serve --workers N (default 1)")
+    parser.add_argument("--envoy-concurrency", type=int, help="Envoy worker threads (default: one per core)")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also measure Envoys with only Check, and Check + ext_proc (1 conn)"
+    )
+    parser.add_argument("--log-level", default="WARNING", help="quotagate's log level (default WARNING)")
+    args = parser.parse_args()
+    if (
+        args.users < 1
+        or args.clients < 1
+        or args.workers < 1
+        or not 0 < args.seconds <= 600
+        or not 0 <= args.warmup <= 60
+        or not 2 <= args.connections <= 1024
+        or not 1 <= args.rounds <= 20
+    ):
+        parser.error("--users/--clients/--workers positive, --seconds 0..600, --warmup 0..60, --connections 2..1024")
+    common.install_signal_handlers()
+    try:
+        return asyncio.run(main_async(args))
+    except KeyboardInterrupt:
+        common.log("interrupted; everything started was stopped")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Revoked client keys refused everywhere within a second.
+
+Every process keeps the active database keys in memory (Check never reads PostgreSQL). A create or revoke
+bumps a counter in Redis after the change is committed; every process reads that counter a few times a second
+(one GET) and reloads its keys from PostgreSQL when it moved. The periodic full reload stays as the fallback
+for when Redis cannot be reached."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from quotagate.service import QuotaService
+
+log = logging.getLogger("quotagate.keywatch")
+
+POLL_SECONDS = 0.2
+
+
+class ClientKeyVersion:
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self._r = client
+        self._key = f"{prefix}client-keys:version"
+
+    async def bump(self) -> None:
+        await self._r.incr(self._key)
+
+    async def read(self) -> str | None:
+        value = await self._r.get(self._key)
+        return None if value is None else str(value)
+
+
+async def watch_client_keys(service: QuotaService, version: ClientKeyVersion, interval: float | None = None) -> None:
+    """Reloads the service's client keys whenever the version moves (and once at the start)."""
+    interval = interval or POLL_SECONDS
+    seen: str | None = "<unread>"
+    failing = False
+    while True:
+        try:
+            current = await version.read()
+            if current != seen:
+                await service.refresh_client_keys()
+                seen = current
+            if failing:
+                log.info("client key version readable again")
+            failing = False
+        except (TimeoutError, RedisError, OSError) as exc:
+            if not failing:  # once per outage, not five times a second
+                log.warning("cannot read the client key version; keys reload every sweep meanwhile: %s", exc)
+            failing = True
+        except Exception:
+            if not failing:
+                log.exception("reloading client keys failed")
+            failing = True
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # The Redis client can turn a cancellation that lands mid-command into a connection error, which
+            # the handlers above would swallow: honour the stop request anyway.
+            raise asyncio.CancelledError
+        await asyncio.sleep(interval * 5 if failing else interval)
