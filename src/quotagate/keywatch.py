@@ -11,7 +11,6 @@ import asyncio
 import logging
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from quotagate.service import QuotaService
 
@@ -47,12 +46,17 @@ async def watch_client_keys(service: QuotaService, version: ClientKeyVersion, in
             if failing:
                 log.info("client key version readable again")
             failing = False
-        except (TimeoutError, RedisError, OSError) as exc:
+        except Exception as exc:
+            _stop_if_cancelled(exc)
             if not failing:  # once per outage, not five times a second
-                log.warning("cannot read the client key version; keys reload every sweep meanwhile: %s", exc)
-            failing = True
-        except Exception:
-            if not failing:
-                log.exception("reloading client keys failed")
+                log.warning("cannot reload client keys on their version; they reload every sweep meanwhile: %s", exc)
             failing = True
         await asyncio.sleep(interval * 5 if failing else interval)
+
+
+def _stop_if_cancelled(exc: Exception) -> None:
+    # A client library may turn the cancellation of a call in flight into an error of its own (redis-py raises
+    # a ConnectionError); the loop must still stop when its task is being cancelled.
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -145,8 +144,8 @@ async def start(
         await health_servicer.enter_graceful_shutdown()
         for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Bounded: a loop caught in a store call must not keep the process from stopping.
+        await asyncio.wait(tasks, timeout=5)
         await server.stop(grace=5)
         await ext_proc.drain()
         await runner.cleanup()
