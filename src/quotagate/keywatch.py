@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import redis.asyncio as aioredis
-
 from quotagate.service import QuotaService
+from quotagate.store.resp import PipelinedRedis
 
 log = logging.getLogger("quotagate.keywatch")
 
@@ -20,15 +19,17 @@ POLL_SECONDS = 0.2
 
 
 class ClientKeyVersion:
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
-        self._r = client
+    # Over the pipelined connection: a GET five times a second costs next to nothing there, and a cancelled
+    # call is simply cancelled (redis-py may turn a cancellation into a connection error).
+    def __init__(self, redis: PipelinedRedis, prefix: str) -> None:
+        self._r = redis
         self._key = f"{prefix}client-keys:version"
 
     async def bump(self) -> None:
-        await self._r.incr(self._key)
+        await self._r.execute("INCR", self._key)
 
     async def read(self) -> str | None:
-        value = await self._r.get(self._key)
+        value = await self._r.execute("GET", self._key)
         return None if value is None else str(value)
 
 

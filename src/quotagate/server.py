@@ -83,8 +83,6 @@ async def start(
     hot = RedisHotState.from_url(settings.redis_url, settings.redis_prefix)
     service = QuotaService(settings, ledger, hot, clock or SystemClock(), metrics)
     service_box.append(service)
-    key_version = ClientKeyVersion(hot.client, settings.redis_prefix)
-    service.on_client_keys_changed = key_version.bump
     if migrate:
         applied = await ledger.migrate()
         if applied:
@@ -101,6 +99,8 @@ async def start(
         settings.rate_limit_files or (DEFAULT_RATE_LIMITS,), on_error=lambda _: metrics.ratelimit_config_errors.inc()
     )
     rate_limit_redis = PipelinedRedis(settings.redis_url)
+    key_version = ClientKeyVersion(rate_limit_redis, settings.redis_prefix)
+    service.on_client_keys_changed = key_version.bump
     limiter = RateLimiter(
         rate_limits.current,
         RedisRateLimitStore(rate_limit_redis, f"{settings.redis_prefix}rl:"),
@@ -145,7 +145,9 @@ async def start(
         for task in tasks:
             task.cancel()
         # Bounded: a loop caught in a store call must not keep the process from stopping.
-        await asyncio.wait(tasks, timeout=5)
+        _, pending = await asyncio.wait(tasks, timeout=5)
+        if pending:
+            log.warning("background loops still running at stop: %s", ", ".join(t.get_name() for t in pending))
         await server.stop(grace=5)
         await ext_proc.drain()
         await runner.cleanup()
