@@ -112,7 +112,8 @@ async def test_a_revoked_key_is_refused_by_every_worker_within_a_second(
         async with grpc.aio.insecure_channel(served.target) as channel:
             admin = admin_pb2_grpc.AdminStub(channel)
             await admin.RevokeClientKey(
-                admin_pb2.RevokeClientKeyRequest(name=f"{uid}-key", reason="The key leaked in a ticket."), metadata=ADMIN
+                admin_pb2.RevokeClientKeyRequest(name=f"{uid}-key", reason="The key leaked in a ticket."),
+                metadata=ADMIN,
             )
         revoked_at = time.monotonic()
         await asyncio.sleep(1.0)

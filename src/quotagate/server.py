@@ -96,8 +96,6 @@ async def start(
     outbox = UsageOutbox(hot.client, settings.redis_prefix)
     service = QuotaService(settings, ledger, hot, clock or SystemClock(), metrics, outbox)
     service_box.append(service)
-    key_version = ClientKeyVersion(hot.client, settings.redis_prefix)
-    service.on_client_keys_changed = key_version.bump
     if migrate:
         applied = await ledger.migrate()
         if applied:
@@ -117,6 +115,8 @@ async def start(
         settings.rate_limit_files or (DEFAULT_RATE_LIMITS,), on_error=lambda _: metrics.ratelimit_config_errors.inc()
     )
     rate_limit_redis = PipelinedRedis(settings.redis_url)
+    key_version = ClientKeyVersion(rate_limit_redis, settings.redis_prefix)
+    service.on_client_keys_changed = key_version.bump
     limiter = RateLimiter(
         rate_limits.current,
         RedisRateLimitStore(rate_limit_redis, f"{settings.redis_prefix}rl:"),

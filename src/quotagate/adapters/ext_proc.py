@@ -23,6 +23,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
+from quotagate.adapters.wire import read_checked
 from quotagate.core.errors import QuotagateError
 from quotagate.core.model import Balance
 from quotagate.core.notices import NoticeFacts, notice_text
@@ -94,7 +95,8 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
     ) -> AsyncIterator[pb.ProcessingResponse]:
         exchange = Exchange()
         try:
-            async for message in request_iterator:
+            # context.read(), not the iterator: see wire.read_checked.
+            while (message := await read_checked(context)) is not None:
                 response, done = self._handle(exchange, message)
                 if exchange.notice_here:
                     await self._add_notice(exchange, response)

@@ -41,6 +41,21 @@ async def _refuse(context: grpc.aio.ServicerContext, request: Malformed) -> None
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
 
 
+async def read_checked(context: grpc.aio.ServicerContext) -> Any:
+    """The next message of a request stream, or None at its end; INVALID_ARGUMENT for one that did not parse.
+
+    Reading with context.read() rather than iterating the request iterator matters when a handler stops
+    before the client does: an iterator left suspended is closed later by asyncio, and while that close hangs
+    it holds the whole call, native memory included (a leak seen under a soak with Envoy cancelling ext_proc
+    streams once they are answered)."""
+    message = await context.read()
+    if message is grpc.aio.EOF:
+        return None
+    if isinstance(message, Malformed):
+        await _refuse(context, message)
+    return message
+
+
 async def _checked_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
     async for request in requests:
         if isinstance(request, Malformed):
