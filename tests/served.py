@@ -58,8 +58,9 @@ async def check_once(target: str, request: external_auth_pb2.CheckRequest) -> ex
 
 def base_config(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
-        "default_plan": "small",
-        "plans": [{"id": "small", "monthly_allowance": 100_000}],
+        # A plan id of its own: plans are seeded once per database, and "small" (1,000) is the other tests' plan.
+        "default_plan": "served-roomy",
+        "plans": [{"id": "served-roomy", "monthly_allowance": 100_000}],
         "clients": [
             {"name": "chat", "key": CLIENT_KEY, "trusted": True},
             {"name": "personal", "key": PERSONAL_KEY, "trusted": False, "user_id": "personal-user"},

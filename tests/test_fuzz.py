@@ -90,6 +90,7 @@ async def target(
     config = {
         "reservation_ttl_seconds": 3600,  # nothing expires (and is charged) while fuzzing
         "plans": [{"id": "small", "monthly_allowance": 1000}],
+        "default_plan": "small",
     }
     served = await start_served(
         tmp_path_factory.mktemp("fuzz"), database_url, redis_url, prefix, "--log-level", "WARNING", config=config
