@@ -276,12 +276,7 @@ def main() -> int:
         or not 1 <= args.rounds <= 20
     ):
         parser.error("--users/--clients/--workers positive, --seconds 0..600, --warmup 0..60, --connections 2..1024")
-    common.install_signal_handlers()
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        common.log("interrupted; everything started was stopped")
-        return 130
+    return common.run_main(main_async(args))
 
 
 if __name__ == "__main__":

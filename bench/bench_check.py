@@ -298,12 +298,7 @@ def main() -> int:
     bad_counts = args.workers < 1 or args.users < 1 or args.clients < 1 or args.channels < 1
     if bad_counts or not 0 < args.seconds <= 600 or not 0 <= args.warmup <= 60:
         parser.error("--users and --clients must be positive, --seconds in (0, 600], --warmup in [0, 60]")
-    common.install_signal_handlers()
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        common.log("interrupted; everything started was stopped")
-        return 130
+    return common.run_main(main_async(args))
 
 
 if __name__ == "__main__":

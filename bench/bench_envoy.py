@@ -413,12 +413,7 @@ def main() -> int:
         parser.error(
             "--users/--clients positive, --seconds 0..600, --warmup 0..60, --connections 1..1024, --rounds 1..20"
         )
-    common.install_signal_handlers()
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        common.log("interrupted; everything started was stopped")
-        return 130
+    return common.run_main(main_async(args))
 
 
 if __name__ == "__main__":

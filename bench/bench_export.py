@@ -210,12 +210,7 @@ def main() -> int:
     args = parser.parse_args()
     if not 1 <= args.rows <= MAX_ROWS or not 1 <= args.rounds <= 10:
         parser.error(f"--rows must be in [1, {MAX_ROWS}], --rounds in [1, 10]")
-    common.install_signal_handlers()
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        common.log("interrupted; everything started was stopped")
-        return 130
+    return common.run_main(main_async(args))
 
 
 if __name__ == "__main__":

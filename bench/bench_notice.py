@@ -14,7 +14,6 @@ body). Every answer is checked: the notice is in exactly the first completion of
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import secrets
 import sys
@@ -146,8 +145,7 @@ def main() -> int:
     common.add_common_arguments(parser)
     parser.set_defaults(users=40)
     args = parser.parse_args()
-    common.install_signal_handlers()
-    return asyncio.run(main_async(args))
+    return common.run_main(main_async(args))
 
 
 if __name__ == "__main__":

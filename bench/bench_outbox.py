@@ -121,12 +121,7 @@ def main() -> int:
     args = parser.parse_args()
     if not 1 <= args.records <= 1_000_000 or not 1 <= args.users <= 100_000:
         parser.error("--records must be in [1, 1000000], --users in [1, 100000]")
-    common.install_signal_handlers()
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        common.log("interrupted; everything started was stopped")
-        return 130
+    return common.run_main(main_async(args))
 
 
 if __name__ == "__main__":

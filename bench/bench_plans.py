@@ -156,12 +156,7 @@ def main() -> int:
         parser.error("--accounts takes sizes like 1000,10000")
     if not all(1 <= a <= MAX_ACCOUNTS for a in args.accounts) or not 1 <= args.rounds <= 10:
         parser.error(f"--accounts sizes must be in [1, {MAX_ACCOUNTS}], --rounds in [1, 10]")
-    common.install_signal_handlers()
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        common.log("interrupted; everything started was stopped")
-        return 130
+    return common.run_main(main_async(args))
 
 
 if __name__ == "__main__":

@@ -191,12 +191,7 @@ def main() -> int:
         parser.error("--minutes in (0, 1440], --rate in (0, 10000], --connections in 1..512")
     if args.users < 1 or args.workers < 1:
         parser.error("--users and --workers must be positive")
-    common.install_signal_handlers()
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        common.log("interrupted; everything started was stopped")
-        return 130
+    return common.run_main(main_async(args))
 
 
 if __name__ == "__main__":

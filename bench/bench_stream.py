@@ -603,12 +603,7 @@ def main() -> int:
         or not 1 <= args.users <= 1000
     ):
         parser.error("--requests 1..1000, --concurrency 1..256, --chunks 1..2000, --delay-ms 0..1000, --rounds 1..10")
-    common.install_signal_handlers()
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        common.log("interrupted; everything started was stopped")
-        return 130
+    return common.run_main(main_async(args))
 
 
 if __name__ == "__main__":

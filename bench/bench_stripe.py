@@ -156,12 +156,7 @@ def main() -> int:
     args = parser.parse_args()
     if not 1 <= args.sessions <= 100_000 or not 1 <= args.duplicates <= 50:
         parser.error("--sessions must be in [1, 100000], --duplicates in [1, 50]")
-    common.install_signal_handlers()
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        common.log("interrupted; everything started was stopped")
-        return 130
+    return common.run_main(main_async(args))
 
 
 if __name__ == "__main__":

@@ -137,6 +137,16 @@ class Bench:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def run_main(work: Coroutine[Any, Any, int]) -> int:
+    """Runs a benchmark's main coroutine with SIGTERM turned into Ctrl-C, so everything it started is stopped."""
+    install_signal_handlers()
+    try:
+        return asyncio.run(work)
+    except KeyboardInterrupt:
+        log("interrupted; everything started was stopped")
+        return 130
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
