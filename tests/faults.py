@@ -20,7 +20,8 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2
 from harness import ADMIN_TOKEN, CLIENT_KEY
 
-from quotagate.procs import ManagedProcess, free_port, wait_for_port
+from quotagate.envoyconf import EnvoyOptions, write_envoy_config
+from quotagate.procs import ManagedProcess, free_port, start_envoy, wait_for_port
 from quotagate.v1 import usage_pb2, usage_pb2_grpc
 
 MODEL = "demo-small"
@@ -94,6 +95,25 @@ class QuotagateProcess:
     async def metrics(self) -> str:
         async with httpx.AsyncClient() as client:
             return (await client.get(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10)).text
+
+
+def start_envoy_in_front(qg: QuotagateProcess, upstream_port: int, tmp: Path) -> tuple[ManagedProcess, int, int]:
+    """Envoy with Check and ext_proc pointing at `qg` and the demo upstream: (process, listen port, admin port).
+    The caller waits for it to be ready (wait_envoy_ready) inside its own cleanup."""
+    envoy_port, admin_port = free_port(), free_port()
+    config = write_envoy_config(
+        EnvoyOptions(
+            upstream_host="127.0.0.1",
+            upstream_port=upstream_port,
+            listen_port=envoy_port,
+            admin_port=admin_port,
+            authz_port=qg.grpc_port,
+            ext_proc=True,
+            rate_limit=False,
+        ),
+        tmp / "envoy.yaml",
+    )
+    return start_envoy(config, tmp / "envoy.log"), envoy_port, admin_port
 
 
 def check_request(user: str, request_id: str, max_tokens: int = 40, content: str = "hello") -> Any:

@@ -14,13 +14,12 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 import yaml
-from faults import Client, QuotagateProcess, eventually, ledger_of, quotagate_config, reconcile
+from faults import Client, QuotagateProcess, eventually, ledger_of, quotagate_config, reconcile, start_envoy_in_front
 from harness import CLIENT_KEY, make_settings
 
 from quotagate.core.clock import FixedClock
 from quotagate.demo_upstream import start_demo_upstream
-from quotagate.envoyconf import EnvoyOptions, write_envoy_config
-from quotagate.procs import free_port, start_envoy, wait_envoy_ready
+from quotagate.procs import wait_envoy_ready
 from quotagate.server import start
 from quotagate.store.ports import UsageRecord
 
@@ -46,20 +45,7 @@ async def test_sigkill_during_streams_charges_estimates_once_after_restart(
     qg = QuotagateProcess(tmp_path, database_url, redis_url, redis_prefix, reservation_ttl_seconds=TTL)
     await qg.start()
     upstream, upstream_port = await start_demo_upstream()
-    envoy_port, admin_port = free_port(), free_port()
-    config = write_envoy_config(
-        EnvoyOptions(
-            upstream_host="127.0.0.1",
-            upstream_port=upstream_port,
-            listen_port=envoy_port,
-            admin_port=admin_port,
-            authz_port=qg.grpc_port,
-            ext_proc=True,
-            rate_limit=False,
-        ),
-        tmp_path / "envoy.yaml",
-    )
-    envoy = start_envoy(config, tmp_path / "envoy.log")
+    envoy, envoy_port, admin_port = start_envoy_in_front(qg, upstream_port, tmp_path)
     redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
     http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{envoy_port}", timeout=30)
     streams: list[asyncio.Task[None]] = []

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import grpc
 import httpx
-from faults import QuotagateProcess, eventually, ledger_of, reconcile
+from faults import QuotagateProcess, eventually, ledger_of, reconcile, start_envoy_in_front
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import CLIENT_KEY
 
 from quotagate.demo_upstream import start_demo_upstream
-from quotagate.envoyconf import EnvoyOptions, write_envoy_config
-from quotagate.procs import free_port, start_envoy, wait_envoy_ready
+from quotagate.procs import wait_envoy_ready
 
 
 async def test_sigterm_turns_not_serving_lets_the_stream_finish_then_exits(
@@ -26,20 +25,7 @@ async def test_sigterm_turns_not_serving_lets_the_stream_finish_then_exits(
     qg = QuotagateProcess(tmp_path, database_url, redis_url, redis_prefix)
     await qg.start()
     upstream, upstream_port = await start_demo_upstream()
-    envoy_port, admin_port = free_port(), free_port()
-    config = write_envoy_config(
-        EnvoyOptions(
-            upstream_host="127.0.0.1",
-            upstream_port=upstream_port,
-            listen_port=envoy_port,
-            admin_port=admin_port,
-            authz_port=qg.grpc_port,
-            ext_proc=True,
-            rate_limit=False,
-        ),
-        tmp_path / "envoy.yaml",
-    )
-    envoy = start_envoy(config, tmp_path / "envoy.log")
+    envoy, envoy_port, admin_port = start_envoy_in_front(qg, upstream_port, tmp_path)
     channel = grpc.aio.insecure_channel(qg.target)
     http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{envoy_port}", timeout=30)
     try:
