@@ -325,3 +325,16 @@ async def test_payments_are_listed_in_pages_newest_first(stack: Stack, standin: 
     assert [p.amount for p in [*first.payments, *rest.payments]] == [23000, 12000, 5000]
     with pytest.raises(Exception, match="status must be one of"):
         await stack.admin.ListPayments(admin_pb2.ListPaymentsRequest(status="lost"), metadata=ADMIN_MD)
+
+
+async def test_with_stripe_on_a_manual_grant_still_unblocks(stack: Stack, uid: str) -> None:
+    """The manual path (an admin grant after an e-mail) stays as the fallback while Stripe is on."""
+    assert (await stack.chat(uid, completion_tokens=1000, max_tokens=900)).status_code == 200
+    blocked = await stack.chat(uid)
+    assert blocked.status_code == 429
+    assert "/v1/quota/purchase?t=" in blocked.json()["error"]["quota"]["purchase_url"]
+    await stack.grant(uid, 5000, "Paid by bank transfer, ticket 42.")
+    assert (await stack.chat(uid)).status_code == 200
+    [grant] = await grants_of(stack, uid)
+    assert grant["source"] != "stripe" and grant["amount"] == 5000
+    assert await payments(stack, user_id=uid) == []
