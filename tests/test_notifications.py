@@ -74,6 +74,19 @@ def mail() -> Iterator[Mail]:
     server.stop()
 
 
+def smtp_notifications(mail: Mail) -> dict[str, Any]:
+    """The notifications section for the local SMTP server, polled and retried quickly."""
+    return {
+        "enabled": True,
+        "smtp_host": "127.0.0.1",
+        "smtp_port": mail.port,
+        "from": "quotas@example.com",
+        "poll_seconds": 0.05,
+        "retry_seconds": 0.2,
+        "max_retry_seconds": 0.5,
+    }
+
+
 @pytest.fixture
 async def running(database_url: str, redis_url: str, redis_prefix: str, mail: Mail) -> AsyncIterator[Running]:
     settings = make_settings(
@@ -81,15 +94,7 @@ async def running(database_url: str, redis_url: str, redis_prefix: str, mail: Ma
         redis_url,
         redis_prefix,
         language="pt-BR",
-        notifications={
-            "enabled": True,
-            "smtp_host": "127.0.0.1",
-            "smtp_port": mail.port,
-            "from": "quotas@example.com",
-            "poll_seconds": 0.05,
-            "retry_seconds": 0.2,
-            "max_retry_seconds": 0.5,
-        },
+        notifications=smtp_notifications(mail),
     )
     started = await start(settings, clock=FixedClock(NOVEMBER))
     yield started

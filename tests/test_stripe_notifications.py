@@ -12,7 +12,7 @@ import httpx
 import pytest
 from harness import ADMIN_TOKEN, make_settings
 from stripe_standin import SECRET_KEY, WEBHOOK_SECRET, StripeStandIn, event, sign
-from test_notifications import Inbox, Mail
+from test_notifications import Inbox, Mail, smtp_notifications
 
 from quotagate.core.messages import Language
 from quotagate.core.notifications import NotificationKind, render
@@ -40,13 +40,7 @@ async def running(
         redis_url,
         redis_prefix,
         language="pt-BR",
-        notifications={
-            "enabled": True,
-            "smtp_host": "127.0.0.1",
-            "smtp_port": mail.port,
-            "from": "quotas@example.com",
-            "poll_seconds": 0.05,
-        },
+        notifications=smtp_notifications(mail),
         stripe={
             "enabled": True,
             "secret_key": SECRET_KEY,
