@@ -271,3 +271,29 @@ def test_decision_suspended() -> None:
 @pytest.mark.parametrize(("used", "warn"), [(0, False), (799, False), (800, True), (950, True), (999, True)])
 def test_decision_warn_in_warn_and_critical(used: int, warn: bool) -> None:
     assert decision(Verdict.ALLOW, balance(used=used)).warn is warn
+
+
+# -- when ext_proc may answer before the charge lands -------------------------------------------------------
+
+
+def allowed(b: Balance, estimate: int) -> Decision:
+    return Decision(Verdict.ALLOW, b, estimate, reserved=estimate > 0)
+
+
+def test_the_charge_lands_after_the_answer_only_while_every_hold_keeps_the_user_normal() -> None:
+    # Allowance 1000, warn at 80%: used + all holds + this estimate must stay under 800.
+    assert allowed(balance(used=500, reserved=200), 99).settles_unseen
+    assert not allowed(balance(used=500, reserved=200), 100).settles_unseen  # exactly 80%: warn
+    assert not allowed(balance(used=799), 0).settles_unseen  # nothing reserved: nothing to settle later
+    assert allowed(balance(used=0), 799).settles_unseen
+
+
+def test_near_or_past_a_threshold_the_charge_lands_first() -> None:
+    assert not allowed(balance(used=800), 1).settles_unseen  # warn already
+    assert not allowed(balance(used=960), 1).settles_unseen  # critical
+    # Credits only (no allowance): every state shows the allowance spent, so always settle first.
+    assert not allowed(balance(used=0, allowance=0, credits=10_000), 10).settles_unseen
+    suspended = Decision(Verdict.DENY_SUSPENDED, balance(used=0, status=SUSPENDED), 10, reserved=False)
+    assert not suspended.settles_unseen
+    denied = Decision(Verdict.DENY_QUOTA, balance(used=1000), 10, reserved=False)
+    assert not denied.settles_unseen

@@ -4,12 +4,14 @@ client's behalf, estimates when usage is missing or the client leaves, errors no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from harness import CLIENT_KEY, Stack, make_settings
 
@@ -76,8 +78,8 @@ async def test_json_answer_is_charged_its_reported_usage(stack: Stack, uid: str)
     assert response.status_code == 200
     usage = response.json()["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (10, 7)
-    # Settled before the answer ended: whatever the client does next already sees the charge, not the hold.
-    account = await stack.account(uid)
+    # Far from every threshold the answer does not wait for the charge, which lands just after it.
+    account = await settled(stack, uid)
     assert (account.balance.allowance_used, account.balance.reserved) == (17, 0)
     [event] = await usage_events(stack, uid)
     assert (event["request_id"], event["source"], event["estimated"]) == (
@@ -235,3 +237,56 @@ async def test_a_large_json_answer_is_read_as_a_stream_and_charged(stack: Stack,
     assert len(response.content) > 512 << 10
     assert response.json()["usage"]["completion_tokens"] == 150_000
     assert (await settled(stack, uid)).balance.allowance_used == 1 + 150_000
+
+
+@contextlib.asynccontextmanager
+async def ledger_held(database_url: str, user: str) -> AsyncIterator[None]:
+    """Holds the account's row lock, as a slow ledger would: a settlement of this user waits until the end."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", user)
+            yield
+    finally:
+        await conn.close()
+
+
+async def test_far_from_every_threshold_the_answer_does_not_wait_for_the_ledger(
+    stack: Stack, uid: str, database_url: str
+) -> None:
+    assert (await stack.chat(uid, completion_tokens=5)).status_code == 200
+    before = (await settled(stack, uid)).balance.allowance_used
+    async with ledger_held(database_url, uid):
+        # Costs 13 of a 100,000 allowance and less than its hold (max_tokens 40): the answer goes first.
+        response = await asyncio.wait_for(stack.chat(uid, completion_tokens=10), timeout=5)
+        assert response.status_code == 200
+        held = await stack.account(uid)
+        # Not in the ledger yet: its cost (not its hold of 40 and more) is shown as held meanwhile...
+        assert (held.balance.allowance_used, held.balance.reserved) == (before, 13)
+        # ...and the next request is decided on the charge already.
+        following = await asyncio.wait_for(stack.chat(uid, completion_tokens=10), timeout=5)
+        assert int(following.headers["x-quota-remaining"]) == 100_000 - before - 13
+    after = await settled(stack, uid)
+    assert after.balance.allowance_used == before + 26
+
+
+@pytest.mark.parametrize("case", ["warn state", "costlier than its hold"])
+async def test_near_a_threshold_or_above_the_hold_the_answer_waits_for_the_charge(
+    stack: Stack, uid: str, database_url: str, case: str
+) -> None:
+    if case == "warn state":
+        # 80,003 of 100,000: warn (costlier than its hold, so this one is settled first too).
+        assert (await stack.chat(uid, completion_tokens=80_000)).status_code == 200
+        completion = 10
+    else:
+        assert (await stack.chat(uid, completion_tokens=5)).status_code == 200
+        completion = 400  # max_tokens 40: the hold is about 44
+    before = (await settled(stack, uid)).balance.allowance_used
+    async with ledger_held(database_url, uid):
+        answer = asyncio.ensure_future(stack.chat(uid, completion_tokens=completion))
+        await asyncio.sleep(0.3)
+        assert not answer.done(), "answered before the charge landed"
+    response = await asyncio.wait_for(answer, timeout=5)
+    assert response.status_code == 200
+    account = await stack.account(uid)  # no waiting: the charge is there when the answer is
+    assert (account.balance.allowance_used, account.balance.reserved) == (before + 3 + completion, 0)

@@ -237,6 +237,11 @@ async def test_usage_read_by_ext_proc_waits_in_the_outbox_while_postgres_is_down
         assert stack.quotagate is not None
         warm = await stack.chat(uid, completion_tokens=3)
         assert warm.status_code == 200
+
+        async def warm_settled() -> bool:  # it lands just after the answer: not in the outbox below
+            return len((await ledger_of(database_url, uid))["events"]) == 1
+
+        await eventually(warm_settled, seconds=10, what="the first request's settlement")
         _, stop_postgres = start_embedded_postgres(data_dir)
         stop_postgres()
         responses = [await stack.chat(uid, completion_tokens=5 + n, stream=n % 2 == 1) for n in range(6)]

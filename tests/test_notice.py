@@ -135,6 +135,7 @@ async def test_the_notice_is_not_charged(stack: Stack, uid: str) -> None:
     assert NOTICE_MARK in await ask(stack, uid, tokens=7)
     assert NOTICE_MARK not in await ask(stack, quiet, tokens=7)
     await balance(stack, uid)
+    await balance(stack, quiet)  # normal state: settled just after the answer, not before it
     # 3 prompt tokens + 7 completion tokens each, as the demo upstream reports them.
     assert (await costs(stack, uid))[-1] == (await costs(stack, quiet))[-1] == 10
 

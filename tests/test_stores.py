@@ -144,6 +144,7 @@ def hold(user_id: str, estimate: int, request_id: str | None = None, expires_at:
         estimate=estimate,
         model="gpt-4o-mini",
         expires_at=expires_at,
+        plan_id="small",  # reserving records the plan the balance names (snap's)
     )
 
 
@@ -231,6 +232,25 @@ async def test_reserved_sum_grows_and_settle_releases_it(hot: HotState, uid: str
     # A second settle of the same request id releases nothing more.
     assert await hot.settle(holds[1].request_id, None) is None
     assert await reserved(hot, uid) == 40
+
+
+async def test_a_settling_cost_replaces_the_hold_and_counts_as_used_until_settled(hot: HotState, uid: str) -> None:
+    await hot.load(snap(uid, version=5, used=100))  # allowance 1000
+    done, other = hold(uid, 50), hold(uid, 20)
+    await reserve(hot, done)
+    await reserve(hot, other)
+    assert await hot.mark_settling(done.request_id, 30)
+    view = await hot.view(uid, CYCLE, T)
+    assert view is not None and (view.allowance_used, view.reserved, view.settling) == (130, 20, 30)
+    # Check decides on the charge, not the hold: 1000 - 130 - 20 = 850 left.
+    assert not (await reserve(hot, hold(uid, 851))).admitted
+    assert (await reserve(hot, hold(uid, 850))).admitted
+    assert not await hot.mark_settling(done.request_id, 30)  # swapped once only
+    assert not await hot.mark_settling("never-reserved", 30)
+    # The ledger's figures arrive with the settlement and the settling cost goes in the same step.
+    assert await hot.settle(done.request_id, snap(uid, version=6, used=130)) is not None
+    view = await hot.view(uid, CYCLE, T)
+    assert view is not None and (view.allowance_used, view.reserved, view.settling) == (130, 870, 0)
 
 
 async def test_settle_applies_a_newer_snapshot_and_ignores_an_older_one(hot: HotState, uid: str) -> None:

@@ -48,6 +48,15 @@ class AccountDrift:
 
 
 @dataclass
+class Holds:
+    """Per user, what Redis should hold besides the ledger's figures."""
+
+    reserved: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    settling: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    pending: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+@dataclass
 class ReconcileReport:
     cycle: str
     checked: int = 0
@@ -119,29 +128,34 @@ class Reconciler:
         report.reservations = int(await self._r.zcard(f"{self._prefix}res:due"))
         return report
 
-    async def _holds(self, cycle: str) -> tuple[dict[str, int], dict[str, int]]:
-        """Per user: the tokens held by live reservations, and by outbox records, in `cycle`."""
+    async def _holds(self, cycle: str) -> Holds:
+        """Per user: the tokens held by live reservations, the costs settling in their place, and the tokens
+        held by outbox records, in `cycle`."""
         ids = await self._r.zrange(f"{self._prefix}res:due", 0, -1)
-        reserved: dict[str, int] = defaultdict(int)
+        holds = Holds()
         if ids:
             pipe = self._r.pipeline(transaction=False)
             for request_id in ids:
-                pipe.hmget(f"{self._prefix}res:{request_id!s}", ["user", "cycle", "estimate"])
-            for user, res_cycle, estimate in await pipe.execute():
-                if user is not None and res_cycle == cycle:
-                    reserved[user] += int(estimate)
-        pending: dict[str, int] = defaultdict(int)
+                pipe.hmget(f"{self._prefix}res:{request_id!s}", ["user", "cycle", "estimate", "settling"])
+            for user, res_cycle, estimate, settling in await pipe.execute():
+                if user is None or res_cycle != cycle:
+                    continue
+                if settling is not None:
+                    holds.settling[user] += int(settling)
+                else:
+                    holds.reserved[user] += int(estimate)
         for item in await self._outbox.all():
             if item.cycle == cycle:
-                pending[item.usage.user_id] += item.held
-        return reserved, pending
+                holds.pending[item.usage.user_id] += item.held
+        return holds
 
     async def _compare_all(self, users: list[str], cycle: str) -> list[AccountDrift]:
-        reserved, pending = await self._holds(cycle)
-        found = await asyncio.gather(*(self._compare(u, cycle, reserved[u], pending[u]) for u in users))
+        holds = await self._holds(cycle)
+        found = await asyncio.gather(*(self._compare(u, cycle, holds) for u in users))
         return [d for d in found if d is not None]
 
-    async def _compare(self, user_id: str, cycle: str, reserved: int, pending: int) -> AccountDrift | None:
+    async def _compare(self, user_id: str, cycle: str, holds: Holds) -> AccountDrift | None:
+        reserved, pending, settling = holds.reserved[user_id], holds.pending[user_id], holds.settling[user_id]
         raw = await self._r.hgetall(f"{self._prefix}bal:{user_id}:{cycle}")
         cached = {str(k): str(v) for k, v in raw.items()}
         if not cached:
@@ -158,7 +172,7 @@ class Reconciler:
                     found.append(
                         FieldDrift(_FIELD_NAMES.get(str(name), str(name)), str(cached.get(str(name))), str(value))
                     )
-        for name, value in (("reserved", reserved + pending), ("pending", pending)):
+        for name, value in (("reserved", reserved + pending), ("pending", pending), ("settling", settling)):
             if int(cached.get(name) or 0) != value:
                 found.append(FieldDrift(name, str(cached.get(name) or 0), str(value)))
         return AccountDrift(user_id, tuple(found)) if found else None

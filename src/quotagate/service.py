@@ -381,9 +381,8 @@ class QuotaService:
             user_id = validate_id("user_id (no reservation exists for this request_id)", report.user_id)
         now = self.clock.now()
         model = report.model or (reservation.model if reservation else "")
-        cost = weighted_cost(
-            report.prompt_tokens, report.completion_tokens, self.weight(await self._plan_for_usage(user_id), model)
-        )
+        weight = self.weight(await self._plan_for_usage(user_id, reservation), model)
+        cost = weighted_cost(report.prompt_tokens, report.completion_tokens, weight)
         usage = UsageRecord(
             request_id=request_id,
             user_id=user_id,
@@ -398,9 +397,21 @@ class QuotaService:
         )
         return await self._settle(usage, now)
 
-    async def _plan_for_usage(self, user_id: str) -> str:
-        """The plan whose weights price a usage report: the ledger's, else (PostgreSQL away) the one Check last
-        saw for the user."""
+    async def charge_ahead(self, request_id: str, cost: int) -> bool:
+        """Counts a finished request's cost in the hot state ahead of its settlement, so that its answer need not
+        wait for the ledger while every later decision already sees the charge; False when that cannot be done
+        (the caller then settles first)."""
+        try:
+            return await self.hot.mark_settling(request_id, cost)
+        except StoreUnavailable as exc:
+            log.warning("charge not counted ahead: %s", exc, extra={"request_id": request_id})
+            return False
+
+    async def _plan_for_usage(self, user_id: str, reservation: Reservation | None) -> str:
+        """The plan whose weights price a usage report: the one the reservation was placed under (no ledger read
+        on the hot path), else the ledger's, else (PostgreSQL away) the one Check last saw for the user."""
+        if reservation is not None and reservation.plan_id in self._plans:
+            return reservation.plan_id
         try:
             account = await self.ledger.get_account(user_id)
             if account is None:
@@ -580,7 +591,8 @@ class QuotaService:
             view = await self.hot.view(snapshot.user_id, cycle.key, now.timestamp())
         except StoreUnavailable:
             view = None  # the settled figures are the ledger's; only what is in flight is unknown
-        reserved = view.reserved if view is not None else 0
+        # Costs still settling are in flight to the ledger too: shown as held until the ledger has them.
+        reserved = view.reserved + view.settling if view is not None else 0
         return Balance(
             user_id=snapshot.user_id,
             cycle=cycle.key,

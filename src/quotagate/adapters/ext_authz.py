@@ -183,6 +183,9 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             fields["model"].string_value = completion.model
             fields["prompt_chars"].number_value = completion.prompt_chars
             fields["ask_usage"].bool_value = completion.needs_usage_asked
+            # Far from every threshold ext_proc may answer before the charge lands (Decision.settles_unseen).
+            fields["settle_later"].bool_value = decision.settles_unseen
+            fields["plan"].string_value = decision.balance.limits.plan_id
             if decision.warn and self._settings.notices.in_conversation:
                 # ext_proc adds the notice for this threshold to the answer if nobody showed it yet this cycle.
                 fields["notice"].string_value = decision.state.value

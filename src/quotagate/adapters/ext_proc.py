@@ -4,6 +4,10 @@ One gRPC stream per HTTP request. The request body is read to ask streamed compl
 the response body is observed per content type (STREAMED for SSE, BUFFERED for JSON, NONE otherwise);
 at the body's end the reservation Check placed under the same x-request-id is settled, and the stream ends.
 
+Far from every threshold the last answer does not wait for the ledger: the completion's cost first replaces
+its hold in Redis (one script), so the client's next request already sees the charge, and the ledger write
+follows in the background. Near a threshold, or when the cost exceeds the hold, the answer waits for it.
+
 When Check says a warned user's notice is due, the first successful completion to claim it carries it: one
 more content chunk before `data: [DONE]` in a stream, or more text in the JSON message. The completion is
 settled first, so the notice tells what is left after it, and the charge never includes the notice.
@@ -35,6 +39,7 @@ from quotagate.core.usage_capture import (
     estimate_tokens,
     usage_from_json,
 )
+from quotagate.core.weights import weighted_cost
 from quotagate.service import QuotaService, UsageReport
 from quotagate.store.notices import MemoryNoticeBook, NoticeBook
 
@@ -63,6 +68,9 @@ class Exchange:
     user_id: str = ""
     model: str = ""
     prompt_chars: int = 0
+    plan: str = ""
+    estimate: int = 0  # the hold Check placed
+    settle_later: bool = False  # Check found the charge may land after the answer
     asked_usage: bool = False  # quotagate added stream_options.include_usage
     status: int = 0
     reader: SseUsageReader | None = None
@@ -101,10 +109,12 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 if exchange.notice_here:
                     await self._add_notice(exchange, response)
                 if done:
-                    # Settle before the last answer, so the client's next request already sees the charge and
-                    # no longer the hold (a slow ledger is waited for only briefly; the rest runs on).
-                    settling = self._spawn(self._settle(exchange))
-                    await asyncio.wait({settling}, timeout=SETTLE_WAIT_SECONDS)
+                    if not await self._charged_ahead(exchange):
+                        # Near a threshold, or costlier than its hold: settle before the last answer, so the
+                        # client's next request already sees the ledger's figures (a slow ledger is waited for
+                        # only briefly; the rest runs on).
+                        settling = self._spawn(self._settle(exchange))
+                        await asyncio.wait({settling}, timeout=SETTLE_WAIT_SECONDS)
                     self._attach_tokens(exchange, response)
                 yield response
                 if done:
@@ -138,6 +148,9 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 fields = check.fields
                 ex.model = fields["model"].string_value if "model" in fields else ""
                 ex.prompt_chars = int(fields["prompt_chars"].number_value) if "prompt_chars" in fields else 0
+                ex.plan = fields["plan"].string_value if "plan" in fields else ""
+                ex.estimate = int(fields["estimate"].number_value) if "estimate" in fields else 0
+                ex.settle_later = "settle_later" in fields and fields["settle_later"].bool_value
                 notice = fields["notice"].string_value if "notice" in fields else ""
                 ex.notice = notice if self._notices_on and notice in NOTICE_THRESHOLDS else ""
                 if ex.known and "ask_usage" in fields and fields["ask_usage"].bool_value:
@@ -275,6 +288,21 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             balance_url=links.balance_url(ex.user_id, now),
         )
         return notice_text(facts, settings.language, settings.timezone)
+
+    async def _charged_ahead(self, ex: Exchange) -> bool:
+        """Whether the last answer may go before the ledger write (which then runs on in the background).
+
+        Only when Check found the user far from every threshold and the completion cost no more than its hold;
+        then the cost replaces the hold in Redis first (one script), so the client's next request already sees
+        the charge. Near a threshold the client waits for the ledger (a few milliseconds), so that what the
+        ledger decides there (grants drawn, e-mails, notices) is settled before anything else happens."""
+        if not ex.settle_later or not ex.known or not ex.model or ex.status >= 400:
+            return False
+        report = self._report(ex)
+        cost = weighted_cost(report.prompt_tokens, report.completion_tokens, self._service.weight(ex.plan, ex.model))
+        if cost > ex.estimate:
+            return False
+        return await self._service.charge_ahead(ex.request_id, cost)
 
     def _attach_tokens(self, ex: Exchange, response: pb.ProcessingResponse) -> None:
         """Hands the tokens used to Envoy as dynamic metadata, where a rate limit applied when the stream is

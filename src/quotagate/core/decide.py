@@ -51,3 +51,20 @@ class Decision:
     @property
     def warn(self) -> bool:
         return self.state in (QuotaState.WARN, QuotaState.CRITICAL)
+
+    @property
+    def settles_unseen(self) -> bool:
+        """Whether this request's charge may land just after its answer instead of before it.
+
+        True when even every active hold, this one included, turned into a charge would leave the user in the
+        normal state with tokens left: then, as long as the completion costs no more than its estimate (the
+        hold), the next decision is the same whether it sees the hold or the charge; only the exact figures
+        in its headers differ for those few milliseconds.
+        """
+        b = self.balance
+        if not self.reserved or self.state is not QuotaState.NORMAL or b.allowance <= 0:
+            return False
+        committed = b.allowance_used + b.reserved + self.estimate
+        if b.left - self.estimate <= 0:
+            return False
+        return state_for_fraction(committed / b.allowance, b.limits) is QuotaState.NORMAL

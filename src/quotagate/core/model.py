@@ -135,6 +135,7 @@ class Reservation:
     estimate: int
     model: str
     expires_at: float  # epoch seconds
+    plan_id: str = ""  # the account's plan when it was reserved, which prices the usage that settles it
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ __all__ = ["MemoryHotState", "MemoryLedger"]
 class _HotBalance:
     snapshot: LedgerSnapshot
     reserved: int = 0
+    settling: int = 0  # as the balance hash's field (settling.lua)
 
     def stale(self, now: float) -> bool:
         # As reserve.lua: a credit grant expired, so the credits total must be read again from the ledger.
@@ -60,9 +61,10 @@ class _HotBalance:
     def view(self) -> HotView:
         return HotView(
             limits=self.snapshot.limits,
-            allowance_used=self.snapshot.allowance_used,
+            allowance_used=self.snapshot.allowance_used + self.settling,
             credits=self.snapshot.credits,
             reserved=max(0, self.reserved),
+            settling=self.settling,
         )
 
 
@@ -72,6 +74,7 @@ class MemoryHotState:
     def __init__(self) -> None:
         self._balances: dict[tuple[str, str], _HotBalance] = {}
         self._reservations: dict[str, Reservation] = {}
+        self._settling: dict[str, int] = {}  # request id -> the cost swapped for its hold
 
     async def reserve(
         self, user_id: str, cycle: str, reservation: Reservation, mode: AdmissionMode, now: float
@@ -87,7 +90,9 @@ class MemoryHotState:
         if admitted and reservation.estimate > 0:
             balance.reserved += reservation.estimate
             # Stored under the keys it was reserved for, as reserve.lua does (settle releases from those).
-            self._reservations[reservation.request_id] = replace(reservation, user_id=user_id, cycle=cycle)
+            self._reservations[reservation.request_id] = replace(
+                reservation, user_id=user_id, cycle=cycle, plan_id=view.limits.plan_id
+            )
         return ReserveResult(admitted=admitted, view=view)
 
     async def view(self, user_id: str, cycle: str, now: float) -> HotView | None:
@@ -110,11 +115,25 @@ class MemoryHotState:
     async def peek_reservation(self, request_id: str) -> Reservation | None:
         return self._reservations.get(request_id)
 
+    async def mark_settling(self, request_id: str, cost: int) -> bool:
+        reservation = self._reservations.get(request_id)
+        if reservation is None or request_id in self._settling:
+            return False
+        self._settling[request_id] = cost
+        balance = self._balances.get((reservation.user_id, reservation.cycle))
+        if balance is not None:
+            balance.reserved = max(0, balance.reserved - reservation.estimate)
+            balance.settling += cost
+        return True
+
     async def settle(self, request_id: str, snapshot: LedgerSnapshot | None) -> Reservation | None:
         reservation = self._reservations.pop(request_id, None)
+        settling = self._settling.pop(request_id, None)
         if reservation is not None:
             balance = self._balances.get((reservation.user_id, reservation.cycle))
-            if balance is not None:
+            if balance is not None and settling is not None:
+                balance.settling = max(0, balance.settling - settling)
+            elif balance is not None:
                 balance.reserved = max(0, balance.reserved - reservation.estimate)
         if snapshot is not None:
             self._apply(snapshot)

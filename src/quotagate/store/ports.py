@@ -278,9 +278,10 @@ class HotView:
     """The hot state of one account in one cycle, as Check sees it."""
 
     limits: AccountLimits
-    allowance_used: int
+    allowance_used: int  # with the costs still settling
     credits: int
     reserved: int
+    settling: int = 0  # costs of finished completions the ledger does not have yet (in allowance_used)
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,11 @@ class HotState(Protocol):
         ...
 
     async def peek_reservation(self, request_id: str) -> Reservation | None: ...
+
+    async def mark_settling(self, request_id: str, cost: int) -> bool:
+        """Swaps a finished request's hold for its cost, counted as allowance used until settle(); False when
+        the reservation is gone or was swapped already."""
+        ...
 
     async def settle(self, request_id: str, snapshot: LedgerSnapshot | None) -> Reservation | None:
         """Releases the reservation (if still held) and applies the snapshot, in one step."""

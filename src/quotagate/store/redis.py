@@ -47,7 +47,7 @@ def snapshot_fields(snapshot: LedgerSnapshot) -> list[str | int | float]:
     ]  # fmt: skip
 
 
-def _view(values: list[Any]) -> HotView:
+def _view(values: list[Any], settling: int = 0) -> HotView:
     # values: status, allowance, used, credits, reserved, warn, critical, plan
     return HotView(
         limits=AccountLimits(
@@ -57,9 +57,10 @@ def _view(values: list[Any]) -> HotView:
             warn_threshold=float(values[5]),
             critical_threshold=float(values[6]),
         ),
-        allowance_used=int(values[2]),
+        allowance_used=int(values[2]) + settling,
         credits=int(values[3]),
         reserved=max(0, int(values[4] or 0)),
+        settling=settling,
     )
 
 
@@ -74,6 +75,7 @@ class RedisHotState:
         self._reserve = client.register_script(self._reserve_script.source)
         self._load = client.register_script(_script("load.lua"))
         self._settle = client.register_script(_script("settle.lua"))
+        self._settling = client.register_script(_script("settling.lua"))
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "qg:") -> RedisHotState:
@@ -148,6 +150,7 @@ class RedisHotState:
                     "critical",
                     "plan",
                     "next_expiry",
+                    "settling",
                 ],
             )
         except RedisError as exc:
@@ -157,7 +160,7 @@ class RedisHotState:
         expiry = float(values[8] or 0)
         if expiry and now >= expiry:
             return None
-        return _view(values[:8])
+        return _view(values[:8], max(0, int(values[9] or 0)))
 
     async def load(self, snapshot: LedgerSnapshot) -> None:
         try:
@@ -171,11 +174,18 @@ class RedisHotState:
     async def peek_reservation(self, request_id: str) -> Reservation | None:
         try:
             values = await self._r.hmget(
-                self._reservation_key(request_id), ["user", "cycle", "estimate", "model", "expires_at"]
+                self._reservation_key(request_id), ["user", "cycle", "estimate", "model", "expires_at", "plan"]
             )
         except RedisError as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
         return _reservation(request_id, values)
+
+    async def mark_settling(self, request_id: str, cost: int) -> bool:
+        try:
+            out = await self._settling(keys=[self._reservation_key(request_id)], args=[f"{self._prefix}bal:", cost])
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+        return bool(out)
 
     async def settle(self, request_id: str, snapshot: LedgerSnapshot | None) -> Reservation | None:
         balance_key = self._balance_key(snapshot.user_id, snapshot.cycle) if snapshot else self._due
@@ -214,4 +224,5 @@ def _reservation(request_id: str, values: list[Any]) -> Reservation | None:
         estimate=int(values[2]),
         model=values[3] or "",
         expires_at=float(values[4]),
+        plan_id=(values[5] or "") if len(values) > 5 else "",
     )

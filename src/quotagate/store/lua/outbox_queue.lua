@@ -8,14 +8,18 @@
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
   return 0
 end
-local r = redis.call('HMGET', KEYS[1], 'user', 'cycle', 'estimate')
+local r = redis.call('HMGET', KEYS[1], 'user', 'cycle', 'estimate', 'settling')
 redis.call('ZREM', KEYS[2], ARGV[1])
 if r[1] then
   redis.call('DEL', KEYS[1])
   local bal = ARGV[2] .. r[1] .. ':' .. r[2]
   if redis.call('EXISTS', bal) == 1 then
-    if redis.call('HINCRBY', bal, 'reserved', -tonumber(r[3])) < 0 then
-      redis.call('HSET', bal, 'reserved', 0)
+    local field, held = 'reserved', tonumber(r[3])  -- as in settle.lua
+    if r[4] then
+      field, held = 'settling', tonumber(r[4])
+    end
+    if redis.call('HINCRBY', bal, field, -held) < 0 then
+      redis.call('HSET', bal, field, 0)
     end
   end
 end

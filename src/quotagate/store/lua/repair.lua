@@ -8,11 +8,15 @@ local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '-1')
 if ARGV[6] ~= '1' and current > tonumber(ARGV[4]) then
   return {'newer'}
 end
-local reserved = 0
+local reserved, settling = 0, 0
 for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local r = redis.call('HMGET', ARGV[1] .. id, 'user', 'cycle', 'estimate')
+  local r = redis.call('HMGET', ARGV[1] .. id, 'user', 'cycle', 'estimate', 'settling')
   if r[1] == ARGV[2] and r[2] == ARGV[3] then
-    reserved = reserved + tonumber(r[3])
+    if r[4] then
+      settling = settling + tonumber(r[4])  -- a finished completion's cost, swapped for its hold
+    else
+      reserved = reserved + tonumber(r[3])
+    end
   end
 end
 local pending = 0
@@ -23,6 +27,7 @@ for _, value in ipairs(redis.call('HVALS', KEYS[3])) do
   end
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'version', ARGV[4], 'reserved', reserved + pending, 'pending', pending, unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], 'version', ARGV[4], 'reserved', reserved + pending, 'pending', pending,
+  'settling', settling, unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return {'ok', reserved, pending}

@@ -4,7 +4,9 @@
 -- ARGV: 1 estimate, 2 strict (1|0), 3 now (epoch s), 4 expires_at (epoch s), 5 request id, 6 user id,
 --       7 cycle, 8 model, 9 reservation key ttl (ms)
 local b = redis.call('HMGET', KEYS[1], 'status', 'allowance', 'used', 'credits', 'reserved', 'next_expiry',
-  'warn', 'critical', 'plan')
+  'warn', 'critical', 'plan', 'settling')
+-- Costs of finished completions the ledger does not have yet count as used (settling.lua).
+b[3] = tonumber(b[3] or 0) + (tonumber(b[10]) or 0)
 if not b[1] then
   return {'missing'}
 end
@@ -16,7 +18,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   return {'dup', b[1], b[2], b[3], b[4], b[5], b[7], b[8], b[9]}
 end
 local estimate = tonumber(ARGV[1])
-local left = tonumber(b[2]) - tonumber(b[3]) + tonumber(b[4]) - tonumber(b[5])
+local left = tonumber(b[2]) - b[3] + tonumber(b[4]) - tonumber(b[5])
 local verdict
 if b[1] == 'suspended' then
   verdict = 'suspended'
@@ -30,7 +32,7 @@ end
 if verdict == 'ok' and estimate > 0 then
   redis.call('HINCRBY', KEYS[1], 'reserved', estimate)
   redis.call('HSET', KEYS[2], 'user', ARGV[6], 'cycle', ARGV[7], 'estimate', ARGV[1], 'model', ARGV[8],
-    'expires_at', ARGV[4])
+    'expires_at', ARGV[4], 'plan', b[9] or '')
   redis.call('PEXPIRE', KEYS[2], ARGV[9])
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 end
