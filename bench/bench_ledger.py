@@ -8,7 +8,9 @@ and two credit grants, one expiring and one not ("credits": each call also draws
 as in production with e-mails enabled. Each phase is a closed loop of `concurrency` callers, each settling a
 new request id for the next account in turn. The round trips to PostgreSQL per call are counted apart, through
 a small TCP proxy that counts the client's Query and Sync messages (each is one wait for the server's
-ReadyForQuery), over --count calls one at a time; the timed phases go straight to the server.
+ReadyForQuery), over --count calls one at a time; the timed phases go straight to the server. CPU per call:
+this process's (the ledger code and asyncpg) and the PostgreSQL backends' (from /proc; "-" if the server is
+not local).
 Checked at the end: one usage_events row per settled call and the tokens charged adding up.
 """
 
@@ -24,7 +26,7 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import common
@@ -48,8 +50,12 @@ class RoundTripCounter:
     """A TCP proxy in front of PostgreSQL that counts the client's Query ('Q') and Sync ('S') messages: the
     server answers each with ReadyForQuery, so each is one round trip. Connect with sslmode=disable."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, database_url: str) -> None:
+        # The server's address: host and port, or the unix socket of a `?host=/dir` URL (an embedded server).
+        parts = urlsplit(database_url)
+        query = dict(parse_qsl(parts.query))
+        self.port = parts.port or int(query.get("port", 5432))
+        self.host = query.get("host") or parts.hostname or common.HOST
         self.round_trips = 0
         self._server: asyncio.Server | None = None
 
@@ -63,7 +69,10 @@ class RoundTripCounter:
             await self._server.wait_closed()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection(self.host, self.port)
+        if self.host.startswith("/"):
+            server_r, server_w = await asyncio.open_unix_connection(f"{self.host}/.s.PGSQL.{self.port}")
+        else:
+            server_r, server_w = await asyncio.open_connection(self.host, self.port)
         try:
             await asyncio.gather(self._upstream(client_r, server_w), self._downstream(server_r, client_w))
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -104,11 +113,20 @@ def limits_of(account: AccountRecord) -> AccountLimits:
     return AccountLimits(account.status, plan.id, plan.monthly_allowance, plan.warn_threshold, plan.critical_threshold)
 
 
+async def backend_pids(ledger: PostgresLedger) -> list[int]:
+    """The server processes of the pool's connections (their CPU time is read from /proc: a local server only)."""
+    async with ledger.pool.acquire() as conn:
+        rows = await conn.fetch("""SELECT pid FROM pg_stat_activity
+               WHERE datname = current_database() AND backend_type = 'client backend'""")
+    return [int(r["pid"]) for r in rows]
+
+
 def via_proxy(url: str, port: int) -> str:
     parts = urlsplit(url)
     netloc = parts.netloc.rpartition("@")[0] + "@" if "@" in parts.netloc else ""
-    query = "&".join(q for q in (parts.query, "sslmode=disable") if q)
-    return urlunsplit((parts.scheme, f"{netloc}{common.HOST}:{port}", parts.path, query, ""))
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port", "sslmode")]
+    query.append(("sslmode", "disable"))
+    return urlunsplit((parts.scheme, f"{netloc}{common.HOST}:{port}", parts.path, urlencode(query), ""))
 
 
 class Settler:
@@ -159,17 +177,23 @@ async def main_async(args: argparse.Namespace) -> int:
                 calls = [settler.call] * concurrency
                 if args.warmup > 0:
                     await common.closed_loop(calls, args.warmup, record=False)
+                backends = await backend_pids(ledger)
+                server_cpu = sum(common.process_cpu_seconds(pid) for pid in backends)
                 result = await common.closed_loop(calls, args.seconds)
+                server_cpu = sum(common.process_cpu_seconds(pid) for pid in backends) - server_cpu
                 p50, p99, _ = result.summary()
-                rows.append([kind, concurrency, result.calls, round(result.rate), p50, p99, result.errors])
+                per_call_ms = 1000 / max(result.calls, 1)
+                rows.append([
+                    kind, concurrency, result.calls, round(result.rate), p50, p99, result.errors,
+                    result.client_cpu * per_call_ms, server_cpu * per_call_ms,
+                ])  # fmt: skip
                 if result.errors:
                     failed = True
                     common.log(f"{kind} at {concurrency}: {result.errors} errors, first: {result.first_error}")
 
         # Round trips, one call at a time through the counting proxy, after a warm-up that prepares every
         # statement on the proxy pool's connections (asyncpg's statement cache is per connection).
-        parts = urlsplit(stores.database_url)
-        counter = RoundTripCounter(parts.hostname or common.HOST, parts.port or 5432)
+        counter = RoundTripCounter(stores.database_url)
         proxy_port = await counter.start()
         bench.defer("round-trip proxy", counter.close)
         counted = await PostgresLedger.connect(
@@ -202,7 +226,10 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"  {args.users} accounts per kind, {args.seconds:g} s per phase after {args.warmup:g} s of warm-up")
         print(flush=True)
         common.print_table(
-            ["kind", "concurrency", "calls", "calls/s", "p50 ms", "p99 ms", "errors", "round trips/call"],
+            [
+                *("kind", "concurrency", "calls", "calls/s", "p50 ms", "p99 ms", "errors"),
+                *("client CPU ms/call", "PostgreSQL CPU ms/call", "round trips/call"),
+            ],
             rows,
             title="PostgresLedger.record_usage",
         )
