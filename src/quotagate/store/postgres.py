@@ -1121,6 +1121,8 @@ async def _enqueue(
 
 
 async def _bump_version(conn: asyncpg.Connection, user_id: str) -> None:
+    """Every change to an account's balance (its grants, its cycles' figures) bumps the version while holding
+    the account's row lock: record_usage reads without the lock and writes only if the version is unchanged."""
     await conn.execute("UPDATE accounts SET version = version + 1 WHERE user_id = $1", user_id)
 
 
