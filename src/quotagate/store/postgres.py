@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -112,6 +113,11 @@ _SETTLE_WRITE = """WITH locked AS (
 # The columns of a usage export, in order (the CSV header).
 EXPORT_COLUMNS = """request_id, user_id, model, prompt_tokens, completion_tokens, cost, cycle, status, estimated,
     source, occurred_at, recorded_at"""
+
+# How long an account whose unlocked settlement lost a race is settled under its row lock from the start.
+_CONTENDED_SECONDS = 1.0
+# Bounds the accounts remembered as contended (all are forgotten at once past it).
+_CONTENDED_MAX = 10_000
 
 # A fixed key for pg_advisory_xact_lock, so two processes never migrate at once.
 _MIGRATION_LOCK = 0x71676D6967
@@ -247,6 +253,8 @@ class PostgresLedger:
         # and the delivery status a new row starts with per channel: an unconfigured channel never sends it.
         self._notifications = notifications
         self._outbox_status = ("pending" if mail else "skipped", "pending" if webhook else "none")
+        # Accounts whose unlocked settlement lost a race to another change, and when (time.monotonic()).
+        self._contended: dict[str, float] = {}
 
     @property
     def outbox_statuses(self) -> tuple[str, str]:
@@ -417,16 +425,33 @@ class PostgresLedger:
             # Two round trips and no BEGIN/COMMIT: the read is not locked, and the write takes the account's row
             # lock first and goes ahead only if the account's version is still the one read. Every balance change
             # bumps the version under that lock, so nothing computed from the read can be stale.
-            settled = await self._settle(conn, usage, cycle, now)
+            settled = None
+            if not self._contended_lately(usage.user_id):
+                settled = await self._settle(conn, usage, cycle, now)
+                if settled is None:
+                    if len(self._contended) >= _CONTENDED_MAX:
+                        self._contended.clear()
+                    self._contended[usage.user_id] = time.monotonic()
             if settled is None:
-                # Another change of this account came in between: settle again holding the row lock from before
-                # the read, as the other balance changes do, which nothing can overtake.
+                # Another change of this account came in between (or did lately): settle holding the row lock from
+                # before the read, as the other balance changes do, which nothing can overtake.
                 async with conn.transaction():
                     await self._lock_account(conn, usage.user_id)
                     settled = await self._settle(conn, usage, cycle, now)
             if settled is None:
                 raise RuntimeError(f"account {usage.user_id!r} changed under its own row lock")
             return settled
+
+    def _contended_lately(self, user_id: str) -> bool:
+        """Whether an unlocked settlement of this account lost a race in the last _CONTENDED_SECONDS: one that
+        races again would most likely lose again, after waiting for the lock in vain."""
+        since = self._contended.get(user_id)
+        if since is None:
+            return False
+        if time.monotonic() - since < _CONTENDED_SECONDS:
+            return True
+        del self._contended[user_id]
+        return False
 
     async def _settle(
         self, conn: asyncpg.Connection, usage: UsageRecord, cycle: str, now: datetime
