@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,9 +47,77 @@ _SNAPSHOT_COLUMNS = f"""{_ACCOUNT_COLUMNS}, a.version,
     (SELECT min(g.expires_at) FROM credit_grants g
       WHERE g.user_id = a.user_id AND g.remaining > 0 AND g.expires_at > $3) AS next_expiry"""
 
+# What a settlement reads, in one statement: the account and its version, the cycle's allowance used (NULL: no
+# row yet), whether the previous cycle charged anything (for "renewed"), the open grants as parallel arrays and
+# the usage event of the request id, if there is one. $1 user, $2 cycle, $3 now, $4 request id, $5 whether
+# notifications are on, $6 the previous cycle.
+_SETTLE_READ = f"""SELECT {_ACCOUNT_COLUMNS}, a.version,
+        (SELECT ac.allowance_used FROM account_cycles ac WHERE ac.user_id = a.user_id AND ac.cycle = $2)
+            AS allowance_used,
+        $5::boolean AND EXISTS (SELECT 1 FROM account_cycles p
+                                WHERE p.user_id = a.user_id AND p.cycle = $6 AND p.tokens_charged > 0) AS renewed,
+        g.grant_ids, g.remaining, g.expires_at, g.granted_at,
+        e.user_id AS first_user_id, e.cost AS first_cost
+    FROM accounts a
+    CROSS JOIN LATERAL (
+        SELECT array_agg(cg.id) AS grant_ids, array_agg(cg.remaining) AS remaining,
+               array_agg(cg.expires_at) AS expires_at, array_agg(cg.created_at) AS granted_at
+        FROM credit_grants cg
+        WHERE cg.user_id = a.user_id AND cg.remaining > 0 AND (cg.expires_at IS NULL OR cg.expires_at > $3)) g
+    LEFT JOIN usage_events e ON e.request_id = $4
+    WHERE a.user_id = $1"""
+
+# All the writes of a settlement in one statement. `locked` takes the account's row lock and is empty unless
+# the version ($2) is still the one the split was computed from; the usage event is inserted only under that
+# lock (the order every other writer takes), and the rest only if the event is new and $13 says it charges:
+# grant draws ($14 ids, $15 amounts), the cycle's figures ($16 allowance used after), ledger entries ($18-$20, in
+# order), notifications ($21 kinds, $22/$23 their statuses), the version bump.
+_SETTLE_WRITE = """WITH locked AS (
+        SELECT a.user_id FROM accounts a WHERE a.user_id = $1 AND a.version = $2 FOR UPDATE
+    ), event AS (
+        INSERT INTO usage_events (request_id, user_id, model, prompt_tokens, completion_tokens, cost, cycle, status,
+            estimated, source, occurred_at)
+        SELECT $3, l.user_id, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM locked l
+        ON CONFLICT (request_id) DO NOTHING
+        RETURNING user_id
+    ), charge AS (
+        SELECT user_id FROM event WHERE $13::boolean
+    ), draws AS (
+        UPDATE credit_grants g SET remaining = g.remaining - d.amount
+        FROM charge c, unnest($14::bigint[], $15::bigint[]) AS d (id, amount)
+        WHERE g.id = d.id
+    ), cycle_row AS (
+        INSERT INTO account_cycles AS ac (user_id, cycle, allowance_used, tokens_charged, requests)
+        SELECT c.user_id, $8, $16, $7, 1 FROM charge c
+        ON CONFLICT (user_id, cycle) DO UPDATE SET allowance_used = excluded.allowance_used,
+            tokens_charged = ac.tokens_charged + excluded.tokens_charged, requests = ac.requests + 1
+    ), entries AS (
+        INSERT INTO ledger_entries (user_id, cycle, kind, draws_from, amount, grant_id, request_id, reason)
+        SELECT c.user_id, $8, 'usage', e.draws_from, e.amount, e.grant_id, $3, $17
+        FROM charge c, unnest($18::text[], $19::bigint[], $20::bigint[]) WITH ORDINALITY AS e (draws_from, amount,
+            grant_id, n)
+        ORDER BY e.n
+    ), outbox AS (
+        INSERT INTO notifications (user_id, cycle, kind, amount, status, hook_status)
+        SELECT c.user_id, $8, k.kind, 0, $22, $23
+        FROM charge c, unnest($21::text[]) WITH ORDINALITY AS k (kind, n)
+        ORDER BY k.n
+        ON CONFLICT (user_id, cycle, kind) DO NOTHING
+    ), bumped AS (
+        UPDATE accounts a SET version = a.version + 1 FROM charge c WHERE a.user_id = c.user_id
+        RETURNING a.version
+    )
+    SELECT EXISTS (SELECT 1 FROM locked) AS locked, EXISTS (SELECT 1 FROM event) AS inserted,
+           (SELECT version FROM bumped) AS version"""
+
 # The columns of a usage export, in order (the CSV header).
 EXPORT_COLUMNS = """request_id, user_id, model, prompt_tokens, completion_tokens, cost, cycle, status, estimated,
     source, occurred_at, recorded_at"""
+
+# How long an account whose unlocked settlement lost a race is settled under its row lock from the start.
+_CONTENDED_SECONDS = 1.0
+# Bounds the accounts remembered as contended (all are forgotten at once past it).
+_CONTENDED_MAX = 10_000
 
 # A fixed key for pg_advisory_xact_lock, so two processes never migrate at once.
 _MIGRATION_LOCK = 0x71676D6967
@@ -82,6 +151,15 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
             applied_now.append(name)
     return applied_now
+
+
+async def _no_session_state(conn: asyncpg.Connection) -> None:
+    """The pool's reset of a released connection: nothing to send.
+
+    asyncpg still rolls back a transaction left open before calling this. Its default reset (SELECT
+    pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL) would cost one more round trip on every release,
+    to undo session state that nothing on these pools creates: no SET, LISTEN, session-level advisory lock (the
+    migration's is transaction-level) or WITH HOLD cursor."""
 
 
 P = ParamSpec("P")
@@ -175,6 +253,8 @@ class PostgresLedger:
         # and the delivery status a new row starts with per channel: an unconfigured channel never sends it.
         self._notifications = notifications
         self._outbox_status = ("pending" if mail else "skipped", "pending" if webhook else "none")
+        # Accounts whose unlocked settlement lost a race to another change, and when (time.monotonic()).
+        self._contended: dict[str, float] = {}
 
     @property
     def outbox_statuses(self) -> tuple[str, str]:
@@ -191,7 +271,9 @@ class PostgresLedger:
         mail: bool = True,
         webhook: bool = False,
     ) -> PostgresLedger:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, command_timeout=10)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=max_size, command_timeout=10, reset=_no_session_state
+        )
         return cls(pool, limits_of, notifications, mail, webhook)
 
     @property
@@ -339,103 +421,161 @@ class PostgresLedger:
 
     @_store
     async def record_usage(self, usage: UsageRecord, cycle: str, now: datetime) -> tuple[SettleOutcome, LedgerSnapshot]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            account = await self._lock_account(conn, usage.user_id)
-            inserted = await conn.fetchval(
-                """INSERT INTO usage_events (request_id, user_id, model, prompt_tokens, completion_tokens,
-                       cost, cycle, status, estimated, source, occurred_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                   ON CONFLICT (request_id) DO NOTHING RETURNING true""",
-                usage.request_id,
-                usage.user_id,
-                usage.model,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.cost if usage.succeeded else 0,
-                cycle,
-                "succeeded" if usage.succeeded else "failed",
-                usage.estimated,
-                usage.source,
-                usage.occurred_at,
-            )
-            if not inserted:
-                first = await conn.fetchrow(
-                    "SELECT user_id, cost FROM usage_events WHERE request_id = $1", usage.request_id
-                )
-                outcome = SettleOutcome(charged=False, cost=first["cost"], user_id=first["user_id"])
-                return outcome, await self._snapshot(conn, first["user_id"], cycle, now)
-            if usage.succeeded and usage.cost > 0:
-                await self._charge(conn, account, usage, cycle, now)
-            snapshot = await self._snapshot(conn, usage.user_id, cycle, now)
-        cost = usage.cost if usage.succeeded else 0
-        return SettleOutcome(charged=usage.succeeded, cost=cost, user_id=usage.user_id), snapshot
+        async with self._pool.acquire() as conn:
+            # Two round trips and no BEGIN/COMMIT: the read is not locked, and the write takes the account's row
+            # lock first and goes ahead only if the account's version is still the one read. Every balance change
+            # bumps the version under that lock, so nothing computed from the read can be stale.
+            settled = None
+            if not self._contended_lately(usage.user_id):
+                settled = await self._settle(conn, usage, cycle, now)
+                if settled is None:
+                    if len(self._contended) >= _CONTENDED_MAX:
+                        self._contended.clear()
+                    self._contended[usage.user_id] = time.monotonic()
+            if settled is None:
+                # Another change of this account came in between (or did lately): settle holding the row lock from
+                # before the read, as the other balance changes do, which nothing can overtake.
+                async with conn.transaction():
+                    await self._lock_account(conn, usage.user_id)
+                    settled = await self._settle(conn, usage, cycle, now)
+            if settled is None:
+                raise RuntimeError(f"account {usage.user_id!r} changed under its own row lock")
+            return settled
 
-    async def _charge(
-        self, conn: asyncpg.Connection, account: AccountRecord, usage: UsageRecord, cycle: str, now: datetime
-    ) -> None:
-        limits = self._limits_of(account)
-        used = await conn.fetchval(
-            "SELECT allowance_used FROM account_cycles WHERE user_id = $1 AND cycle = $2",
-            account.user_id,
+    def _contended_lately(self, user_id: str) -> bool:
+        """Whether an unlocked settlement of this account lost a race in the last _CONTENDED_SECONDS: one that
+        races again would most likely lose again, after waiting for the lock in vain."""
+        since = self._contended.get(user_id)
+        if since is None:
+            return False
+        if time.monotonic() - since < _CONTENDED_SECONDS:
+            return True
+        del self._contended[user_id]
+        return False
+
+    async def _settle(
+        self, conn: asyncpg.Connection, usage: UsageRecord, cycle: str, now: datetime
+    ) -> tuple[SettleOutcome, LedgerSnapshot] | None:
+        """One settlement from one read and one write; None when the account changed in between (nothing written).
+
+        The split stays in Python (core.charge); the SQL only reads its inputs and writes its result."""
+        row = await conn.fetchrow(
+            _SETTLE_READ,
+            usage.user_id,
             cycle,
-        )
-        rows = await conn.fetch(
-            """SELECT id, remaining, expires_at, created_at FROM credit_grants
-               WHERE user_id = $1 AND remaining > 0 AND (expires_at IS NULL OR expires_at > $2)
-               FOR UPDATE""",
-            account.user_id,
             now,
+            usage.request_id,
+            self._notifications,
+            previous_cycle(cycle),
         )
-        grants = [OpenGrant(r["id"], r["remaining"], r["expires_at"], r["created_at"]) for r in rows]
-        split = split_charge(usage.cost, limits.allowance, used or 0, grants, now)
-        if self._notifications:
-            credits_before = sum(g.remaining for g in grants)
-            credits_after = credits_before - sum(d.amount for d in split.credits)
+        if row is None:
+            raise NotFound(f"no account {usage.user_id!r}")
+        limits = self._limits_of(_account(row))
+        grants = [
+            OpenGrant(grant_id, remaining, expires_at, created_at)
+            for grant_id, remaining, expires_at, created_at in zip(
+                row["grant_ids"] or [], row["remaining"] or [], row["expires_at"] or [], row["granted_at"] or [],
+                strict=True,
+            )
+        ]  # fmt: skip
+        used: int | None = row["allowance_used"]
+        current = LedgerSnapshot(
+            user_id=usage.user_id,
+            cycle=cycle,
+            limits=limits,
+            allowance_used=used or 0,
+            credits=sum(g.remaining for g in grants),
+            next_credit_expiry=_next_expiry(grants),
+            version=row["version"],
+        )
+        if row["first_user_id"] is not None:
+            return await self._repeat(conn, row["first_user_id"], row["first_cost"], current, cycle, now)
+
+        charge = usage.succeeded and usage.cost > 0
+        split = split_charge(usage.cost if charge else 0, limits.allowance, used or 0, grants, now)
+        used_after = allowance_used_after(used or 0, split)
+        drawn = {d.grant_id: d.amount for d in split.credits}
+        grants_after = [OpenGrant(g.id, g.remaining - drawn.get(g.id, 0), g.expires_at, g.created_at) for g in grants]
+        kinds: list[str] = []
+        if charge and self._notifications:
             kind = crossed(
-                usage_state(limits, used or 0, credits_before),
-                usage_state(limits, allowance_used_after(used or 0, split), credits_after),
+                usage_state(limits, used or 0, current.credits),
+                usage_state(limits, used_after, sum(g.remaining for g in grants_after)),
             )
             if kind is not None:
-                await _enqueue(conn, account.user_id, cycle, kind, 0, self._outbox_status)
-            if used is None:
-                renewed = await conn.fetchval(
-                    """SELECT EXISTS (SELECT 1 FROM account_cycles
-                                     WHERE user_id = $1 AND cycle = $2 AND tokens_charged > 0)""",
-                    account.user_id,
-                    previous_cycle(cycle),
-                )
-                if renewed:
-                    await _enqueue(conn, account.user_id, cycle, NotificationKind.RENEWED, 0, self._outbox_status)
-        if split.credits:
-            await conn.executemany(
-                "UPDATE credit_grants SET remaining = remaining - $2 WHERE id = $1",
-                [(d.grant_id, d.amount) for d in split.credits],
-            )
-        await conn.execute(
-            """INSERT INTO account_cycles (user_id, cycle, allowance_used, tokens_charged, requests)
-               VALUES ($1, $2, $3, $4, 1)
-               ON CONFLICT (user_id, cycle) DO UPDATE SET allowance_used = $3,
-                   tokens_charged = account_cycles.tokens_charged + $4, requests = account_cycles.requests + 1""",
-            account.user_id,
-            cycle,
-            allowance_used_after(used or 0, split),
-            usage.cost,
-        )
-        entries: list[tuple[Any, ...]] = []
+                kinds.append(kind.value)
+            if used is None and row["renewed"]:
+                kinds.append(NotificationKind.RENEWED.value)
+        entries: list[tuple[str, int, int | None]] = []
         if split.allowance:
             entries.append(("allowance", -split.allowance, None))
         entries.extend(("credit", -d.amount, d.grant_id) for d in split.credits)
         if split.overdraft:
             entries.append(("overdraft", -split.overdraft, None))
-        await conn.executemany(
-            """INSERT INTO ledger_entries (user_id, cycle, kind, draws_from, amount, grant_id, request_id, reason)
-               VALUES ($1, $2, 'usage', $3, $4, $5, $6, $7)""",
-            [
-                (account.user_id, cycle, source, amount, grant_id, usage.request_id, _usage_reason(usage))
-                for source, amount, grant_id in entries
-            ],
+        written = await conn.fetchrow(
+            _SETTLE_WRITE,
+            usage.user_id,
+            row["version"],
+            usage.request_id,
+            usage.model,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cost if usage.succeeded else 0,
+            cycle,
+            "succeeded" if usage.succeeded else "failed",
+            usage.estimated,
+            usage.source,
+            usage.occurred_at,
+            charge,
+            list(drawn),
+            list(drawn.values()),
+            used_after,
+            _usage_reason(usage),
+            [source for source, _, _ in entries],
+            [amount for _, amount, _ in entries],
+            [grant_id for _, _, grant_id in entries],
+            kinds,
+            *self._outbox_status,
         )
-        await _bump_version(conn, account.user_id)
+        if not written["locked"]:
+            return None
+        if not written["inserted"]:
+            # Settled meanwhile under another account (whose row lock this one's does not cover): a repeat.
+            first = await conn.fetchrow(
+                "SELECT user_id, cost FROM usage_events WHERE request_id = $1", usage.request_id
+            )
+            return await self._repeat(conn, first["user_id"], first["cost"], None, cycle, now)
+        outcome = SettleOutcome(
+            charged=usage.succeeded, cost=usage.cost if usage.succeeded else 0, user_id=usage.user_id
+        )
+        if not charge:
+            return outcome, current
+        snapshot = LedgerSnapshot(
+            user_id=usage.user_id,
+            cycle=cycle,
+            limits=limits,
+            allowance_used=used_after,
+            credits=sum(g.remaining for g in grants_after),
+            next_credit_expiry=_next_expiry(grants_after),
+            version=written["version"],
+        )
+        return outcome, snapshot
+
+    async def _repeat(
+        self,
+        conn: asyncpg.Connection,
+        user_id: str,
+        cost: int,
+        known: LedgerSnapshot | None,
+        cycle: str,
+        now: datetime,
+    ) -> tuple[SettleOutcome, LedgerSnapshot]:
+        """A request id settled before: its first outcome, and a fresh snapshot of the account it was charged to
+        (`known` when that is the account just read)."""
+        outcome = SettleOutcome(charged=False, cost=cost, user_id=user_id)
+        if known is not None and known.user_id == user_id:
+            return outcome, known
+        return outcome, await self._snapshot(conn, user_id, cycle, now)
 
     @_store
     async def grant(self, grant: NewGrant, cycle: str, now: datetime) -> tuple[int, LedgerSnapshot]:
@@ -972,6 +1112,11 @@ def _usage_reason(usage: UsageRecord) -> str:
     return f"{usage.model or 'unknown model'}: {kind} by {usage.source or 'api'}"
 
 
+def _next_expiry(grants: Sequence[OpenGrant]) -> datetime | None:
+    """The first expiry among open grants (as the snapshot query has it for grants not yet expired)."""
+    return min((g.expires_at for g in grants if g.remaining > 0 and g.expires_at is not None), default=None)
+
+
 def previous_cycle(cycle: str) -> str:
     """The cycle key before "2026-11" is "2026-10"; before "2027-01" is "2026-12"."""
     year, month = (int(part) for part in cycle.split("-", 1))
@@ -1001,6 +1146,8 @@ async def _enqueue(
 
 
 async def _bump_version(conn: asyncpg.Connection, user_id: str) -> None:
+    """Every change to an account's balance (its grants, its cycles' figures) bumps the version while holding
+    the account's row lock: record_usage reads without the lock and writes only if the version is unchanged."""
     await conn.execute("UPDATE accounts SET version = version + 1 WHERE user_id = $1", user_id)
 
 
