@@ -357,7 +357,9 @@ class QuotaService:
 
     # -- usage ----------------------------------------------------------------------------------------
 
-    async def report_usage(self, report: UsageReport) -> tuple[SettleOutcome, Balance]:
+    async def report_usage(self, report: UsageReport, *, in_flight: bool = True) -> tuple[SettleOutcome, Balance]:
+        """Settles a request's usage; returns the outcome and the balance after it. `in_flight=False` leaves
+        out what other requests hold (one Redis read less), for callers that only need the settled figures."""
         request_id = validate_id("request_id", report.request_id)
         for name, value in (
             ("prompt_tokens", report.prompt_tokens),
@@ -395,7 +397,7 @@ class QuotaService:
             source=report.source,
             succeeded=report.succeeded,
         )
-        return await self._settle(usage, now)
+        return await self._settle(usage, now, in_flight)
 
     async def charge_ahead(self, request_id: str, cost: int) -> bool:
         """Counts a finished request's cost in the hot state ahead of its settlement, so that its answer need not
@@ -424,7 +426,7 @@ class QuotaService:
             return self._plan_of.get(user_id, self.settings.default_plan)
         return account.plan_id
 
-    async def _settle(self, usage: UsageRecord, now: datetime) -> tuple[SettleOutcome, Balance]:
+    async def _settle(self, usage: UsageRecord, now: datetime, in_flight: bool = True) -> tuple[SettleOutcome, Balance]:
         cycle = self.cycle(now)
         try:
             outcome, snapshot = await self._knowing_plans(self.ledger.record_usage, usage, cycle.key, now)
@@ -443,6 +445,8 @@ class QuotaService:
         else:
             self.metrics.usage_reports.labels("charged").inc()
             self.metrics.tokens_charged.inc(outcome.cost)
+        if not in_flight:
+            return outcome, self._settled_balance(snapshot, cycle, 0)
         return outcome, await self._live_balance(snapshot, cycle, now)
 
     async def _queue_usage(
@@ -593,6 +597,10 @@ class QuotaService:
             view = None  # the settled figures are the ledger's; only what is in flight is unknown
         # Costs still settling are in flight to the ledger too: shown as held until the ledger has them.
         reserved = view.reserved + view.settling if view is not None else 0
+        return self._settled_balance(snapshot, cycle, reserved)
+
+    @staticmethod
+    def _settled_balance(snapshot: LedgerSnapshot, cycle: Cycle, reserved: int) -> Balance:
         return Balance(
             user_id=snapshot.user_id,
             cycle=cycle.key,

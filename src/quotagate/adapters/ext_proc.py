@@ -78,6 +78,7 @@ class Exchange:
     usage: Usage | None = None
     settled: bool = False
     balance: Balance | None = None  # after the settlement, when quotagate settled it
+    balance_wanted: bool = False  # a notice will tell the balance after the settlement, in-flight holds too
     notice: str = ""  # the threshold whose notice Check found due ("warn", "critical"), else ""
     # Set when the body reached the place for the notice: the bytes to pass before and after it.
     notice_here: bool = False
@@ -259,6 +260,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         if ex.reader is None and append_to_json_content(bytes(ex.json_body), "") is None:
             return ""
         # Settle now (the body is complete), so the notice tells what is left after this completion.
+        ex.balance_wanted = True
         settling = self._spawn(self._settle(ex))
         await asyncio.wait({settling}, timeout=SETTLE_WAIT_SECONDS)
         balance = ex.balance
@@ -321,7 +323,8 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         ex.settled = True
         report = self._report(ex)
         try:
-            _, ex.balance = await self._service.report_usage(report)
+            # The balance is read only for a notice (which must tell what is left now).
+            _, ex.balance = await self._service.report_usage(report, in_flight=ex.balance_wanted)
         except QuotagateError as exc:
             # The reservation stays and is charged at its estimate when it expires: never silently free.
             log.warning("usage not settled: %s", exc, extra={"request_id": ex.request_id, "user_id": ex.user_id})

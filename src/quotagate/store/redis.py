@@ -8,8 +8,9 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from quotagate.core.errors import StoreUnavailable
 from quotagate.core.model import (
@@ -74,8 +75,9 @@ class RedisHotState:
         self._reserve_script = Script(_script("reserve.lua"))
         self._reserve = client.register_script(self._reserve_script.source)
         self._load = client.register_script(_script("load.lua"))
-        self._settle = client.register_script(_script("settle.lua"))
-        self._settling = client.register_script(_script("settling.lua"))
+        # Every request also settles: those scripts and reads take the pipelined connection too.
+        self._settle = Script(_script("settle.lua"))
+        self._settling = Script(_script("settling.lua"))
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "qg:") -> RedisHotState:
@@ -137,24 +139,8 @@ class RedisHotState:
         return ReserveResult(admitted=verdict == "ok", view=view)
 
     async def view(self, user_id: str, cycle: str, now: float) -> HotView | None:
-        try:
-            values = await self._r.hmget(
-                self._balance_key(user_id, cycle),
-                [
-                    "status",
-                    "allowance",
-                    "used",
-                    "credits",
-                    "reserved",
-                    "warn",
-                    "critical",
-                    "plan",
-                    "next_expiry",
-                    "settling",
-                ],
-            )
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+        fields = ["status", "allowance", "used", "credits", "reserved", "warn", "critical", "plan", "next_expiry"]
+        values = await self._hmget(self._balance_key(user_id, cycle), [*fields, "settling"])
         if values[0] is None:
             return None
         expiry = float(values[8] or 0)
@@ -171,20 +157,38 @@ class RedisHotState:
         except RedisError as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
 
-    async def peek_reservation(self, request_id: str) -> Reservation | None:
+    async def _eval(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        if self._fast is not None:
+            return await self._fast.evalsha(script, keys, args)
         try:
-            values = await self._r.hmget(
-                self._reservation_key(request_id), ["user", "cycle", "estimate", "model", "expires_at", "plan"]
-            )
+            return await self._r.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            try:
+                return await self._r.eval(script.source, len(keys), *keys, *args)
+            except RedisError as exc:
+                raise StoreUnavailable(f"redis: {exc}") from exc
         except RedisError as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
+
+    async def _hmget(self, key: str, fields: list[str]) -> list[Any]:
+        if self._fast is not None:
+            reply = await self._fast.execute("HMGET", key, *fields)
+            if isinstance(reply, hiredis.ReplyError):
+                raise StoreUnavailable(f"redis: HMGET failed: {reply}")
+            return list(reply)
+        try:
+            return list(await self._r.hmget(key, fields))
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    async def peek_reservation(self, request_id: str) -> Reservation | None:
+        values = await self._hmget(
+            self._reservation_key(request_id), ["user", "cycle", "estimate", "model", "expires_at", "plan"]
+        )
         return _reservation(request_id, values)
 
     async def mark_settling(self, request_id: str, cost: int) -> bool:
-        try:
-            out = await self._settling(keys=[self._reservation_key(request_id)], args=[f"{self._prefix}bal:", cost])
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+        out = await self._eval(self._settling, [self._reservation_key(request_id)], [f"{self._prefix}bal:", cost])
         return bool(out)
 
     async def settle(self, request_id: str, snapshot: LedgerSnapshot | None) -> Reservation | None:
@@ -194,10 +198,7 @@ class RedisHotState:
             args += ["", 0]
         else:
             args += [snapshot.version, BALANCE_TTL_MS, *snapshot_fields(snapshot)]
-        try:
-            out = await self._settle(keys=[self._reservation_key(request_id), self._due, balance_key], args=args)
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+        out = await self._eval(self._settle, [self._reservation_key(request_id), self._due, balance_key], args)
         return _reservation(request_id, out) if out else None
 
     async def due_reservations(self, now: float, limit: int) -> list[str]:
