@@ -22,6 +22,7 @@ from quotagate.envoyconf import (
     EnvoyOptions,
     main,
     render_envoy_config,
+    tokens_descriptor,
     write_envoy_config,
 )
 from quotagate.procs import envoy_binary
@@ -240,10 +241,10 @@ def test_rate_limits_count_requests_and_tokens_per_authenticated_user() -> None:
     assert ratelimit["domain"] == RATELIMIT_DOMAIN
     assert ratelimit["rate_limit_service"]["grpc_service"]["envoy_grpc"]["cluster_name"] == RATELIMIT_CLUSTER
     assert ratelimit["enable_x_ratelimit_headers"] == "DRAFT_VERSION_03"
-    requests, token_check, token_charge = ratelimit["rate_limits"]
+    # The tokens a completion used are added by ext_proc itself, to the descriptor Envoy builds here.
+    requests, token_check = ratelimit["rate_limits"]
     assert requests["actions"] == [{"request_headers": {"header_name": "x-quota-user", "descriptor_key": "user"}}]
     assert token_check["hits_addend"] == {"number": 0}
-    assert token_charge["apply_on_stream_done"] is True
-    assert token_charge["hits_addend"] == {"format": "%DYNAMIC_METADATA(quotagate:tokens)%"}
-    ext_proc = next(f for f in http_filters(config) if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
-    assert ext_proc["metadata_options"]["receiving_namespaces"] == {"untyped": ["quotagate"]}
+    kind, user = token_check["actions"]
+    assert (kind["generic_key"]["descriptor_key"], kind["generic_key"]["descriptor_value"]) == tokens_descriptor("u")[0]
+    assert user["request_headers"]["descriptor_key"] == tokens_descriptor("u")[1][0]

@@ -53,7 +53,6 @@ _TYPE_URL = "type.googleapis.com/"
 _HCM_TYPE = _TYPE_URL + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_AUTHZ_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 _EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
-_QUOTAGATE_NAMESPACE = "quotagate"
 _EXT_PROC_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _RATELIMIT_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ratelimit.v3.RateLimit"
 _ROUTER_TYPE = _TYPE_URL + "envoy.extensions.filters.http.router.v3.Router"
@@ -194,12 +193,19 @@ def _ratelimit_cluster(opts: EnvoyOptions) -> dict[str, Any]:
     return _grpc_cluster(RATELIMIT_CLUSTER, opts, _AUTHZ_CIRCUIT_LIMIT)
 
 
+def tokens_descriptor(user_id: str) -> tuple[tuple[str, str], ...]:
+    """The token windows' descriptor as Envoy builds it (_user_descriptor): ext_proc adds the tokens each
+    completion used to the same counters."""
+    return (("kind", "tokens"), ("user", user_id))
+
+
 def _user_descriptor(*, tokens: bool) -> list[dict[str, Any]]:
     # x-quota-user is set by quotagate's Check, so it names an authenticated user (a client cannot forge it).
     user = {"request_headers": {"header_name": "x-quota-user", "descriptor_key": "user"}}
     if not tokens:
         return [user]
-    return [{"generic_key": {"descriptor_key": "kind", "descriptor_value": "tokens"}}, user]
+    (kind, value), _ = tokens_descriptor("")
+    return [{"generic_key": {"descriptor_key": kind, "descriptor_value": value}}, user]
 
 
 def _ratelimit_filter(opts: EnvoyOptions) -> dict[str, Any]:
@@ -220,14 +226,10 @@ def _ratelimit_filter(opts: EnvoyOptions) -> dict[str, Any]:
             "rate_limits": [
                 # Requests per window per user.
                 {"actions": _user_descriptor(tokens=False)},
-                # Tokens per window per user: checked (hits 0) before the request ...
+                # Tokens per window per user: checked (hits 0) before the request. ext_proc adds the tokens a
+                # completion used to the same windows itself: a second call from Envoy when the stream is done
+                # (apply_on_stream_done) cost quotagate as much CPU as a Check.
                 {"actions": _user_descriptor(tokens=True), "hits_addend": {"number": 0}},
-                # ... and charged with the tokens ext_proc read, once the response is done.
-                {
-                    "actions": _user_descriptor(tokens=True),
-                    "hits_addend": {"format": f"%DYNAMIC_METADATA({_QUOTAGATE_NAMESPACE}:tokens)%"},
-                    "apply_on_stream_done": True,
-                },
             ],
         },
     }
@@ -256,11 +258,7 @@ def _ext_proc_filter() -> dict[str, Any]:
             "allow_mode_override": True,
             "message_timeout": "2s",
             # What Check learnt (user, model, prompt size, whether to ask for usage) reaches ext_proc here.
-            # ...and what ext_proc learnt (the tokens a completion used) comes back for the rate-limit filter.
-            "metadata_options": {
-                "forwarding_namespaces": {"untyped": [_EXT_AUTHZ_NAMESPACE]},
-                "receiving_namespaces": {"untyped": [_QUOTAGATE_NAMESPACE]},
-            },
+            "metadata_options": {"forwarding_namespaces": {"untyped": [_EXT_AUTHZ_NAMESPACE]}},
         },
     }
 

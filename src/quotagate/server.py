@@ -30,12 +30,13 @@ from quotagate.billing.setup import create_billing
 from quotagate.billing.web import add_billing_routes
 from quotagate.config import Settings
 from quotagate.core.clock import Clock, SystemClock
+from quotagate.envoyconf import RATELIMIT_DOMAIN, tokens_descriptor
 from quotagate.http import build_http_app
 from quotagate.keywatch import ClientKeyVersion, watch_client_keys
 from quotagate.metrics import Metrics
 from quotagate.notify import NotificationSender, WebhookSender
 from quotagate.outbox import UsageOutbox
-from quotagate.ratelimit.limiter import RateLimiter
+from quotagate.ratelimit.limiter import Entry, RateLimiter, RequestDescriptor
 from quotagate.ratelimit.reload import ReloadingConfig
 from quotagate.ratelimit.store import RedisRateLimitStore
 from quotagate.service import QuotaService
@@ -109,8 +110,6 @@ async def start(
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 8 << 20)])
     # Requests that do not parse (invalid UTF-8, truncated) get INVALID_ARGUMENT, not grpcio's UNKNOWN.
     add_guarded(server, external_auth_pb2_grpc.add_AuthorizationServicer_to_server, AuthorizationService(service))
-    ext_proc = ExternalProcessorService(service, PostgresNoticeBook(ledger.pool))
-    add_guarded(server, external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server, ext_proc)
     rate_limits = ReloadingConfig(
         settings.rate_limit_files or (DEFAULT_RATE_LIMITS,), on_error=lambda _: metrics.ratelimit_config_errors.inc()
     )
@@ -124,6 +123,13 @@ async def start(
         settings.timezone,
     )
     rate_limit_service = RateLimitService(limiter, settings, metrics)
+
+    async def count_tokens(user_id: str, tokens: int) -> None:
+        entries = tuple(Entry(key, value) for key, value in tokens_descriptor(user_id))
+        await limiter.should_rate_limit(RATELIMIT_DOMAIN, [RequestDescriptor(entries)], tokens)
+
+    ext_proc = ExternalProcessorService(service, PostgresNoticeBook(ledger.pool), count_tokens)
+    add_guarded(server, external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server, ext_proc)
     add_guarded(server, rls_pb2_grpc.add_RateLimitServiceServicer_to_server, rate_limit_service)
     add_guarded(server, usage_pb2_grpc.add_UsageServicer_to_server, UsageService(service))
     separate_admin = bool(settings.admin.listen)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,12 +47,16 @@ log = logging.getLogger("quotagate.ext_proc")
 
 _Mode = processing_mode_pb2.ProcessingMode
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"  # where Envoy puts the metadata Check returned
-METADATA_NAMESPACE = "quotagate"  # what ext_proc hands back to Envoy (tokens used, for rate limits)
 MAX_BUFFERED_JSON = 8 << 20  # a JSON answer larger than this is charged from its estimate
 BUFFERED_JSON_LIMIT = 512 << 10  # well under Envoy's default 1 MiB buffer limit
 SETTLE_WAIT_SECONDS = 1.0  # under the filter's message_timeout (2 s)
+COUNT_WAIT_SECONDS = 0.5  # the token rate-limit windows: a second line, never worth holding an answer long
 CLAIM_WAIT_SECONDS = 0.5  # settle + claim stay under it too; a notice not claimed in time waits for the next
 NOTICE_THRESHOLDS = ("warn", "critical")
+
+
+# Adds (user id, tokens) to the user's token rate-limit windows.
+TokenCounter = Callable[[str, int], Awaitable[None]]
 
 
 def header_map(headers: Any) -> dict[str, str]:
@@ -92,8 +96,11 @@ class Exchange:
 
 
 class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, service: QuotaService, notices: NoticeBook | None = None) -> None:
+    def __init__(
+        self, service: QuotaService, notices: NoticeBook | None = None, count_tokens: TokenCounter | None = None
+    ) -> None:
         self._service = service
+        self._count = count_tokens
         self._chars_per_token = service.settings.estimate.chars_per_token
         self._background: set[asyncio.Task[None]] = set()
         self._notices: NoticeBook = notices if notices is not None else MemoryNoticeBook()
@@ -110,13 +117,16 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 if exchange.notice_here:
                     await self._add_notice(exchange, response)
                 if done:
+                    # The tokens go into the rate-limit windows alongside, so the next request is limited on them.
+                    counting = self._spawn(self._count_tokens(exchange)) if self._count is not None else None
                     if not await self._charged_ahead(exchange):
                         # Near a threshold, or costlier than its hold: settle before the last answer, so the
                         # client's next request already sees the ledger's figures (a slow ledger is waited for
                         # only briefly; the rest runs on).
                         settling = self._spawn(self._settle(exchange))
                         await asyncio.wait({settling}, timeout=SETTLE_WAIT_SECONDS)
-                    self._attach_tokens(exchange, response)
+                    if counting is not None:
+                        await asyncio.wait({counting}, timeout=COUNT_WAIT_SECONDS)
                 yield response
                 if done:
                     break
@@ -306,16 +316,19 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             return False
         return await self._service.charge_ahead(ex.request_id, cost)
 
-    def _attach_tokens(self, ex: Exchange, response: pb.ProcessingResponse) -> None:
-        """Hands the tokens used to Envoy as dynamic metadata, where a rate limit applied when the stream is
-        done reads them (`%DYNAMIC_METADATA(quotagate:tokens)%` as its hits_addend)."""
-        if not ex.known or not ex.model or ex.status >= 400:
+    async def _count_tokens(self, ex: Exchange) -> None:
+        """Adds the tokens the completion used to the user's token rate-limit windows. Done here rather than by
+        a second rate-limit call from Envoy when the stream is done: that call cost as much as a Check."""
+        if self._count is None or not ex.known or not ex.model or ex.status >= 400:
             return
         report = self._report(ex)
         tokens = report.prompt_tokens + report.completion_tokens
-        # A string: the rate-limit filter parses the formatted value as an integer, and a number would be
-        # rendered as a float.
-        response.dynamic_metadata.update({METADATA_NAMESPACE: {"tokens": str(tokens)}})
+        if tokens <= 0:
+            return
+        try:
+            await self._count(ex.user_id, tokens)
+        except Exception as exc:  # a rate limit is a second line: the answer goes on
+            log.warning("tokens not counted for rate limits: %s", exc, extra={"request_id": ex.request_id})
 
     async def _settle(self, ex: Exchange) -> None:
         if not ex.known or not ex.model or ex.settled:

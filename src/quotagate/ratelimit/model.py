@@ -17,7 +17,7 @@ class Unit(StrEnum):
 
 class Counts(StrEnum):
     REQUESTS = "requests"
-    # Hits are tokens: Envoy sends the tokens a completion used as hits_addend (apply_on_stream_done).
+    # Hits are tokens: ext_proc adds the tokens each completion used (envoyconf.tokens_descriptor).
     TOKENS = "tokens"
 
 
