@@ -1,6 +1,7 @@
 """Check calls/s and latency straight over gRPC, against quotagate in its own process and real Redis state.
 
-    scripts/dev python bench/bench_check.py [--seconds 5] [--concurrency 1,16,64] [--clients N]
+    scripts/dev python bench/bench_check.py [--seconds 5] [--concurrency 1,16,64] [--clients N] [--workers N]
+        [--rate R | --half]
 
 Each call is envoy.service.auth.v3.Authorization/Check with the request Envoy would send for
 POST /v1/chat/completions: the trusted client key, an x-user-id spread over --users users, a unique
@@ -10,6 +11,11 @@ the real hot state. The plan's allowance is huge, so nothing is ever denied.
 
 The request is serialized once per user; per call only the x-request-id header is appended as serialized
 protobuf (a later map entry merges into the message), so the client spends its time on gRPC, not protobuf.
+
+The --concurrency levels are closed loops: N callers, each sends when its previous answer came. --rate R adds
+an open loop: R calls/s started on a fixed schedule, whatever the answers, so the latency is the one at that
+rate. --half first measures saturation in closed loop (concurrency 16 unless --concurrency says otherwise),
+then runs the open loop at half of the best calls/s found there.
 """
 
 from __future__ import annotations
@@ -100,6 +106,7 @@ class Payload:
     tag: str
     phase: int = 0
     channels: int = 1
+    rate: float = 0.0  # open loop: calls/s of each client process; 0: closed loop
 
 
 def make_caller(channel: grpc.aio.Channel, payload: Payload) -> Callable[[], Awaitable[None]]:
@@ -121,10 +128,11 @@ def make_caller(channel: grpc.aio.Channel, payload: Payload) -> Callable[[], Awa
 async def check_load(
     payload: Payload, concurrency: int, seconds: float, warmup: float, ready: Callable[[], Awaitable[None]]
 ) -> common.LoadResult:
-    """The load entry (common.run_load): one channel per client process, `concurrency` calls in flight."""
+    """The load entry (common.run_load): `payload.channels` channels per client process, `concurrency` calls in
+    flight, or with `payload.rate` that many calls/s in open loop."""
     return await common.grpc_load(
         payload.target, lambda channel: make_caller(channel, payload), concurrency, seconds, warmup, ready,
-        payload.channels,
+        payload.channels, payload.rate,
     )
 
 
@@ -191,7 +199,17 @@ async def main_async(args: argparse.Namespace) -> int:
             if args.clients <= 1
             else f"up to {args.clients} client processes (one grpc.aio channel each), results summed"
         )
-        print(f"  load: closed loop from {load_note}; {args.warmup:g} s warm-up + {args.seconds:g} s per level")
+        if args.concurrency:
+            print(f"  load: closed loop from {load_note}; {args.warmup:g} s warm-up + {args.seconds:g} s per level")
+        if args.rate or args.half:
+            at = f"{args.rate:,.0f} calls/s" if args.rate else "half of the best closed-loop calls/s above"
+            print(
+                f"  open loop: {at}, started on a fixed schedule over {max(1, args.clients)} client process(es) and"
+                f" their channels; a start more than {common.LATE_START * 1000:g} ms behind its slot counts as late;"
+                f" latency from the start; {args.warmup:g} s warm-up + {args.seconds:g} s"
+            )
+        if args.workers > 1 and args.channels < args.workers:
+            print(f"  note: {args.channels} channel(s) per client process: not every worker gets connections")
         print(f"  users: {args.users}; every allowed Check reserves in Redis\n", flush=True)
 
         headers = ["server", "concurrency", "clients", "calls", "calls/s", "p50 ms", "p99 ms", "max ms", "errors",
@@ -203,16 +221,44 @@ async def main_async(args: argparse.Namespace) -> int:
         phases = itertools.count(1)
         for level in args.concurrency:
             for server in servers:
-                row, result = await measure(server, next(phases), level, args)
-                rows.append(row)
+                m = await measure(server, next(phases), level, args)
+                rows.append([server.name, level, *m.row])
                 if server.name == "quotagate":
-                    best = max(best, result.rate)
-                    best_per_core = max(best_per_core, float(row[11]))
-                if result.errors:
-                    problems.append(f"{server.name}, concurrency {level}: {result.errors} errors, "
-                                    f"first: {result.first_error}")  # fmt: skip
+                    best = max(best, m.result.rate)
+                    best_per_core = max(best_per_core, m.per_core)
+                if m.result.errors:
+                    problems.append(f"{server.name}, concurrency {level}: {m.result.errors} errors, "
+                                    f"first: {m.result.first_error}")  # fmt: skip
 
-        common.print_table(headers, rows, title="Check over gRPC (calls/s = successful calls / measured seconds)")
+        open_rows: list[list[object]] = []
+        open_p99 = math.nan
+        rate = args.rate or best / 2
+        if (args.rate or args.half) and rate < 1:
+            problems.append(f"no open loop: the closed loop found no saturation ({best:,.0f} calls/s)")
+        elif args.rate or args.half:
+            for server in servers:
+                m = await measure(server, next(phases), 0, args, rate=rate)
+                late_ms = 1000 * m.result.max_lag
+                open_rows.append([server.name, rate, *m.row[:7], m.result.late, late_ms, *m.row[7:]])
+                if server.name == "quotagate":
+                    open_p99 = m.p99
+                if m.result.errors:
+                    problems.append(f"{server.name}, open loop at {rate:,.0f} calls/s: {m.result.errors} errors, "
+                                    f"first: {m.result.first_error}")  # fmt: skip
+                starts = m.result.calls + m.result.errors
+                if starts and m.result.late / starts > 0.01:
+                    common.log(f"{server.name}, open loop: {m.result.late:,} of {starts:,} starts were late; the"
+                               " client fell behind its schedule (try --clients)")  # fmt: skip
+
+        if rows:
+            common.print_table(headers, rows, title="Check over gRPC (calls/s = successful calls / measured seconds)")
+        if open_rows:
+            open_headers = [headers[0], "target calls/s", *headers[2:9], "late starts", "max lag ms", *headers[9:]]
+            common.print_table(open_headers, open_rows, title="Check over gRPC in open loop (calls on a schedule)")
+            print(
+                f"late starts: calls started more than {common.LATE_START * 1000:g} ms after their slot in the"
+                " schedule (none skipped); max lag ms: the latest of those starts behind its slot."
+            )
         print("handler ms: mean time inside quotagate's Check handler (quotagate_check_duration_seconds, sum/count).")
         print(
             f"CPU%: percent of one core ({os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%) over the measured"
@@ -220,12 +266,21 @@ async def main_async(args: argparse.Namespace) -> int:
             " (nothing else of ours runs here, so that is another workload sharing the cores)."
         )
         print("calls/CPU-s: calls/s over the server's busy cores (server CPU% / 100): Checks per core-second.")
-        verdict = "met" if best_per_core >= 5000 else "NOT met"
-        print(
-            f"target >= 5,000 Check calls/s per core with real Redis state: {verdict} "
-            f"(best {best_per_core:,.0f} calls per core-second; best throughput {best:,.0f} calls/s with "
-            f"{args.workers} worker(s))"
-        )
+        if rows:
+            verdict = "met" if best_per_core >= 5000 else "NOT met"
+            print(
+                f"target >= 5,000 Check calls/s per core with real Redis state: {verdict} "
+                f"(best {best_per_core:,.0f} calls per core-second; best throughput {best:,.0f} calls/s with "
+                f"{args.workers} worker(s))"
+            )
+        if args.half and open_rows:
+            verdict = "met" if open_p99 < 5 else "NOT met"
+            print(
+                f"target p99 < 5 ms at half of saturation: {verdict} (p99 {open_p99:.2f} ms in open loop at "
+                f"{rate:,.0f} calls/s, half of the {best:,.0f} calls/s measured in closed loop)"
+            )
+        elif open_rows:
+            print(f"open loop at {rate:,.0f} calls/s: quotagate p99 {open_p99:.2f} ms")
         for problem in problems:
             print(f"problem: {problem}")
         if profile_path is not None:
@@ -242,15 +297,28 @@ class Server:
     probe: common.Probe
 
 
-async def measure(
-    server: Server, phase: int, level: int, args: argparse.Namespace
-) -> tuple[list[object], common.LoadResult]:
+@dataclass
+class Measured:
+    result: common.LoadResult
+    row: list[object]  # the table columns from "clients" on
+    p99: float
+    per_core: float
+
+
+async def measure(server: Server, phase: int, level: int, args: argparse.Namespace, rate: float = 0.0) -> Measured:
+    """One phase: closed loop at `level` calls in flight, or with `rate` open loop at that many calls/s."""
     marks: list[common.Snapshot] = []
 
     def mark_start() -> None:
         marks.append(server.probe.snapshot())
 
     payload = replace(server.payload, phase=phase)
+    if rate > 0:
+        # Open loop: one schedule per client process, each its share of the rate (as `concurrency` for
+        # run_load, `clients` shares of one make exactly `clients` processes).
+        clients = max(1, args.clients)
+        payload = replace(payload, rate=rate / clients)
+        level = clients
     result = await asyncio.to_thread(
         common.run_load, check_load, payload, level, args.clients, args.seconds, args.warmup, mark_start
     )
@@ -265,18 +333,35 @@ async def measure(
     redis_cpu = common.cpu_percent(before, after, "redis")
     client_cpu = 100 * result.client_cpu / wall if wall > 0 else math.nan
     other_cpu = common.cpu_percent(before, after, "machine") - server_cpu - redis_cpu - client_cpu
-    common.log(f"{server.name}, concurrency {level}: {result.rate:,.0f} calls/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    load = f"open loop at {rate:,.0f} calls/s" if rate > 0 else f"concurrency {level}"
+    common.log(f"{server.name}, {load}: {result.rate:,.0f} calls/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms")
     per_core = result.rate / (server_cpu / 100) if server_cpu > 0 else math.nan
-    row: list[object] = [server.name, level, result.processes, result.calls, result.rate, p50, p99, worst,
-                         result.errors, handler_ms, server_cpu, per_core, redis_cpu, client_cpu,
-                         max(0.0, other_cpu)]  # fmt: skip
-    return row, result
+    row: list[object] = [result.processes, result.calls, result.rate, p50, p99, worst, result.errors, handler_ms,
+                         server_cpu, per_core, redis_cpu, client_cpu, max(0.0, other_cpu)]  # fmt: skip
+    return Measured(result, row, p99, per_core)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_arguments(parser)
-    parser.add_argument("--concurrency", type=parse_levels, default=[1, 16, 64], help="levels (default 1,16,64)")
+    parser.add_argument(
+        "--concurrency",
+        type=parse_levels,
+        help="closed-loop levels (default 1,16,64; with --half 16; with --rate none)",
+    )
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="also run an open loop: this many calls/s started on a fixed schedule, spread over the client "
+        "processes and their channels, whatever the answers (late starts are counted, none skipped)",
+    )
+    load.add_argument(
+        "--half",
+        action="store_true",
+        help="measure saturation in closed loop, then run the open loop at half of its calls/s (the p99 < 5 ms target)",
+    )
     parser.add_argument("--log-level", default="INFO", help="quotagate's log level (default INFO)")
     parser.add_argument("--workers", type=int, default=1, help="quotagate serve --workers N (default 1)")
     parser.add_argument(
@@ -292,12 +377,16 @@ def main() -> int:
     parser.add_argument(
         "--baseline",
         action="store_true",
-        help="also measure bench/trivial_authz.py (an always-OK grpc.aio Check server) at each level",
+        help="also measure bench/trivial_authz.py (an always-OK grpc.aio Check server) at each level and rate",
     )
     args = parser.parse_args()
     bad_counts = args.workers < 1 or args.users < 1 or args.clients < 1 or args.channels < 1
     if bad_counts or not 0 < args.seconds <= 600 or not 0 <= args.warmup <= 60:
         parser.error("--users and --clients must be positive, --seconds in (0, 600], --warmup in [0, 60]")
+    if not 0 <= args.rate <= 1_000_000:
+        parser.error("--rate must be in [0, 1000000] calls/s")
+    if args.concurrency is None:
+        args.concurrency = [16] if args.half else [] if args.rate else [1, 16, 64]
     return common.run_main(main_async(args))
 
 

@@ -8,6 +8,8 @@
   quotagate's event loop, with a generated config: one trusted client key and a plan with a huge allowance.
 - `run_load`: a closed-loop load (N workers, each waits for its answer before sending again) for a fixed time,
   in this process or spread over several client processes (multiprocessing, spawn) whose results are summed.
+- `open_loop`: calls started on a fixed schedule (so many per second) whatever the answers, for the latency at
+  a given rate rather than at a given number of calls in flight; `grpc_load(rate=...)` uses it.
 - `percentile`, `print_table`, CPU time of a process, and a Prometheus text scrape.
 
 Everything listens on and talks to 127.0.0.1 only; every loop is bounded in time and count.
@@ -56,6 +58,10 @@ HUGE_ALLOWANCE = 10**15
 CALL_TIMEOUT = 10.0
 # Hard cap on the calls of one worker in one phase, on top of the time limit.
 MAX_CALLS_PER_WORKER = 5_000_000
+# Open loop: a call that starts more than this after its slot in the schedule counts as a late start.
+LATE_START = 0.001
+# Open loop: at most this many calls in flight per process; past it a start waits (and is late).
+MAX_IN_FLIGHT = 20_000
 
 Cleanup = Callable[[], Any]
 
@@ -549,6 +555,8 @@ class LoadResult:
     client_cpu: float = 0.0  # CPU seconds the load generator itself used
     processes: int = 1
     rate: float = 0.0  # successful calls per second (summed over client processes)
+    late: int = 0  # open loop: calls started more than LATE_START after their slot
+    max_lag: float = 0.0  # open loop: the longest delay of a start behind its slot, seconds
 
     def summary(self) -> tuple[float, float, float]:
         """p50, p99 and max latency in milliseconds."""
@@ -596,9 +604,65 @@ async def closed_loop(calls: Sequence[Call], seconds: float, record: bool = True
     return result
 
 
+async def open_loop(calls: Sequence[Call], rate: float, seconds: float, record: bool = True) -> LoadResult:
+    """Starts `rate` calls per second for `seconds`, on a fixed schedule whatever the answers (open loop), using
+    the entries of `calls` in turn (e.g. one per channel). A start behind its slot is counted (late, max_lag),
+    never skipped: the calls after it go at once until the schedule is caught up. Latency is from the start."""
+    result = LoadResult()
+    total = min(int(rate * seconds), MAX_CALLS_PER_WORKER)
+    in_flight: set[asyncio.Task[None]] = set()
+    latencies = result.latencies
+
+    async def one(call: Call, t0: float) -> None:
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):  # not wait_for: that costs one more task per call
+                await call()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # counted and reported; the load goes on
+            result.errors += 1
+            if not result.first_error:
+                result.first_error = f"{type(exc).__name__}: {exc}"[:500]
+            return
+        result.calls += 1
+        if record:
+            latencies.append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    try:
+        for n in range(total):
+            slot = started + n / rate
+            now = time.perf_counter()
+            if now < slot:
+                await asyncio.sleep(slot - now)
+                now = time.perf_counter()
+            if len(in_flight) >= MAX_IN_FLIGHT:
+                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                now = time.perf_counter()
+            if _ABORT.is_set():
+                break
+            lag = now - slot
+            if lag > LATE_START:
+                result.late += 1
+                result.max_lag = max(result.max_lag, lag)
+            task = asyncio.create_task(one(calls[n % len(calls)], now))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        if in_flight:  # each call ends within CALL_TIMEOUT
+            await asyncio.wait(in_flight)
+    finally:
+        for task in list(in_flight):  # only left when the load is cancelled
+            task.cancel()
+    result.elapsed = time.perf_counter() - started
+    result.client_cpu = time.process_time() - cpu_started
+    result.rate = result.calls / result.elapsed if result.elapsed > 0 else 0.0
+    return result
+
+
 # A load entry: `async def load(payload, concurrency, seconds, warmup, ready) -> LoadResult` at module level of
 # the benchmark script; it builds its clients, warms up, awaits `ready()` (all client processes are warm), then
-# measures with `closed_loop` and closes its clients.
+# measures with `closed_loop` (or `open_loop`) and closes its clients.
 LoadEntry = Callable[[Any, int, float, float, Callable[[], Awaitable[None]]], Coroutine[Any, Any, LoadResult]]
 
 
@@ -610,13 +674,15 @@ async def grpc_load(
     warmup: float,
     ready: Callable[[], Awaitable[None]],
     channels: int = 1,
+    rate: float = 0.0,
 ) -> LoadResult:
     """The body of a gRPC load entry: `channels` channels (each its own connection, so with `serve --workers`
     the kernel spreads them over the workers), `concurrency` calls in flight over them in turn, warm-up, then the
-    measure."""
+    measure. With `rate` > 0 the load is open loop instead: `rate` calls/s started over the channels in turn
+    (`concurrency` is then not used)."""
     import grpc
 
-    count = max(1, min(channels, concurrency))
+    count = max(1, channels if rate > 0 else min(channels, concurrency))
     opened = [
         grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(count)
     ]
@@ -624,12 +690,18 @@ async def grpc_load(
         await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 30) for c in opened))
         callers = [make_call(c) for c in opened]
         calls = [callers[i % count] for i in range(concurrency)]
+
+        async def load(period: float, record: bool = True) -> LoadResult:
+            if rate > 0:
+                return await open_loop(callers, rate, period, record)
+            return await closed_loop(calls, period, record)
+
         if warmup > 0:
-            warm = await closed_loop(calls, warmup, record=False)
+            warm = await load(warmup, record=False)
             if warm.errors:
                 raise RuntimeError(f"warm-up failed: {warm.errors} errors, first: {warm.first_error}")
         await ready()
-        return await closed_loop(calls, seconds)
+        return await load(seconds)
     finally:
         await asyncio.gather(*(c.close() for c in opened))
 
@@ -751,4 +823,6 @@ def run_load(entry: LoadEntry, payload: Any, concurrency: int, clients: int, sec
         total.first_error = total.first_error or r.first_error
         total.client_cpu += r.client_cpu
         total.rate += r.rate
+        total.late += r.late
+        total.max_lag = max(total.max_lag, r.max_lag)
     return total
