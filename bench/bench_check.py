@@ -247,8 +247,9 @@ async def main_async(args: argparse.Namespace) -> int:
                                     f"first: {m.result.first_error}")  # fmt: skip
                 starts = m.result.calls + m.result.errors
                 if starts and m.result.late / starts > 0.01:
-                    common.log(f"{server.name}, open loop: {m.result.late:,} of {starts:,} starts were late; the"
-                               " client fell behind its schedule (try --clients)")  # fmt: skip
+                    common.log(f"{server.name}, open loop: {m.result.late:,} of {starts:,} starts were late, the client"
+                               " fell behind its schedule (see its CPU% and other CPU%; --clients N spreads the"
+                               " schedule over N processes)")  # fmt: skip
 
         if rows:
             common.print_table(headers, rows, title="Check over gRPC (calls/s = successful calls / measured seconds)")
