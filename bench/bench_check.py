@@ -384,8 +384,8 @@ def main() -> int:
     bad_counts = args.workers < 1 or args.users < 1 or args.clients < 1 or args.channels < 1
     if bad_counts or not 0 < args.seconds <= 600 or not 0 <= args.warmup <= 60:
         parser.error("--users and --clients must be positive, --seconds in (0, 600], --warmup in [0, 60]")
-    if not 0 <= args.rate <= 1_000_000:
-        parser.error("--rate must be in [0, 1000000] calls/s")
+    if args.rate and not 1 <= args.rate <= 1_000_000:
+        parser.error("--rate must be in [1, 1000000] calls/s")
     if args.concurrency is None:
         args.concurrency = [16] if args.half else [] if args.rate else [1, 16, 64]
     return common.run_main(main_async(args))
