@@ -92,6 +92,9 @@ def _guard(handler: Any) -> Any:
                 yield response
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, deserializer, handler.response_serializer)
+    if handler.stream_stream is not None and inspect.iscoroutinefunction(handler.stream_stream):
+        # Reader/writer style: the handler reads with read_checked, which refuses the marker itself.
+        return grpc.stream_stream_rpc_method_handler(handler.stream_stream, deserializer, handler.response_serializer)
     return handler  # a shape this module does not wrap keeps grpcio's own handling
 
 

@@ -1,0 +1,132 @@
+"""How ext_proc streams end: Envoy resets each one as soon as it has the last answer, and that must leave nothing
+behind in quotagate, neither asyncio tasks nor grpc's native batches (the soak's memory growth)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from grpc._cython import cygrpc
+from harness import CLIENT_KEY, Stack, make_settings
+
+from quotagate.adapters.ext_proc import RESET_WAIT_SECONDS
+
+PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+
+
+@pytest.fixture
+async def stack(database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    settings = make_settings(
+        database_url, redis_url, redis_prefix, plans=[{"id": "ext-proc-streams", "monthly_allowance": 10**9}]
+    )
+    async with Stack(settings, tmp_path, ext_proc=True) as running:
+        yield running
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts grpc.aio's batches in this process by their operations, and those that failed or were cancelled.
+
+    grpcio frees a batch's native operations only when the awaiting coroutine sees it succeed (grpc#43360); a
+    failed or cancelled batch is leaked. grpc's Cython looks execute_batch up as a module global at each call,
+    so wrapping it here sees every batch of the in-process server."""
+    counts: Counter[str] = Counter()
+    original = cygrpc.execute_batch
+
+    async def execute_batch(call: Any, operations: tuple[Any, ...], loop: Any) -> Any:
+        kind = "+".join(type(op).__name__.removesuffix("Operation") for op in operations)
+        counts[kind] += 1
+        try:
+            return await original(call, operations, loop)
+        except BaseException as exc:
+            counts[f"{kind}: {type(exc).__name__}"] += 1
+            raise
+
+    monkeypatch.setattr(cygrpc, "execute_batch", execute_batch)
+    return counts
+
+
+def _failed(counts: Counter[str]) -> dict[str, int]:
+    return {kind: n for kind, n in counts.items() if ": " in kind}
+
+
+def _call_tasks() -> set[asyncio.Task[Any]]:
+    """Tasks that belong to one RPC (grpc.aio's per-call coroutines) or to an ext_proc stream (its settlement, its
+    last write), as opposed to the servers' and connections' own."""
+
+    def per_call(task: asyncio.Task[Any]) -> bool:
+        coro = task.get_coro()
+        name, qualname = getattr(coro, "__name__", ""), getattr(coro, "__qualname__", "") or ""
+        return name in {"_schedule_rpc_coro", "_handle_exceptions"} or qualname.startswith(
+            ("ExternalProcessorService.", "_ServicerContext.")
+        )
+
+    return {task for task in asyncio.all_tasks() if per_call(task)}
+
+
+async def test_streams_envoy_resets_once_answered_leave_no_batch_or_task_behind(
+    stack: Stack, batches: Counter[str], uid: str
+) -> None:
+    request = {"model": "demo-small", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"authorization": f"Bearer {CLIENT_KEY}", "x-user-id": uid, "x-demo-completion-tokens": "3"}
+
+    async def client(n: int) -> None:
+        for _ in range(n):
+            response = await stack.http.post("/v1/chat/completions", json=request, headers=headers)
+            assert response.status_code == 200, response.text
+
+    await asyncio.gather(*(client(40) for _ in range(4)))
+    # Every stream is over once Envoy's reset has cancelled its handler (or the pause has run out).
+    if running := _call_tasks():
+        await asyncio.wait(running, timeout=RESET_WAIT_SECONDS + 5)
+    assert not _call_tasks()
+
+    # The wrapper did see the streams' writes (three answers each: request headers, response headers, body).
+    assert batches["SendInitialMetadata+SendMessage"] >= 160
+    assert batches["SendMessage"] >= 160 * 2
+    # Before the fix 91 of these 160 streams ended with a status batch that failed on the reset call, and two
+    # with a write cancelled in flight: native memory grpc never frees, either way.
+    assert _failed(batches) == {}
+    assert batches["SendStatusFromServer"] == 0  # no status raced Envoy's reset
+    account = await stack.account(uid)
+    assert account.balance.reserved == 0  # every completion was settled all the same
+
+
+def _headers(values: dict[str, str]) -> base_pb2.HeaderMap:
+    return base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in values.items()])
+
+
+async def test_a_client_that_half_closes_and_waits_gets_the_status(stack: Stack, batches: Counter[str]) -> None:
+    process = stack.channel.stream_stream(
+        PROCESS,
+        request_serializer=pb.ProcessingRequest.SerializeToString,
+        response_deserializer=pb.ProcessingResponse.FromString,
+    )
+    call = process()
+    # No x-request-id nor user: not a completion, so the response headers are the last thing it asks for.
+    await call.write(pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=_headers({":path": "/x"}))))
+    assert (await call.read()).HasField("request_headers")
+    await call.write(pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=_headers({":status": "200"}))))
+    assert (await call.read()).HasField("response_headers")
+    started = time.monotonic()
+    await call.done_writing()  # Envoy with its graceful close on: half-close, then wait for the status
+    assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.OK
+    # Under the one second Envoy waits for it.
+    assert time.monotonic() - started < 1.0
+    assert _failed(batches) == {}
+
+
+async def test_a_message_that_does_not_parse_is_invalid_argument(stack: Stack) -> None:
+    process = stack.channel.stream_stream(PROCESS)  # raw bytes both ways
+    call = process()
+    await call.write(b"\x0a\xff")  # field 1, length 255, and nothing after it
+    await call.done_writing()
+    assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.INVALID_ARGUMENT
