@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import os
 import struct
 import sys
 import time
@@ -242,14 +241,9 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--database-url", default=os.environ.get("QUOTAGATE_BENCH_DATABASE_URL"))
-    parser.add_argument("--redis-url", default=os.environ.get("QUOTAGATE_BENCH_REDIS_URL"))
+    common.add_common_arguments(parser)  # --users: accounts of each kind
     parser.add_argument("--concurrency", default="1,8", help="callers in flight per phase (default 1,8)")
-    parser.add_argument("--users", type=int, default=100, help="accounts of each kind (default 100)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per phase (default 5)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up before each phase (default 1)")
     parser.add_argument("--count", type=int, default=200, help="calls whose round trips are counted (default 200)")
-    parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir at the end")
     args = parser.parse_args()
     try:
         args.concurrency = [int(c) for c in args.concurrency.split(",")]

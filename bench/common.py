@@ -560,6 +560,12 @@ class LoadResult:
     late: int = 0  # open loop: calls started more than LATE_START after their slot
     max_lag: float = 0.0  # open loop: the longest delay of a start behind its slot, seconds
 
+    def failed(self, exc: Exception) -> None:
+        """Counts a failed call, keeping the first error to report."""
+        self.errors += 1
+        if not self.first_error:
+            self.first_error = f"{type(exc).__name__}: {exc}"[:500]
+
     def summary(self) -> tuple[float, float, float]:
         """p50, p99 and max latency in milliseconds."""
         ordered = sorted(self.latencies)
@@ -589,9 +595,7 @@ async def closed_loop(calls: Sequence[Call], seconds: float, record: bool = True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # counted and reported; the load goes on
-                result.errors += 1
-                if not result.first_error:
-                    result.first_error = f"{type(exc).__name__}: {exc}"[:500]
+                result.failed(exc)
                 continue
             result.calls += 1
             if record:
@@ -622,9 +626,7 @@ async def open_loop(calls: Sequence[Call], rate: float, seconds: float, record: 
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # counted and reported; the load goes on
-            result.errors += 1
-            if not result.first_error:
-                result.first_error = f"{type(exc).__name__}: {exc}"[:500]
+            result.failed(exc)
             return
         result.calls += 1
         if record:
