@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 from harness import CLIENT_KEY, Stack, make_settings
 
+from quotagate.envoyconf import ASK_USAGE_HEADER
 from quotagate.v1 import admin_pb2
 
 
@@ -119,8 +120,10 @@ async def test_stream_without_usage_gets_it_asked_for_and_the_client_sees_a_clea
     assert all(e["choices"] for e in chunks)
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text.split() == ["token"] * 9
-    upstream_body = (await stack.upstream_requests())[-1]["body"]
-    assert upstream_body["stream_options"] == {"include_usage": True}
+    upstream = (await stack.upstream_requests())[-1]
+    assert upstream["body"]["stream_options"] == {"include_usage": True}
+    # Check's routing mark (to the route where ext_proc sees the request) stays between Envoy and quotagate.
+    assert ASK_USAGE_HEADER not in upstream["headers"]
     assert (await settled(stack, uid)).balance.allowance_used == 5 + 9
 
 

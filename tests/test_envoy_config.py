@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from quotagate.envoyconf import (
+    ASK_USAGE_HEADER,
     AUTHZ_CLUSTER,
     EXTPROC_CLUSTER,
     HTTP_CLUSTER,
@@ -155,9 +156,19 @@ def test_route_sends_everything_upstream_with_long_timeout() -> None:
     assert hcm["codec_type"] == "AUTO"
     assert hcm["generate_request_id"] is True
     (vhost,) = hcm["route_config"]["virtual_hosts"]
-    pages, route = vhost["routes"]
+    pages, ask_usage, route = vhost["routes"]
     assert route["match"] == {"prefix": "/"}
-    assert route["route"] == {"cluster": UPSTREAM_CLUSTER, "timeout": "300s"}
+    assert route["route"] == ask_usage["route"] == {"cluster": UPSTREAM_CLUSTER, "timeout": "300s"}
+    # Streams Check wants asked for their usage: ext_proc sees the request there (and only there), and the
+    # routing header does not reach the upstream.
+    assert ask_usage["match"]["headers"] == [{"name": ASK_USAGE_HEADER, "present_match": True}]
+    assert ask_usage["request_headers_to_remove"] == [ASK_USAGE_HEADER]
+    overrides = ask_usage["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]
+    assert overrides["processing_mode"]["request_header_mode"] == "SEND"
+    ext_proc = next(f for f in http_filters(config) if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+    assert ext_proc["processing_mode"]["request_header_mode"] == "SKIP"
+    ext_authz = next(f for f in http_filters(config) if f["name"] == "envoy.filters.http.ext_authz")["typed_config"]
+    assert ext_authz["clear_route_cache"] is True  # Check's header picks the route
     # The balance and purchase pages go to quotagate's HTTP port, with Check, ext_proc and the limits off.
     assert pages["match"] == {"path_separated_prefix": USER_PAGES_PREFIX}
     assert pages["route"]["cluster"] == HTTP_CLUSTER

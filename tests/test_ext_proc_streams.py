@@ -89,9 +89,10 @@ async def test_streams_envoy_resets_once_answered_leave_no_batch_or_task_behind(
         await asyncio.wait(running, timeout=RESET_WAIT_SECONDS + 5)
     assert not _call_tasks()
 
-    # The wrapper did see the streams' writes (three answers each: request headers, response headers, body).
+    # The wrapper did see the streams' writes (two answers each: response headers, body; ext_proc does not see
+    # the request of a JSON completion).
     assert batches["SendInitialMetadata+SendMessage"] >= 160
-    assert batches["SendMessage"] >= 160 * 2
+    assert batches["SendMessage"] >= 160
     # Before the fix 91 of these 160 streams ended with a status batch that failed on the reset call, and two
     # with a write cancelled in flight: native memory grpc never frees, either way.
     assert _failed(batches) == {}

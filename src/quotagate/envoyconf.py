@@ -48,12 +48,16 @@ UPSTREAM_CLUSTER = "upstream"
 HTTP_CLUSTER = "quotagate_http"
 # Served by quotagate's HTTP port, not the LLM upstream: the balance page and the purchase link.
 USER_PAGES_PREFIX = "/v1/quota"
+# Check sets it on a stream that must be asked for its usage: Envoy then routes the request (again, after Check)
+# to the route where ext_proc also sees the request; every other request skips that round trip.
+ASK_USAGE_HEADER = "x-quota-ask-usage"
 
 _TYPE_URL = "type.googleapis.com/"
 _HCM_TYPE = _TYPE_URL + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_AUTHZ_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 _EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 _EXT_PROC_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+_EXT_PROC_ROUTE_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 _RATELIMIT_TYPE = _TYPE_URL + "envoy.extensions.filters.http.ratelimit.v3.RateLimit"
 _ROUTER_TYPE = _TYPE_URL + "envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS_TYPE = _TYPE_URL + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -245,22 +249,47 @@ def _ext_proc_filter() -> dict[str, Any]:
             # answer, and the reservation is charged at its estimate when it expires.
             "failure_mode_allow": True,
             # The response body mode is chosen per response from its content type (STREAMED for SSE,
-            # BUFFERED for JSON, else NONE).
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SEND",
-                # Asked for per request (mode_override), only when a stream must be asked for its usage.
-                "request_body_mode": "NONE",
-                "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
+            # BUFFERED for JSON, else NONE). The request is not sent: what ext_proc needs of it comes with
+            # Check's metadata, except on the route for streams that must be asked for their usage.
+            "processing_mode": _processing_mode(request_headers=False),
             "allow_mode_override": True,
             "message_timeout": "2s",
             # What Check learnt (user, model, prompt size, whether to ask for usage) reaches ext_proc here.
             "metadata_options": {"forwarding_namespaces": {"untyped": [_EXT_AUTHZ_NAMESPACE]}},
         },
     }
+
+
+def _processing_mode(*, request_headers: bool) -> dict[str, str]:
+    return {
+        "request_header_mode": "SEND" if request_headers else "SKIP",
+        "response_header_mode": "SEND",
+        # Asked for per request (mode_override), only when a stream must be asked for its usage.
+        "request_body_mode": "NONE",
+        "response_body_mode": "NONE",
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    }
+
+
+def _upstream_routes(opts: EnvoyOptions) -> list[dict[str, Any]]:
+    route = {"cluster": UPSTREAM_CLUSTER, "timeout": _ROUTE_TIMEOUT}
+    default = {"match": {"prefix": "/"}, "route": route}
+    if not opts.ext_proc:
+        return [default]
+    # A stream Check wants asked for its usage: ext_proc sees the request headers, and reads the body from there.
+    ask_usage = {
+        "match": {"prefix": "/", "headers": [{"name": ASK_USAGE_HEADER, "present_match": True}]},
+        "route": route,
+        "request_headers_to_remove": [ASK_USAGE_HEADER],
+        "typed_per_filter_config": {
+            "envoy.filters.http.ext_proc": {
+                "@type": _EXT_PROC_ROUTE_TYPE,
+                "overrides": {"processing_mode": _processing_mode(request_headers=True)},
+            }
+        },
+    }
+    return [ask_usage, default]
 
 
 def _upstream_cluster(opts: EnvoyOptions) -> dict[str, Any]:
@@ -307,6 +336,8 @@ def _ext_authz_filter(opts: EnvoyOptions) -> dict[str, Any]:
                 "pack_as_bytes": True,
             },
             "failure_mode_allow": opts.failure_mode_allow,
+            # Check's headers choose the route ext_proc applies (ASK_USAGE_HEADER): match the routes again.
+            "clear_route_cache": opts.ext_proc,
             # Without this Envoy answers 403 when quotagate is unreachable, which looks like a quota denial.
             "status_on_error": {"code": opts.status_on_error},
             "include_peer_certificate": False,
@@ -351,13 +382,7 @@ def _listener(opts: EnvoyOptions) -> dict[str, Any]:
                 {
                     "name": "llm",
                     "domains": ["*"],
-                    "routes": [
-                        _user_pages_route(opts),
-                        {
-                            "match": {"prefix": "/"},
-                            "route": {"cluster": UPSTREAM_CLUSTER, "timeout": _ROUTE_TIMEOUT},
-                        },
-                    ],
+                    "routes": [_user_pages_route(opts), *_upstream_routes(opts)],
                 }
             ],
         },

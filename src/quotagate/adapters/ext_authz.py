@@ -27,6 +27,7 @@ from quotagate.core.decide import Decision
 from quotagate.core.errors import InvalidRequest, StoreUnavailable
 from quotagate.core.estimate import CompletionRequest, parse_body
 from quotagate.core.messages import MessageKey
+from quotagate.envoyconf import ASK_USAGE_HEADER
 from quotagate.service import QuotaService, validate_id
 from quotagate.store.ports import NewAccount
 
@@ -149,8 +150,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         except Rejected as rejected:
             code = code_pb2.UNAUTHENTICATED if rejected.denial.status == 401 else code_pb2.INVALID_ARGUMENT
             return denied(rejected.denial, code), rejected.state
-        request_id = headers.get("x-request-id") or http.id or str(uuid.uuid4())
-        decision = await self._service.check(user, request_id[:256], completion)
+        request_id = (headers.get("x-request-id") or http.id or str(uuid.uuid4()))[:256]
+        decision = await self._service.check(user, request_id, completion)
         if not decision.allowed:
             now = self._service.clock.now()
             purchase_url = self._service.links.purchase_url(user.user_id, now)
@@ -158,12 +159,15 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             denial = quota_denial(decision, self._settings, now, purchase_url, balance_url)
             code = code_pb2.PERMISSION_DENIED if denial.status == 403 else code_pb2.RESOURCE_EXHAUSTED
             return denied(denial, code), decision.state.value
-        return self._allowed(decision, user.user_id, client, completion), decision.state.value
+        return self._allowed(decision, user.user_id, request_id, client, completion), decision.state.value
 
     def _allowed(
-        self, decision: Decision, user_id: str, client: Client, completion: CompletionRequest | None
+        self, decision: Decision, user_id: str, request_id: str, client: Client, completion: CompletionRequest | None
     ) -> external_auth_pb2.CheckResponse:
         upstream = [_header_uncached("x-quota-user", user_id)]
+        if completion is not None and completion.needs_usage_asked:
+            # Routes the request to where ext_proc also sees the request (envoyconf), to ask for the usage.
+            upstream.append(_header(ASK_USAGE_HEADER, "1"))
         remove: list[str] = []
         if self._settings.upstream_api_key:
             # The upstream (LiteLLM) gets its own key, never the client's.
@@ -173,6 +177,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         metadata = struct_pb2.Struct()
         fields = metadata.fields
         fields["user_id"].string_value = user_id
+        fields["request_id"].string_value = request_id  # ext_proc's key when it does not see the request
         fields["client"].string_value = client.name
         fields["state"].string_value = decision.state.value
         fields["estimate"].number_value = decision.estimate

@@ -75,6 +75,8 @@ class Exchange:
     user_id: str = ""
     model: str = ""
     prompt_chars: int = 0
+    learnt: bool = False  # Check's metadata was read (from the first message)
+    ask_usage: bool = False  # Check found a stream that did not ask for its usage
     plan: str = ""
     estimate: int = 0  # the hold Check placed
     settle_later: bool = False  # Check found the charge may land after the answer
@@ -165,26 +167,38 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         task.add_done_callback(self._background.discard)
         return task
 
+    def _learn(self, ex: Exchange, message: pb.ProcessingRequest) -> None:
+        """Takes what Check found (request id, user, model, ...) from the metadata Envoy forwards with the
+        stream's first message: the request headers, or, where ext_proc does not see the request, the response
+        headers. Envoy's own replies to a request Check refused carry none: nothing to charge there."""
+        ex.learnt = True
+        check = message.metadata_context.filter_metadata.get(AUTHZ_NAMESPACE)
+        if check is None:
+            return
+        fields = check.fields
+        ex.request_id = fields["request_id"].string_value if "request_id" in fields else ""
+        ex.user_id = fields["user_id"].string_value if "user_id" in fields else ""
+        ex.model = fields["model"].string_value if "model" in fields else ""
+        ex.prompt_chars = int(fields["prompt_chars"].number_value) if "prompt_chars" in fields else 0
+        ex.plan = fields["plan"].string_value if "plan" in fields else ""
+        ex.estimate = int(fields["estimate"].number_value) if "estimate" in fields else 0
+        ex.settle_later = "settle_later" in fields and fields["settle_later"].bool_value
+        ex.ask_usage = "ask_usage" in fields and fields["ask_usage"].bool_value
+        notice = fields["notice"].string_value if "notice" in fields else ""
+        ex.notice = notice if self._notices_on and notice in NOTICE_THRESHOLDS else ""
+
     def _handle(self, ex: Exchange, message: pb.ProcessingRequest) -> tuple[pb.ProcessingResponse, bool]:
+        if not ex.learnt:
+            self._learn(ex, message)
         kind = message.WhichOneof("request")
         if kind == "request_headers":
-            headers = header_map(message.request_headers.headers)
-            ex.request_id = headers.get("x-request-id", "")
-            ex.user_id = headers.get("x-quota-user", "")
             answer = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
-            check = message.metadata_context.filter_metadata.get(AUTHZ_NAMESPACE)
-            if check is not None:
-                fields = check.fields
-                ex.model = fields["model"].string_value if "model" in fields else ""
-                ex.prompt_chars = int(fields["prompt_chars"].number_value) if "prompt_chars" in fields else 0
-                ex.plan = fields["plan"].string_value if "plan" in fields else ""
-                ex.estimate = int(fields["estimate"].number_value) if "estimate" in fields else 0
-                ex.settle_later = "settle_later" in fields and fields["settle_later"].bool_value
-                notice = fields["notice"].string_value if "notice" in fields else ""
-                ex.notice = notice if self._notices_on and notice in NOTICE_THRESHOLDS else ""
-                if ex.known and "ask_usage" in fields and fields["ask_usage"].bool_value:
-                    # Only then is the request body worth a round trip: to ask the stream for its usage.
-                    answer.mode_override.request_body_mode = _Mode.BUFFERED
+            if ex.known and ex.ask_usage:
+                # Only then is the request body worth a round trip: to ask the stream for its usage. The body
+                # grows, and Envoy checks a content-length it still has against the changed body before it
+                # applies the new one: take it out here, the body's answer sets it again.
+                answer.mode_override.request_body_mode = _Mode.BUFFERED
+                answer.request_headers.response.header_mutation.remove_headers.append("content-length")
             return answer, False
         if kind == "request_body":
             return pb.ProcessingResponse(request_body=self._request_body(ex, message.request_body.body)), False
