@@ -14,19 +14,23 @@ usage figures), and three Envoys built from quotagate.envoyconf:
 Phases: 1 connection with sequential requests (plain, chain: the latency quotagate adds at low load), then
 --connections connections in a closed loop (chain, LiteLLM direct, chain + LiteLLM: saturation throughput).
 It prints the added p50 at low load (target <= 1 ms) and the chain's saturation throughput over LiteLLM's
-(target >= 3x), both from the same run on the same machine.
+(target >= 3x), both from the same run on the same machine. --breakdown adds, at 1 connection, Envoys with
+Check only and with Check + ext_proc, and the same Check + ext_proc in front of bench/trivial_authz.py, a server
+that answers at once: the latency those two filters add whatever the service does.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import math
 import os
 import secrets
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import bench_envoy
@@ -35,8 +39,9 @@ import common
 import yaml
 
 from quotagate.envoyconf import EnvoyOptions, build_envoy_config
-from quotagate.procs import free_port, start_litellm, wait_litellm_ready
+from quotagate.procs import ManagedProcess, free_port, start_litellm, wait_for_port, wait_litellm_ready
 
+TRIVIAL = "do-nothing Check + ext_proc (trivial_authz.py)"
 FILTERS_OFF = ("envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc", "envoy.filters.http.ratelimit")
 LITELLM_CONFIG = {
     "model_list": [
@@ -123,14 +128,21 @@ async def main_async(args: argparse.Namespace) -> int:
         breakdown: list[str] = []
         started: dict[str, tuple[int, int]] = {}
         if args.breakdown:
-            # The chain's filters one step at a time, to see what each adds at low load.
-            for name, removed in (
-                ("Check only", FILTERS_OFF[1:]),
-                ("Check + ext_proc", FILTERS_OFF[2:]),
+            # The chain's filters one step at a time, to see what each adds at low load; and the same two
+            # filters in front of a server that does nothing (bench/trivial_authz.py): the floor of grpc.aio.
+            trivial_port = free_port()
+            argv = [sys.executable, str(Path(__file__).with_name("trivial_authz.py")), "--port", str(trivial_port)]
+            trivial = bench.manage(ManagedProcess(argv, bench.tmp / "trivial.log", name="trivial-authz").start())
+            await wait_for_port(common.HOST, trivial_port, timeout=30, process=trivial)
+            for name, removed, authz_port in (
+                ("Check only", FILTERS_OFF[1:], qg.grpc_port),
+                ("Check + ext_proc", FILTERS_OFF[2:], qg.grpc_port),
+                (TRIVIAL, FILTERS_OFF[2:], trivial_port),
             ):
-                cfg = without_filters(build_envoy_config(options(upstream_port)), removed)
+                opts = dataclasses.replace(options(upstream_port), authz_port=authz_port)
+                cfg = without_filters(build_envoy_config(opts), removed)
                 proc, port = await bench_envoy.start_envoy_target(
-                    bench, name.replace(" ", "").replace("+", "-"), cfg, args.envoy_concurrency
+                    bench, name.split(" (")[0].replace(" ", "").replace("+", "-"), cfg, args.envoy_concurrency
                 )
                 breakdown.append(name)
                 started[name] = (proc.pid, port)
@@ -146,7 +158,7 @@ async def main_async(args: argparse.Namespace) -> int:
         }
         for name in breakdown:
             envoy_pid, envoy_port = started[name]
-            pids = {"envoy": envoy_pid, "up": upstream.pid} | base
+            pids = {"envoy": envoy_pid, "up": upstream.pid} | (base if name != TRIVIAL else {})
             targets[name] = Target(f"{name} -> demo", envoy_port, qg.client_key, pids)
 
         # Every account exists and sits in Redis before measuring; LiteLLM answers once before it is timed.

@@ -1,10 +1,13 @@
-"""A trivial grpc.aio Check server (always OK, no state): the gRPC floor quotagate is compared with.
+"""A trivial grpc.aio Check and ext_proc server (always OK, no state): the gRPC floor quotagate is compared with.
 
     python bench/trivial_authz.py --port P
 
 bench_check.py --baseline starts it as its own process, like quotagate, and sends it the same load. It uses the
 same server options as quotagate.server and answers with a fixed OkHttpResponse of the same shape (a few
-headers and dynamic metadata), but reads no body and touches no store.
+headers and dynamic metadata), but reads no body and touches no store. Its ExternalProcessor answers every
+message unchanged, asking for a JSON body BUFFERED as quotagate does, and ends the stream at the body's end:
+bench_chain.py --breakdown puts an Envoy with Check and ext_proc in front of it, for the latency those two
+filters add with a server that does nothing.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import argparse
 import asyncio
 import contextlib
 import signal
+from collections.abc import AsyncIterator
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
@@ -51,9 +58,32 @@ class TrivialAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         return self._ok
 
 
+class TrivialProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    async def Process(
+        self, requests: AsyncIterator[ext_proc_pb2.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ext_proc_pb2.ProcessingResponse]:
+        async for message in requests:
+            kind = message.WhichOneof("request")
+            if kind == "response_headers":
+                answer = ext_proc_pb2.ProcessingResponse(response_headers=ext_proc_pb2.HeadersResponse())
+                answer.mode_override.response_body_mode = processing_mode_pb2.ProcessingMode.BUFFERED
+                yield answer
+            elif kind == "response_body":
+                yield ext_proc_pb2.ProcessingResponse(response_body=ext_proc_pb2.BodyResponse())
+                if message.response_body.end_of_stream:
+                    return
+            elif kind == "request_headers":
+                yield ext_proc_pb2.ProcessingResponse(request_headers=ext_proc_pb2.HeadersResponse())
+            elif kind == "request_body":
+                yield ext_proc_pb2.ProcessingResponse(request_body=ext_proc_pb2.BodyResponse())
+            else:
+                return
+
+
 async def serve(port: int) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 8 << 20)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(TrivialAuthorization(), server)
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(TrivialProcessor(), server)
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise OSError(f"cannot listen on 127.0.0.1:{port}")
     await server.start()
