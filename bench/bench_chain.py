@@ -274,7 +274,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="quotagate serve --workers N (default 1)")
     parser.add_argument("--envoy-concurrency", type=int, help="Envoy worker threads (default: one per core)")
     parser.add_argument(
-        "--breakdown", action="store_true", help="also measure Envoys with only Check, and Check + ext_proc (1 conn)"
+        "--breakdown",
+        action="store_true",
+        help="also measure Envoys with only Check, Check + ext_proc, and Check + ext_proc in front of a "
+        "do-nothing server (1 conn)",
     )
     parser.add_argument("--log-level", default="WARNING", help="quotagate's log level (default WARNING)")
     args = parser.parse_args()
