@@ -30,7 +30,6 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import bench_envoy
@@ -39,7 +38,7 @@ import common
 import yaml
 
 from quotagate.envoyconf import EnvoyOptions, build_envoy_config
-from quotagate.procs import ManagedProcess, free_port, start_litellm, wait_for_port, wait_litellm_ready
+from quotagate.procs import free_port, start_litellm, wait_litellm_ready
 
 TRIVIAL = "do-nothing Check + ext_proc (trivial_authz.py)"
 FILTERS_OFF = ("envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc", "envoy.filters.http.ratelimit")
@@ -130,10 +129,7 @@ async def main_async(args: argparse.Namespace) -> int:
         if args.breakdown:
             # The chain's filters one step at a time, to see what each adds at low load; and the same two
             # filters in front of a server that does nothing (bench/trivial_authz.py): the floor of grpc.aio.
-            trivial_port = free_port()
-            argv = [sys.executable, str(Path(__file__).with_name("trivial_authz.py")), "--port", str(trivial_port)]
-            trivial = bench.manage(ManagedProcess(argv, bench.tmp / "trivial.log", name="trivial-authz").start())
-            await wait_for_port(common.HOST, trivial_port, timeout=30, process=trivial)
+            _, trivial_port = await common.start_trivial_server(bench)
             for name, removed, authz_port in (
                 ("Check only", FILTERS_OFF[1:], qg.grpc_port),
                 ("Check + ext_proc", FILTERS_OFF[2:], qg.grpc_port),

@@ -30,13 +30,10 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import common
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2
-
-from quotagate.procs import ManagedProcess, free_port, wait_for_port
 
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 CHAT_BODY = (
@@ -178,10 +175,7 @@ async def main_async(args: argparse.Namespace) -> int:
         metrics_port = qg.http_port if args.workers == 1 else None
         servers = [Server("quotagate", payload, common.Probe({"server": qg.proc.pid}, stores.redis_url, metrics_port))]
         if args.baseline:
-            port = free_port()
-            argv = [sys.executable, str(Path(__file__).with_name("trivial_authz.py")), "--port", str(port)]
-            trivial = bench.manage(ManagedProcess(argv, bench.tmp / "trivial.log", name="trivial-authz").start())
-            await wait_for_port(common.HOST, port, timeout=30, process=trivial)
+            trivial, port = await common.start_trivial_server(bench)
             probe = common.Probe({"server": trivial.pid}, stores.redis_url)
             servers.append(Server("trivial grpc.aio", replace(payload, target=f"{common.HOST}:{port}"), probe))
 

@@ -28,7 +28,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import common
@@ -246,10 +245,7 @@ async def main_async(args: argparse.Namespace) -> int:
         ]
         pids = {"quotagate": qg.proc.pid, "upstream": upstream.pid}
         if args.baseline:
-            trivial_port = free_port()
-            argv = [sys.executable, str(Path(__file__).with_name("trivial_authz.py")), "--port", str(trivial_port)]
-            trivial = bench.manage(ManagedProcess(argv, bench.tmp / "trivial.log", name="trivial-authz").start())
-            await wait_for_port(common.HOST, trivial_port, timeout=30, process=trivial)
+            trivial, trivial_port = await common.start_trivial_server(bench)
             config = build_envoy_config(replace(options(), authz_port=trivial_port))
             trivial_proc, trivial_envoy_port = await start_envoy_target(
                 bench, "trivial", config, args.envoy_concurrency

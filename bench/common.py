@@ -307,6 +307,15 @@ def quotagate_config(stores: Stores, client_key: str) -> dict[str, Any]:
     }
 
 
+async def start_trivial_server(bench: Bench) -> tuple[ManagedProcess, int]:
+    """bench/trivial_authz.py (always-OK Check and ext_proc, no state) in its own process: the gRPC floor."""
+    port = free_port()
+    argv = [sys.executable, str(Path(__file__).with_name("trivial_authz.py")), "--port", str(port)]
+    trivial = bench.manage(ManagedProcess(argv, bench.tmp / "trivial.log", name="trivial-authz").start())
+    await wait_for_port(HOST, port, timeout=30, process=trivial)
+    return trivial, port
+
+
 async def start_quotagate(
     bench: Bench,
     stores: Stores,
