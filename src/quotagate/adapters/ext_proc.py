@@ -1,8 +1,10 @@
 """envoy.service.ext_proc.v3.ExternalProcessor: learns what each completion cost from the response itself.
 
-One gRPC stream per HTTP request. The request body is read to ask streamed completions for their usage;
-the response body is observed per content type (STREAMED for SSE, BUFFERED for JSON, NONE otherwise);
-at the body's end the reservation Check placed under the same x-request-id is settled, and the stream ends.
+One gRPC stream per HTTP request. The request itself is seen only when Check routed it here to be asked for
+its usage (a stream that did not ask); otherwise the stream starts at the response headers, and the request
+id, user and model come from Check's metadata. The response body is observed per content type (STREAMED for
+SSE, BUFFERED for JSON, NONE otherwise); at the body's end the reservation Check placed under the same request
+id is settled, and the completion's tokens are added to the user's token rate-limit windows.
 
 Far from every threshold the last answer does not wait for the ledger: the completion's cost first replaces
 its hold in Redis (one script), so the client's next request already sees the charge, and the ledger write
