@@ -89,6 +89,7 @@ class Exchange:
     usage: Usage | None = None
     settled: bool = False
     balance: Balance | None = None  # after the settlement, when quotagate settled it
+    report: UsageReport | None = None  # what the completion used, once the answer has ended
     balance_wanted: bool = False  # a notice will tell the balance after the settlement, in-flight holds too
     notice: str = ""  # the threshold whose notice Check found due ("warn", "critical"), else ""
     # Set when the body reached the place for the notice: the bytes to pass before and after it.
@@ -379,6 +380,13 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             log.exception("usage not settled", extra={"request_id": ex.request_id, "user_id": ex.user_id})
 
     def _report(self, ex: Exchange) -> UsageReport:
+        """What the completion used, read once: every caller (the swap before the last answer, the token
+        windows, the settlement) runs when no more of the answer will come."""
+        if ex.report is None:
+            ex.report = self._read_report(ex)
+        return ex.report
+
+    def _read_report(self, ex: Exchange) -> UsageReport:
         base = UsageReport(ex.request_id, ex.user_id, ex.model, 0, 0, source="ext_proc")
         if ex.status >= 400:
             return replace(base, succeeded=False)
