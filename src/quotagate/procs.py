@@ -46,26 +46,45 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago, for a server to listen on.
+class _PortPicker:
+    """Hands out ports in a walk from a random start, so one process never gets the same port twice.
 
-    Picked below the kernel's ephemeral range: a port the kernel hands out itself can be taken meanwhile by
-    any outgoing connection (to Redis, say) before the server binds it.
+    Random picks alone repeat: a test asking for six ports, hundreds of times a run, drew the same port twice
+    now and then, and the second server could not bind it.
     """
-    ephemeral_low, _ = _ephemeral_range()
-    low, high = 10000, max(10001, ephemeral_low - 1)
-    for _ in range(500):
-        port = random.randint(low, high)
+
+    def __init__(self) -> None:
+        ephemeral_low, _ = _ephemeral_range()
+        # Below the kernel's ephemeral range: a port the kernel hands out itself can be taken meanwhile by
+        # any outgoing connection (to Redis, say) before the server binds it.
+        self._low, self._high = 10000, max(10001, ephemeral_low - 1)
+        self._next = random.randint(self._low, self._high)
+
+    def pick(self) -> int:
+        for _ in range(self._high - self._low + 1):
+            port = self._next
+            self._next = self._low if port >= self._high else port + 1
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        fallback: int = sock.getsockname()[1]
-        return fallback
+            sock.bind(("127.0.0.1", 0))
+            fallback: int = sock.getsockname()[1]
+            return fallback
+
+
+_picker: _PortPicker | None = None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago and not handed out before by this process."""
+    global _picker
+    if _picker is None:
+        _picker = _PortPicker()
+    return _picker.pick()
 
 
 class ManagedProcess:
