@@ -69,6 +69,7 @@ class Stack:
     quotagate: Running | None = None
     envoy: ManagedProcess | None = None
     envoy_port: int = 0
+    admin_port: int = 0
     upstream_port: int = 0
     _cleanups: list[Any] = field(default_factory=list)
 
@@ -80,7 +81,8 @@ class Stack:
         else:
             runner, self.upstream_port = await start_demo_upstream()
             self._cleanups.append(runner)
-        self.envoy_port, admin_port = free_port(), free_port()
+        self.envoy_port = free_port()
+        self.admin_port = admin_port = free_port()
         config = write_envoy_config(
             EnvoyOptions(
                 upstream_host=upstream_host,
@@ -183,6 +185,17 @@ class Stack:
         return await self.admin.GetAccount(
             admin_pb2.GetAccountRequest(user_id=user), metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")]
         )
+
+    async def envoy_counters(self, prefix: str) -> dict[str, int]:
+        """Envoy's counters whose names start with `prefix`, from its admin interface."""
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://127.0.0.1:{self.admin_port}/stats", params={"filter": f"^{prefix}"})
+        counters: dict[str, int] = {}
+        for line in response.text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.isdigit():
+                counters[name] = int(value)
+        return counters
 
     async def upstream_requests(self) -> list[dict[str, Any]]:
         async with httpx.AsyncClient() as client:

@@ -254,42 +254,73 @@ async def ledger_held(database_url: str, user: str) -> AsyncIterator[None]:
         await conn.close()
 
 
-async def test_far_from_every_threshold_the_answer_does_not_wait_for_the_ledger(
+async def streams(stack: Stack) -> tuple[int, int]:
+    """How many ext_proc streams Envoy opened so far: (watched, held)."""
+    counters = await stack.envoy_counters("http.ingress.ext_proc.")
+    return counters.get("http.ingress.ext_proc.watch.streams_started", 0), counters.get(
+        "http.ingress.ext_proc.streams_started", 0
+    )
+
+
+async def eventually_reserved(stack: Stack, user: str, reserved: int) -> admin_pb2.Account:
+    deadline = time.monotonic() + 5
+    while (account := await stack.account(user)).balance.reserved != reserved:
+        assert time.monotonic() < deadline, f"reserved stays {account.balance.reserved}, not {reserved}"
+        await asyncio.sleep(0.02)
+    return account
+
+
+async def test_far_from_every_threshold_the_answer_is_only_watched_and_never_waits(
     stack: Stack, uid: str, database_url: str
 ) -> None:
     assert (await stack.chat(uid, completion_tokens=5)).status_code == 200
     before = (await settled(stack, uid)).balance.allowance_used
+    watched, held = await streams(stack)
     async with ledger_held(database_url, uid):
-        # Costs 13 of a 100,000 allowance and less than its hold (max_tokens 40): the answer goes first.
+        # Costs 13 of a 100,000 allowance and less than its hold (max_tokens 40): Envoy answers without
+        # waiting for quotagate at all (observability mode), and the charge follows.
         response = await asyncio.wait_for(stack.chat(uid, completion_tokens=10), timeout=5)
         assert response.status_code == 200
-        held = await stack.account(uid)
+        assert response.json()["usage"]["completion_tokens"] == 10
         # Not in the ledger yet: its cost (not its hold of 40 and more) is shown as held meanwhile...
-        assert (held.balance.allowance_used, held.balance.reserved) == (before, 13)
-        # ...and the next request is decided on the charge already.
+        account = await eventually_reserved(stack, uid, 13)
+        assert account.balance.allowance_used == before
+        # ...and the next request is decided on the charge.
         following = await asyncio.wait_for(stack.chat(uid, completion_tokens=10), timeout=5)
         assert int(following.headers["x-quota-remaining"]) == 100_000 - before - 13
     after = await settled(stack, uid)
     assert after.balance.allowance_used == before + 26
+    # Both went to the watching filter, none to the one that holds answers.
+    assert await streams(stack) == (watched + 2, held)
 
 
-@pytest.mark.parametrize("case", ["warn state", "costlier than its hold"])
-async def test_near_a_threshold_or_above_the_hold_the_answer_waits_for_the_charge(
-    stack: Stack, uid: str, database_url: str, case: str
-) -> None:
-    if case == "warn state":
-        # 80,003 of 100,000: warn (costlier than its hold, so this one is settled first too).
-        assert (await stack.chat(uid, completion_tokens=80_000)).status_code == 200
-        completion = 10
-    else:
-        assert (await stack.chat(uid, completion_tokens=5)).status_code == 200
-        completion = 400  # max_tokens 40: the hold is about 44
+async def test_near_a_threshold_the_answer_waits_for_the_charge(stack: Stack, uid: str, database_url: str) -> None:
+    # 80,003 of 100,000: warn.
+    assert (await stack.chat(uid, completion_tokens=80_000)).status_code == 200
     before = (await settled(stack, uid)).balance.allowance_used
+    watched, held = await streams(stack)
     async with ledger_held(database_url, uid):
-        answer = asyncio.ensure_future(stack.chat(uid, completion_tokens=completion))
+        answer = asyncio.ensure_future(stack.chat(uid, completion_tokens=10))
         await asyncio.sleep(0.3)
         assert not answer.done(), "answered before the charge landed"
     response = await asyncio.wait_for(answer, timeout=5)
     assert response.status_code == 200
     account = await stack.account(uid)  # no waiting: the charge is there when the answer is
-    assert (account.balance.allowance_used, account.balance.reserved) == (before + 3 + completion, 0)
+    assert (account.balance.allowance_used, account.balance.reserved) == (before + 3 + 10, 0)
+    assert await streams(stack) == (watched, held + 1)
+
+
+async def test_a_watched_answer_costlier_than_its_hold_is_charged_in_full_just_after(
+    stack: Stack, uid: str, database_url: str
+) -> None:
+    assert (await stack.chat(uid, completion_tokens=5)).status_code == 200
+    before = (await settled(stack, uid)).balance.allowance_used
+    async with ledger_held(database_url, uid):
+        # max_tokens 40 holds about 44; the upstream answers with 400. Nobody waits for the charge, which goes
+        # to the ledger first (the hold stays meanwhile, since the cost would not fit in it).
+        response = await asyncio.wait_for(stack.chat(uid, completion_tokens=400), timeout=5)
+        assert response.status_code == 200
+        account = await stack.account(uid)
+        assert account.balance.allowance_used == before and account.balance.reserved > 0
+    after = await settled(stack, uid)
+    assert after.balance.allowance_used == before + 3 + 400

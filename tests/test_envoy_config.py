@@ -13,13 +13,16 @@ import yaml
 from quotagate.envoyconf import (
     ASK_USAGE_HEADER,
     AUTHZ_CLUSTER,
+    EXT_PROC_FILTER,
     EXTPROC_CLUSTER,
     HTTP_CLUSTER,
     PRODUCTION_OPTIONS,
     RATELIMIT_CLUSTER,
     RATELIMIT_DOMAIN,
+    SETTLE_FIRST_HEADER,
     UPSTREAM_CLUSTER,
     USER_PAGES_PREFIX,
+    WATCH_FILTER,
     EnvoyOptions,
     main,
     render_envoy_config,
@@ -106,12 +109,14 @@ def test_rendered_config_validates(name: str, tmp_path: pathlib.Path) -> None:
     filters = http_filters(config)
     expected = [
         "envoy.filters.http.ext_authz",
-        "envoy.filters.http.ext_proc",
+        EXT_PROC_FILTER,
+        WATCH_FILTER,
         "envoy.filters.http.ratelimit",
         "envoy.filters.http.router",
     ]
     if not opts.ext_proc:
-        expected.remove("envoy.filters.http.ext_proc")
+        expected.remove(EXT_PROC_FILTER)
+        expected.remove(WATCH_FILTER)
     if not opts.rate_limit:
         expected.remove("envoy.filters.http.ratelimit")
     assert [f["name"] for f in filters] == expected
@@ -156,17 +161,30 @@ def test_route_sends_everything_upstream_with_long_timeout() -> None:
     assert hcm["codec_type"] == "AUTO"
     assert hcm["generate_request_id"] is True
     (vhost,) = hcm["route_config"]["virtual_hosts"]
-    pages, ask_usage, route = vhost["routes"]
+    pages, ask_usage, settle_first, route = vhost["routes"]
     assert route["match"] == {"prefix": "/"}
-    assert route["route"] == ask_usage["route"] == {"cluster": UPSTREAM_CLUSTER, "timeout": "300s"}
+    assert route["route"] == ask_usage["route"] == settle_first["route"]
+    assert route["route"] == {"cluster": UPSTREAM_CLUSTER, "timeout": "300s"}
     # Streams Check wants asked for their usage: ext_proc sees the request there (and only there), and the
     # routing header does not reach the upstream.
     assert ask_usage["match"]["headers"] == [{"name": ASK_USAGE_HEADER, "present_match": True}]
-    assert ask_usage["request_headers_to_remove"] == [ASK_USAGE_HEADER]
-    overrides = ask_usage["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]
+    assert ask_usage["request_headers_to_remove"] == [ASK_USAGE_HEADER, SETTLE_FIRST_HEADER]
+    overrides = ask_usage["typed_per_filter_config"][EXT_PROC_FILTER]["overrides"]
     assert overrides["processing_mode"]["request_header_mode"] == "SEND"
-    ext_proc = next(f for f in http_filters(config) if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+    ext_proc = next(f for f in http_filters(config) if f["name"] == EXT_PROC_FILTER)["typed_config"]
     assert ext_proc["processing_mode"]["request_header_mode"] == "SKIP"
+    # Answers that wait for their charge (or carry a notice) go to the same filter; all else is only watched.
+    assert settle_first["match"]["headers"] == [{"name": SETTLE_FIRST_HEADER, "present_match": True}]
+    assert settle_first["request_headers_to_remove"] == [SETTLE_FIRST_HEADER]
+    off = {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True}
+    assert ask_usage["typed_per_filter_config"][WATCH_FILTER] == off
+    assert settle_first["typed_per_filter_config"] == {WATCH_FILTER: off}
+    assert route["typed_per_filter_config"] == {EXT_PROC_FILTER: off}
+    watch = next(f for f in http_filters(config) if f["name"] == WATCH_FILTER)["typed_config"]
+    assert watch["observability_mode"] is True
+    assert watch["processing_mode"]["request_header_mode"] == "SKIP"
+    assert watch["processing_mode"]["response_body_mode"] == "STREAMED"
+    assert watch["grpc_service"] == ext_proc["grpc_service"]
     ext_authz = next(f for f in http_filters(config) if f["name"] == "envoy.filters.http.ext_authz")["typed_config"]
     assert ext_authz["clear_route_cache"] is True  # Check's header picks the route
     # The balance and purchase pages go to quotagate's HTTP port, with Check, ext_proc and the limits off.
@@ -174,7 +192,8 @@ def test_route_sends_everything_upstream_with_long_timeout() -> None:
     assert pages["route"]["cluster"] == HTTP_CLUSTER
     assert set(pages["typed_per_filter_config"]) == {
         "envoy.filters.http.ext_authz",
-        "envoy.filters.http.ext_proc",
+        EXT_PROC_FILTER,
+        WATCH_FILTER,
         "envoy.filters.http.ratelimit",
     }
     assert cluster(config, HTTP_CLUSTER)["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"] == {

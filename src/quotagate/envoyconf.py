@@ -27,12 +27,14 @@ _ENVOY_STATUS_CODES: frozenset[int] = frozenset(v for v in http_status_pb2.Statu
 __all__ = [
     "AUTHZ_CLUSTER",
     "EXTPROC_CLUSTER",
+    "EXT_PROC_FILTER",
     "HTTP_CLUSTER",
     "PRODUCTION_OPTIONS",
     "RATELIMIT_CLUSTER",
     "RATELIMIT_DOMAIN",
     "UPSTREAM_CLUSTER",
     "USER_PAGES_PREFIX",
+    "WATCH_FILTER",
     "EnvoyOptions",
     "build_envoy_config",
     "main",
@@ -51,6 +53,13 @@ USER_PAGES_PREFIX = "/v1/quota"
 # Check sets it on a stream that must be asked for its usage: Envoy then routes the request (again, after Check)
 # to the route where ext_proc also sees the request; every other request skips that round trip.
 ASK_USAGE_HEADER = "x-quota-ask-usage"
+# Check sets it when the answer must wait for the charge (near a threshold, a notice due): Envoy then routes the
+# request to the ext_proc that holds each answer. Every other response is only watched (WATCH_FILTER), in
+# observability mode, so the client never waits for quotagate after Check.
+SETTLE_FIRST_HEADER = "x-quota-settle-first"
+# The filters' names, which routes use to turn them on or off.
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+WATCH_FILTER = "quotagate.ext_proc.watch"
 
 _TYPE_URL = "type.googleapis.com/"
 _HCM_TYPE = _TYPE_URL + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -241,7 +250,7 @@ def _ratelimit_filter(opts: EnvoyOptions) -> dict[str, Any]:
 
 def _ext_proc_filter() -> dict[str, Any]:
     return {
-        "name": "envoy.filters.http.ext_proc",
+        "name": EXT_PROC_FILTER,
         "typed_config": {
             "@type": _EXT_PROC_TYPE,
             "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "5s"},
@@ -255,6 +264,27 @@ def _ext_proc_filter() -> dict[str, Any]:
             "allow_mode_override": True,
             "message_timeout": "2s",
             # What Check learnt (user, model, prompt size, whether to ask for usage) reaches ext_proc here.
+            "metadata_options": {"forwarding_namespaces": {"untyped": [_EXT_AUTHZ_NAMESPACE]}},
+        },
+    }
+
+
+def _watch_filter() -> dict[str, Any]:
+    """The same service in observability mode: Envoy sends the response and does not wait for any answer, so
+    it adds nothing to the client's latency. Used where nothing needs changing and the answer need not wait
+    for the charge (far from every threshold, the common case)."""
+    return {
+        "name": WATCH_FILTER,
+        "typed_config": {
+            "@type": _EXT_PROC_TYPE,
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "5s"},
+            "failure_mode_allow": True,
+            "observability_mode": True,
+            "stat_prefix": "watch",
+            # No mode_override in observability mode: every response body is streamed to quotagate, which
+            # ends the stream itself as soon as it has seen what it needs (the headers of an answer it does
+            # not read, or the body's end).
+            "processing_mode": {**_processing_mode(request_headers=False), "response_body_mode": "STREAMED"},
             "metadata_options": {"forwarding_namespaces": {"untyped": [_EXT_AUTHZ_NAMESPACE]}},
         },
     }
@@ -274,22 +304,39 @@ def _processing_mode(*, request_headers: bool) -> dict[str, str]:
 
 def _upstream_routes(opts: EnvoyOptions) -> list[dict[str, Any]]:
     route = {"cluster": UPSTREAM_CLUSTER, "timeout": _ROUTE_TIMEOUT}
-    default = {"match": {"prefix": "/"}, "route": route}
     if not opts.ext_proc:
-        return [default]
+        return [{"match": {"prefix": "/"}, "route": route}]
+    # ExtProcPerRoute, not the generic FilterConfig: Envoy settles which filters a request has from the route
+    # it first matched, before Check's headers pick the final route; ext_proc reads its own per-route
+    # config when the request reaches it.
+    disabled = {"@type": _EXT_PROC_ROUTE_TYPE, "disabled": True}
     # A stream Check wants asked for its usage: ext_proc sees the request headers, and reads the body from there.
     ask_usage = {
         "match": {"prefix": "/", "headers": [{"name": ASK_USAGE_HEADER, "present_match": True}]},
         "route": route,
-        "request_headers_to_remove": [ASK_USAGE_HEADER],
+        "request_headers_to_remove": [ASK_USAGE_HEADER, SETTLE_FIRST_HEADER],
         "typed_per_filter_config": {
-            "envoy.filters.http.ext_proc": {
+            EXT_PROC_FILTER: {
                 "@type": _EXT_PROC_ROUTE_TYPE,
                 "overrides": {"processing_mode": _processing_mode(request_headers=True)},
-            }
+            },
+            WATCH_FILTER: disabled,
         },
     }
-    return [ask_usage, default]
+    # An answer that must wait for its charge, or carry a notice: ext_proc holds the response.
+    settle_first = {
+        "match": {"prefix": "/", "headers": [{"name": SETTLE_FIRST_HEADER, "present_match": True}]},
+        "route": route,
+        "request_headers_to_remove": [SETTLE_FIRST_HEADER],
+        "typed_per_filter_config": {WATCH_FILTER: disabled},
+    }
+    # Everything else is only watched.
+    default = {
+        "match": {"prefix": "/"},
+        "route": route,
+        "typed_per_filter_config": {EXT_PROC_FILTER: disabled},
+    }
+    return [ask_usage, settle_first, default]
 
 
 def _upstream_cluster(opts: EnvoyOptions) -> dict[str, Any]:
@@ -336,7 +383,7 @@ def _ext_authz_filter(opts: EnvoyOptions) -> dict[str, Any]:
                 "pack_as_bytes": True,
             },
             "failure_mode_allow": opts.failure_mode_allow,
-            # Check's headers choose the route ext_proc applies (ASK_USAGE_HEADER): match the routes again.
+            # Check's headers choose the route, and so which ext_proc sees the response: match the routes again.
             "clear_route_cache": opts.ext_proc,
             # Without this Envoy answers 403 when quotagate is unreachable, which looks like a quota denial.
             "status_on_error": {"code": opts.status_on_error},
@@ -352,7 +399,8 @@ def _user_pages_route(opts: EnvoyOptions) -> dict[str, Any]:
     disabled = {"@type": _FILTER_CONFIG_TYPE, "disabled": True}
     per_filter = {"envoy.filters.http.ext_authz": disabled}
     if opts.ext_proc:
-        per_filter["envoy.filters.http.ext_proc"] = disabled
+        per_filter[EXT_PROC_FILTER] = disabled
+        per_filter[WATCH_FILTER] = disabled
     if opts.rate_limit:
         per_filter["envoy.filters.http.ratelimit"] = disabled
     return {
@@ -388,7 +436,7 @@ def _listener(opts: EnvoyOptions) -> dict[str, Any]:
         },
         "http_filters": [
             _ext_authz_filter(opts),
-            *([_ext_proc_filter()] if opts.ext_proc else []),
+            *([_ext_proc_filter(), _watch_filter()] if opts.ext_proc else []),
             # After Check and ext_proc: its users are authenticated, and ext_proc sees its 429s and releases
             # the reservation Check made.
             *([_ratelimit_filter(opts)] if opts.rate_limit else []),

@@ -27,7 +27,7 @@ from quotagate.core.decide import Decision
 from quotagate.core.errors import InvalidRequest, StoreUnavailable
 from quotagate.core.estimate import CompletionRequest, parse_body
 from quotagate.core.messages import MessageKey
-from quotagate.envoyconf import ASK_USAGE_HEADER
+from quotagate.envoyconf import ASK_USAGE_HEADER, SETTLE_FIRST_HEADER
 from quotagate.service import QuotaService, validate_id
 from quotagate.store.ports import NewAccount
 
@@ -165,9 +165,14 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         self, decision: Decision, user_id: str, request_id: str, client: Client, completion: CompletionRequest | None
     ) -> external_auth_pb2.CheckResponse:
         upstream = [_header_uncached("x-quota-user", user_id)]
+        notice = decision.warn and self._settings.notices.in_conversation
         if completion is not None and completion.needs_usage_asked:
             # Routes the request to where ext_proc also sees the request (envoyconf), to ask for the usage.
             upstream.append(_header(ASK_USAGE_HEADER, "1"))
+        elif completion is not None and decision.reserved and (notice or not decision.settles_unseen):
+            # Routes the response to the ext_proc that holds it until the charge lands (or the notice is in);
+            # any other response is only watched, and its charge lands just after it.
+            upstream.append(_header(SETTLE_FIRST_HEADER, "1"))
         remove: list[str] = []
         if self._settings.upstream_api_key:
             # The upstream (LiteLLM) gets its own key, never the client's.
@@ -191,7 +196,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             # Far from every threshold ext_proc may answer before the charge lands (Decision.settles_unseen).
             fields["settle_later"].bool_value = decision.settles_unseen
             fields["plan"].string_value = decision.balance.limits.plan_id
-            if decision.warn and self._settings.notices.in_conversation:
+            if notice:
                 # ext_proc adds the notice for this threshold to the answer if nobody showed it yet this cycle.
                 fields["notice"].string_value = decision.state.value
         to_client = [_header(k, v) for k, v in quota_headers(decision.balance, decision.state).items()]

@@ -1,14 +1,18 @@
 """envoy.service.ext_proc.v3.ExternalProcessor: learns what each completion cost from the response itself.
 
-One gRPC stream per HTTP request. The request itself is seen only when Check routed it here to be asked for
-its usage (a stream that did not ask); otherwise the stream starts at the response headers, and the request
-id, user and model come from Check's metadata. The response body is observed per content type (STREAMED for
-SSE, BUFFERED for JSON, NONE otherwise); at the body's end the reservation Check placed under the same request
-id is settled, and the completion's tokens are added to the user's token rate-limit windows.
+One gRPC stream per HTTP request, from one of two Envoy filters (envoyconf). Most responses are only watched:
+that filter runs in observability mode, so Envoy sends the response on to the client without waiting for
+quotagate, and the charge lands a few milliseconds after the answer. Check sends the rest to the filter whose
+answers Envoy waits for: a stream that must be asked for its usage (that stream's request is seen too), an
+answer that must carry a notice, and an answer near a threshold, which waits for its charge.
 
-Far from every threshold the last answer does not wait for the ledger: the completion's cost first replaces
-its hold in Redis (one script), so the client's next request already sees the charge, and the ledger write
-follows in the background. Near a threshold, or when the cost exceeds the hold, the answer waits for it.
+The request id, user and model come from Check's metadata. The response body is read per content type (SSE
+and JSON; nothing else is charged); at the body's end the reservation Check placed under the same request id is
+settled, and the completion's tokens are added to the user's token rate-limit windows.
+
+Settling starts with one Redis script that swaps the completion's hold for its cost, so the client's next request
+sees the charge, when Check found the user far from every threshold and the cost is within the hold; the ledger
+write follows in the background. Otherwise the ledger is written first, and a held answer waits for it.
 
 When Check says a warned user's notice is due, the first successful completion to claim it carries it: one
 more content chunk before `data: [DONE]` in a stream, or more text in the JSON message. The completion is
@@ -78,6 +82,7 @@ class Exchange:
     model: str = ""
     prompt_chars: int = 0
     learnt: bool = False  # Check's metadata was read (from the first message)
+    watching: bool = False  # Envoy's filter in observability mode: it takes no answers and does not wait
     ask_usage: bool = False  # Check found a stream that did not ask for its usage
     plan: str = ""
     estimate: int = 0  # the hold Check placed
@@ -124,6 +129,11 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             # context.read(), not the iterator: see wire.read_checked.
             while (message := await read_checked(context)) is not None:
                 response, done = self._handle(exchange, message)
+                if exchange.watching:
+                    if done:
+                        await self._watched_to_the_end(exchange)
+                        return  # ends the stream (Envoy keeps a watched stream open until then)
+                    continue
                 if exchange.notice_here:
                     await self._add_notice(exchange, response)
                 if not done:
@@ -154,6 +164,14 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         # A client that waits for the status instead gets it after this pause, and returning ends the stream.
         await asyncio.sleep(RESET_WAIT_SECONDS)
 
+    async def _watched_to_the_end(self, ex: Exchange) -> None:
+        """The end of a watched response (observability mode): the client has it already, so nothing waits
+        here but the swap of the hold for the cost, which makes the client's next request see the charge as
+        soon as possible; the token windows and the ledger follow in the background (the finally in Process)."""
+        if self._count is not None:
+            self._spawn(self._count_tokens(ex))
+        await self._charged_ahead(ex)
+
     async def _answer_last(self, context: grpc.aio.ServicerContext, response: pb.ProcessingResponse) -> None:
         """Writes the last answer, shielded: Envoy's reset can arrive before grpc reports the write done, and a
         write cancelled then would leave its batch unfreed (grpc#43360, ~6% of streams)."""
@@ -175,6 +193,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         stream's first message: the request headers, or, where ext_proc does not see the request, the response
         headers. Envoy's own replies to a request Check refused carry none: nothing to charge there."""
         ex.learnt = True
+        ex.watching = message.observability_mode
         check = message.metadata_context.filter_metadata.get(AUTHZ_NAMESPACE)
         if check is None:
             return
@@ -188,7 +207,8 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         ex.settle_later = "settle_later" in fields and fields["settle_later"].bool_value
         ex.ask_usage = "ask_usage" in fields and fields["ask_usage"].bool_value
         notice = fields["notice"].string_value if "notice" in fields else ""
-        ex.notice = notice if self._notices_on and notice in NOTICE_THRESHOLDS else ""
+        # A watched response cannot be added to (Check sends those with a notice due to the other route).
+        ex.notice = notice if self._notices_on and notice in NOTICE_THRESHOLDS and not ex.watching else ""
 
     def _handle(self, ex: Exchange, message: pb.ProcessingRequest) -> tuple[pb.ProcessingResponse, bool]:
         if not ex.learnt:
@@ -206,7 +226,9 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         if kind == "request_body":
             return pb.ProcessingResponse(request_body=self._request_body(ex, message.request_body.body)), False
         if kind == "response_headers":
-            return self._response_headers(ex, header_map(message.response_headers.headers))
+            answer, done = self._response_headers(ex, header_map(message.response_headers.headers))
+            # A watched response without a body is over here (a held one gets its body mode NONE then).
+            return answer, done or (ex.watching and message.response_headers.end_of_stream)
         if kind == "response_body":
             body = message.response_body
             return self._response_body(ex, body.body, body.end_of_stream)
