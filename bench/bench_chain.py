@@ -37,11 +37,11 @@ import bench_ratelimit
 import common
 import yaml
 
-from quotagate.envoyconf import EnvoyOptions, build_envoy_config
+from quotagate.envoyconf import EXT_PROC_FILTER, WATCH_FILTER, EnvoyOptions, build_envoy_config
 from quotagate.procs import free_port, start_litellm, wait_litellm_ready
 
 TRIVIAL = "do-nothing Check + ext_proc (trivial_authz.py)"
-FILTERS_OFF = ("envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc", "envoy.filters.http.ratelimit")
+FILTERS_OFF = ("envoy.filters.http.ext_authz", EXT_PROC_FILTER, WATCH_FILTER, "envoy.filters.http.ratelimit")
 LITELLM_CONFIG = {
     "model_list": [
         {
@@ -132,8 +132,8 @@ async def main_async(args: argparse.Namespace) -> int:
             _, trivial_port = await common.start_trivial_server(bench)
             for name, removed, authz_port in (
                 ("Check only", FILTERS_OFF[1:], qg.grpc_port),
-                ("Check + ext_proc", FILTERS_OFF[2:], qg.grpc_port),
-                (TRIVIAL, FILTERS_OFF[2:], trivial_port),
+                ("Check + ext_proc", FILTERS_OFF[3:], qg.grpc_port),
+                (TRIVIAL, FILTERS_OFF[3:], trivial_port),
             ):
                 opts = dataclasses.replace(options(upstream_port), authz_port=authz_port)
                 cfg = without_filters(build_envoy_config(opts), removed)

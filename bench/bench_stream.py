@@ -47,10 +47,9 @@ from typing import Any
 import common
 from bench_envoy import Connection, plain_config, start_envoy_target, start_upstream
 
-from quotagate.envoyconf import EnvoyOptions, build_envoy_config
+from quotagate.envoyconf import EXT_PROC_FILTER, EnvoyOptions, build_envoy_config
 from quotagate.procs import ManagedProcess, free_port
 
-EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 CHARGED = 'quotagate_usage_reports_total{outcome="charged"}'
 REPORTS = "quotagate_usage_reports_total"
 CHECKS = "quotagate_decisions_total"

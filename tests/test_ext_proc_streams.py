@@ -87,9 +87,11 @@ async def test_streams_leave_no_batch_or_task_behind(stack: Stack, batches: Coun
             assert response.status_code == 200, response.text
 
     await asyncio.gather(*(client(40) for _ in range(4)))
-    # Every stream is over once Envoy's reset has cancelled its handler (or the pause has run out).
-    if running := _call_tasks():
-        await asyncio.wait(running, timeout=RESET_WAIT_SECONDS + 5)
+    # Every stream is over once Envoy's reset has cancelled its handler (or the pause has run out), and its
+    # settlement, started as the handler ends, has run.
+    deadline = time.monotonic() + RESET_WAIT_SECONDS + 5
+    while (running := _call_tasks()) and time.monotonic() < deadline:
+        await asyncio.wait(running, timeout=deadline - time.monotonic())
     assert not _call_tasks()
 
     if route == "held":

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
+import time
 from pathlib import Path
 
+import grpc
 import httpx
 
 from quotagate.procs import free_port
+from quotagate.v1 import admin_pb2, admin_pb2_grpc
 
 
 async def _read_until(stream: asyncio.StreamReader, marker: str, seconds: float) -> str:
@@ -22,6 +26,16 @@ async def _read_until(stream: asyncio.StreamReader, marker: str, seconds: float)
                 raise AssertionError(f"quotagate up ended before printing {marker!r}:\n{seen}")
             seen += line.decode()
     return seen
+
+
+async def _nothing_reserved(admin: admin_pb2_grpc.AdminStub, token: str, user: str) -> None:
+    """Waits for the last answer's charge, which lands just after it when the user is far from every threshold:
+    a person typing the next message never outruns it, this loop would."""
+    deadline = time.monotonic() + 10
+    request = admin_pb2.GetAccountRequest(user_id=user)
+    while (await admin.GetAccount(request, metadata=[("authorization", f"Bearer {token}")])).balance.reserved:
+        assert time.monotonic() < deadline, "the last answer was never charged"
+        await asyncio.sleep(0.02)
 
 
 async def test_up_runs_the_stack_reaches_blocked_and_stops_on_ctrl_c(tmp_path: Path) -> None:
@@ -47,11 +61,19 @@ async def test_up_runs_the_stack_reaches_blocked_and_stops_on_ctrl_c(tmp_path: P
         assert f"http://127.0.0.1:{port}" in banner
         assert "demo-key" in banner and "curl" in banner
 
+        server = re.search(r"--server (127\.0\.0\.1:\d+) --token (\S+)", banner)
+        assert server, banner
         states: list[str] = []
         body = {"model": "demo-small", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
         headers = {"authorization": "Bearer demo-key", "x-user-id": "alice@example.com"}
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            for _ in range(40):
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
+            grpc.aio.insecure_channel(server.group(1)) as channel,
+        ):
+            admin = admin_pb2_grpc.AdminStub(channel)
+            for i in range(40):
+                if i:  # (the account is made by the first request)
+                    await _nothing_reserved(admin, server.group(2), "alice@example.com")
                 response = await client.post("/v1/chat/completions", json=body, headers=headers)
                 if response.status_code == 429:
                     assert response.json()["error"]["code"] == "quota_exceeded"
