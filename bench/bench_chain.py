@@ -1,6 +1,7 @@
 """The whole chain against one LiteLLM proxy process: is quotagate ever the bottleneck in front of LiteLLM?
 
     scripts/dev python bench/bench_chain.py [--seconds 5] [--connections 32] [--rounds 1] [--workers N]
+        [--breakdown] [--paced RATE]
 
 Starts, each in its own process: PostgreSQL and Redis (or uses the given ones), quotagate (`serve`, or
 `serve --workers N`), the demo upstream, a real LiteLLM proxy with a mock model (no provider is called; its own
@@ -14,9 +15,12 @@ usage figures), and three Envoys built from quotagate.envoyconf:
 Phases: 1 connection with sequential requests (plain, chain: the latency quotagate adds at low load), then
 --connections connections in a closed loop (chain, LiteLLM direct, chain + LiteLLM: saturation throughput).
 It prints the added p50 at low load (target <= 1 ms) and the chain's saturation throughput over LiteLLM's
-(target >= 3x), both from the same run on the same machine. --breakdown adds, at 1 connection, Envoys with
-Check only and with Check + ext_proc, and the same Check + ext_proc in front of bench/trivial_authz.py, a server
-that answers at once: the latency those two filters add whatever the service does.
+(target >= 3x), both from the same run on the same machine. --breakdown adds Envoys with Check only and with
+Check + ext_proc, the same Envoy with every answer held (the client sends x-quota-settle-first, which routes
+it to the ext_proc whose answers Envoy waits for, as near a threshold), and Check + ext_proc in front of
+bench/trivial_authz.py, a server that answers at once: the latency those two filters add whatever the service
+does. --paced RATE measures the same low-load targets again at RATE requests a second on a fixed schedule, so
+that the services are idle between requests (one connection in a closed loop keeps them busy).
 """
 
 from __future__ import annotations
@@ -37,10 +41,14 @@ import bench_ratelimit
 import common
 import yaml
 
-from quotagate.envoyconf import EXT_PROC_FILTER, WATCH_FILTER, EnvoyOptions, build_envoy_config
+from quotagate.envoyconf import EXT_PROC_FILTER, SETTLE_FIRST_HEADER, WATCH_FILTER, EnvoyOptions, build_envoy_config
 from quotagate.procs import free_port, start_litellm, wait_litellm_ready
 
 TRIVIAL = "do-nothing Check + ext_proc (trivial_authz.py)"
+HELD = "Check + ext_proc, every answer held"
+# What Check sets near a threshold; sent by the client here, it routes every answer to the held ext_proc (the
+# behaviour before answers were only watched), for a comparison in the same run.
+HELD_HEADER = f"{SETTLE_FIRST_HEADER}: 1\r\n"
 FILTERS_OFF = ("envoy.filters.http.ext_authz", EXT_PROC_FILTER, WATCH_FILTER, "envoy.filters.http.ratelimit")
 LITELLM_CONFIG = {
     "model_list": [
@@ -71,12 +79,50 @@ def without_filters(config: dict[str, Any], names: tuple[str, ...]) -> dict[str,
     return config
 
 
+@dataclass(frozen=True)
+class PacedPayload(bench_envoy.Payload):
+    rate: float = 50.0
+
+
+PACED_CONNECTIONS = 4  # enough that a slow answer never holds the next start back at a low rate
+PACED = 0  # the results' key for the paced phase (the others are keyed by their connection count)
+
+
+async def paced_load(
+    payload: PacedPayload, concurrency: int, seconds: float, warmup: float, ready: Any
+) -> common.LoadResult:
+    """The load entry for low load: `payload.rate` requests a second on a fixed schedule (open loop), over a few
+    connections. Unlike one connection in a closed loop, the services are idle between requests, so what is
+    measured is the latency a request meets when nothing else is going on."""
+    connections = [bench_envoy.Connection(payload.port) for _ in range(concurrency)]
+    requests = payload.requests
+
+    def caller(n: int) -> Any:
+        async def call() -> None:
+            await connections[n % len(connections)].request(requests[n % len(requests)])
+
+        return call
+
+    try:
+        await asyncio.gather(*(c.open() for c in connections))
+        calls = [caller(n) for n in range(len(connections) * len(requests))]
+        if warmup > 0:
+            warm = await common.open_loop(calls, payload.rate, warmup, record=False)
+            if warm.errors:
+                raise RuntimeError(f"warm-up failed: {warm.errors} errors, first: {warm.first_error}")
+        await ready()
+        return await common.open_loop(calls, payload.rate, seconds)
+    finally:
+        await asyncio.gather(*(c.close() for c in connections))
+
+
 @dataclass
 class Target:
     name: str
     port: int
     key: str
     pids: dict[str, int]
+    extra_headers: str = ""
     results: dict[int, common.LoadResult] = field(default_factory=dict)
     cpu: dict[int, dict[str, float]] = field(default_factory=dict)
     checks: dict[int, float] = field(default_factory=dict)
@@ -156,6 +202,11 @@ async def main_async(args: argparse.Namespace) -> int:
             envoy_pid, envoy_port = started[name]
             pids = {"envoy": envoy_pid, "up": upstream.pid} | (base if name != TRIVIAL else {})
             targets[name] = Target(f"{name} -> demo", envoy_port, qg.client_key, pids)
+        if args.breakdown:
+            envoy_pid, envoy_port = started["Check + ext_proc"]
+            pids = {"envoy": envoy_pid, "up": upstream.pid} | base
+            targets[HELD] = Target(f"{HELD} -> demo", envoy_port, qg.client_key, pids, HELD_HEADER)
+            breakdown.insert(breakdown.index("Check + ext_proc") + 1, HELD)
 
         # Every account exists and sits in Redis before measuring; LiteLLM answers once before it is timed.
         for target in (targets["chain"], targets["litellm"]):
@@ -176,6 +227,8 @@ async def main_async(args: argparse.Namespace) -> int:
               f"{args.rounds} round(s)\n", flush=True)  # fmt: skip
 
         phases = [(1, ["plain", *breakdown, "chain"]), (args.connections, ["chain", "litellm", "chain_ll"])]
+        if args.paced:
+            phases.insert(1, (PACED, ["plain", *breakdown, "chain"]))
         for round_no in range(args.rounds):
             for level, names in phases:
                 for name in names:
@@ -192,10 +245,17 @@ async def measure(
     def mark_start() -> None:
         marks.append(probe.snapshot())
 
-    payload = bench_envoy.Payload(target.port, bench_envoy.build_requests(target.port, target.key, args.users))
-    result = await asyncio.to_thread(
-        common.run_load, bench_envoy.http_load, payload, level, args.clients, args.seconds, args.warmup, mark_start
-    )
+    requests = bench_envoy.build_requests(target.port, target.key, args.users, target.extra_headers)
+    if level == PACED:
+        paced = PacedPayload(target.port, requests, rate=args.paced)
+        result = await asyncio.to_thread(
+            common.run_load, paced_load, paced, PACED_CONNECTIONS, 1, args.seconds, args.warmup, mark_start
+        )
+    else:
+        payload = bench_envoy.Payload(target.port, requests)
+        result = await asyncio.to_thread(
+            common.run_load, bench_envoy.http_load, payload, level, args.clients, args.seconds, args.warmup, mark_start
+        )
     after = probe.snapshot()
     before = marks[0]
     wall = after.wall - before.wall
@@ -214,24 +274,26 @@ async def measure(
         target.results[level] = result
         target.cpu[level] = cpu
     p50, p99, _ = result.summary()
+    load = f"{args.paced:g} req/s paced" if level == PACED else f"{level} conn"
     common.log(
-        f"round {round_no + 1}, {level} conn, {target.name}: {result.rate:,.0f} req/s, p50 {p50:.2f} ms, "
+        f"round {round_no + 1}, {load}, {target.name}: {result.rate:,.0f} req/s, p50 {p50:.2f} ms, "
         f"p99 {p99:.2f} ms, errors {result.errors}"
     )
 
 
 def report(targets: dict[str, Target], args: argparse.Namespace) -> int:
-    headers = ["target", "conns", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "envoy CPU%",
+    headers = ["target", "load", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "envoy CPU%",
                "quotagate CPU%", "upstream CPU%", "redis CPU%", "client CPU%", "machine CPU%"]  # fmt: skip
     rows: list[list[object]] = []
     problems: list[str] = []
-    for level in (1, args.connections):
+    for level in (1, PACED, args.connections):
         for target in targets.values():
             if level not in target.results:
                 continue
             result, cpu = target.results[level], target.cpu[level]
             p50, p99, worst = result.summary()
-            rows.append([target.name, level, result.calls, result.rate, p50, p99, worst, result.errors,
+            load = f"{args.paced:g}/s" if level == PACED else level
+            rows.append([target.name, load, result.calls, result.rate, p50, p99, worst, result.errors,
                          cpu.get("envoy", math.nan), cpu.get("quotagate", math.nan), cpu.get("up", math.nan),
                          cpu.get("redis", math.nan), cpu["client"], cpu["machine"]])  # fmt: skip
             if result.errors:
@@ -245,6 +307,13 @@ def report(targets: dict[str, Target], args: argparse.Namespace) -> int:
     for key, target in targets.items():
         if key not in ("plain", "chain", "litellm", "chain_ll"):
             print(f"  added p50 at low load with {target.name}: {target.results[1].summary()[0] - plain50:.2f} ms")
+    if args.paced:
+        plain_paced = targets["plain"].results[PACED].summary()[0]
+        print(f"  at {args.paced:g} req/s (paced, open loop; services idle between requests):")
+        for key, target in targets.items():
+            if key not in ("plain", "litellm", "chain_ll"):
+                added_paced = target.results[PACED].summary()[0] - plain_paced
+                print(f"    added p50 with {target.name}: {added_paced:.2f} ms")
     chain_rate = targets["chain"].results[args.connections].rate
     litellm_rate = targets["litellm"].results[args.connections].rate
     chain_ll_rate = targets["chain_ll"].results[args.connections].rate
@@ -275,6 +344,14 @@ def main() -> int:
         help="also measure Envoys with only Check, Check + ext_proc, and Check + ext_proc in front of a "
         "do-nothing server (1 conn)",
     )
+    parser.add_argument(
+        "--paced",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="also measure low load as RATE requests a second on a fixed schedule (e.g. 50), besides one "
+        "connection in a closed loop",
+    )
     parser.add_argument("--log-level", default="WARNING", help="quotagate's log level (default WARNING)")
     args = parser.parse_args()
     if (
@@ -285,8 +362,12 @@ def main() -> int:
         or not 0 <= args.warmup <= 60
         or not 2 <= args.connections <= 1024
         or not 1 <= args.rounds <= 20
+        or not 0 <= args.paced <= 1000
     ):
-        parser.error("--users/--clients/--workers positive, --seconds 0..600, --warmup 0..60, --connections 2..1024")
+        parser.error(
+            "--users/--clients/--workers positive, --seconds 0..600, --warmup 0..60, --connections 2..1024, "
+            "--paced 0..1000"
+        )
     return common.run_main(main_async(args))
 
 

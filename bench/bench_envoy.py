@@ -113,7 +113,8 @@ class Connection:
         raise HttpError("too many chunks")
 
 
-def build_requests(port: int, client_key: str, users: int) -> tuple[bytes, ...]:
+def build_requests(port: int, client_key: str, users: int, extra_headers: str = "") -> tuple[bytes, ...]:
+    """One chat completion request per user; `extra_headers` ("name: value\r\n" lines) go into each."""
     requests = []
     for i in range(users):
         head = (
@@ -122,6 +123,7 @@ def build_requests(port: int, client_key: str, users: int) -> tuple[bytes, ...]:
             f"authorization: Bearer {client_key}\r\n"
             f"x-user-id: bench-user-{i:04d}\r\n"
             f"x-demo-completion-tokens: 1\r\n"
+            f"{extra_headers}"
             f"content-type: application/json\r\n"
             f"content-length: {len(CHAT_BODY)}\r\n\r\n"
         )
