@@ -74,6 +74,15 @@ class Stack:
     _cleanups: list[Any] = field(default_factory=list)
 
     async def __aenter__(self) -> Stack:
+        try:
+            return await self._start()
+        except BaseException:
+            # `async with` does not call __aexit__ when __aenter__ fails: stop what did start (a quotagate
+            # left running went on logging, and its sockets were reported unclosed by later tests).
+            await self.__aexit__()
+            raise
+
+    async def _start(self) -> Stack:
         await self.start_quotagate()
         upstream_host = "127.0.0.1"
         if self.upstream is not None:
