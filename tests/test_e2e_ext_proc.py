@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from harness import CLIENT_KEY, Stack, make_settings
 
-from quotagate.envoyconf import ASK_USAGE_HEADER
+from quotagate.envoyconf import ASK_USAGE_HEADER, SETTLE_FIRST_HEADER
 from quotagate.v1 import admin_pb2
 
 
@@ -308,6 +308,7 @@ async def test_near_a_threshold_the_answer_waits_for_the_charge(stack: Stack, ui
     account = await stack.account(uid)  # no waiting: the charge is there when the answer is
     assert (account.balance.allowance_used, account.balance.reserved) == (before + 3 + 10, 0)
     assert await streams(stack) == (watched, held + 1)
+    assert SETTLE_FIRST_HEADER not in (await stack.upstream_requests())[-1]["headers"]  # routing only
 
 
 async def test_a_watched_answer_costlier_than_its_hold_is_charged_in_full_just_after(
