@@ -66,6 +66,14 @@ async def settled(stack: Stack, user: str, charged: bool = True) -> admin_pb2.Ac
         await asyncio.sleep(0.05)
 
 
+async def streams(stack: Stack) -> tuple[int, int]:
+    """How many ext_proc streams Envoy opened so far: (watched, held)."""
+    counters = await stack.envoy_counters("http.ingress.ext_proc.")
+    return counters.get("http.ingress.ext_proc.watch.streams_started", 0), counters.get(
+        "http.ingress.ext_proc.streams_started", 0
+    )
+
+
 async def usage_events(stack: Stack, user: str) -> list[dict[str, Any]]:
     assert stack.quotagate is not None
     events: list[dict[str, Any]] = await stack.quotagate.service.ledger.usage_events(user)  # type: ignore[attr-defined]
@@ -141,12 +149,18 @@ async def test_missing_usage_is_estimated_from_what_was_seen(stack: Stack, uid: 
     assert event["estimated"] is True and event["source"] == "ext_proc"
 
 
-async def test_client_leaving_mid_stream_is_charged_an_estimate_of_what_was_streamed(stack: Stack, uid: str) -> None:
+@pytest.mark.parametrize("route", ["held", "watched"])
+async def test_client_leaving_mid_stream_is_charged_an_estimate_of_what_was_streamed(
+    stack: Stack, uid: str, route: str
+) -> None:
     check_estimate = 500 + 3  # max_tokens plus ceil(8 / 4 * 1.2) prompt tokens: what Check reserved
+    # A stream that did not ask for its usage is held (quotagate asks for it); one that did is only watched.
+    include_usage = True if route == "watched" else None
+    before = await streams(stack)
     request = stack.http.build_request(
         "POST",
         "/v1/chat/completions",
-        json=body("a" * 8, stream=True),
+        json=body("a" * 8, stream=True, include_usage=include_usage),
         headers=headers(uid, **{"x-demo-completion-tokens": "400", "x-demo-chunk-delay-ms": "20"}),
     )
     response = await stack.http.send(request, stream=True)
@@ -161,6 +175,8 @@ async def test_client_leaving_mid_stream_is_charged_an_estimate_of_what_was_stre
     [event] = await usage_events(stack, uid)
     assert event["estimated"] is True
     assert event["cost"] == account.balance.allowance_used
+    watched, held = await streams(stack)
+    assert (watched - before[0], held - before[1]) == ((1, 0) if route == "watched" else (0, 1))
 
 
 async def test_upstream_error_releases_the_reservation_and_charges_nothing(stack: Stack, uid: str) -> None:
@@ -252,14 +268,6 @@ async def ledger_held(database_url: str, user: str) -> AsyncIterator[None]:
             yield
     finally:
         await conn.close()
-
-
-async def streams(stack: Stack) -> tuple[int, int]:
-    """How many ext_proc streams Envoy opened so far: (watched, held)."""
-    counters = await stack.envoy_counters("http.ingress.ext_proc.")
-    return counters.get("http.ingress.ext_proc.watch.streams_started", 0), counters.get(
-        "http.ingress.ext_proc.streams_started", 0
-    )
 
 
 async def eventually_reserved(stack: Stack, user: str, reserved: int) -> admin_pb2.Account:
