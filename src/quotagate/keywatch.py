@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from quotagate.service import QuotaService
+from quotagate.stopping import stop_if_cancelled
 from quotagate.store.resp import PipelinedRedis
 
 log = logging.getLogger("quotagate.keywatch")
@@ -48,7 +49,7 @@ async def watch_client_keys(service: QuotaService, version: ClientKeyVersion, in
                 log.info("client key version readable again")
             failing = False
         except Exception as exc:
-            _stop_if_cancelled(exc)
+            stop_if_cancelled(exc)
             if not failing:  # once per outage, not five times a second
                 log.warning("cannot reload client keys on their version; they reload every sweep meanwhile: %s", exc)
             failing = True
@@ -58,11 +59,3 @@ async def watch_client_keys(service: QuotaService, version: ClientKeyVersion, in
             # the handlers above would swallow: honour the stop request anyway.
             raise asyncio.CancelledError
         await asyncio.sleep(interval * 5 if failing else interval)
-
-
-def _stop_if_cancelled(exc: Exception) -> None:
-    # A client library may turn the cancellation of a call in flight into an error of its own (redis-py raises
-    # a ConnectionError); the loop must still stop when its task is being cancelled.
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError from exc

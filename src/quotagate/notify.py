@@ -25,6 +25,7 @@ import aiohttp
 
 from quotagate.config import Settings
 from quotagate.core.notifications import render
+from quotagate.stopping import stop_if_cancelled
 from quotagate.store.postgres import PendingNotification, PostgresLedger, WebhookEvent
 
 log = logging.getLogger("quotagate.notify")
@@ -88,7 +89,8 @@ class NotificationSender:
         while True:
             try:
                 await self.send_due()
-            except Exception:  # the sender must outlive a store hiccup; it retries next round
+            except Exception as exc:  # the sender must outlive a store hiccup; it retries next round
+                stop_if_cancelled(exc)
                 log.exception("sending notifications failed")
             await asyncio.sleep(self._config.poll_seconds)
 
@@ -172,7 +174,8 @@ class WebhookSender:
         while True:
             try:
                 await self.send_due()
-            except Exception:  # the sender must outlive a store hiccup; it retries next round
+            except Exception as exc:  # the sender must outlive a store hiccup; it retries next round
+                stop_if_cancelled(exc)
                 log.exception("sending webhook events failed")
             await asyncio.sleep(self._config.poll_seconds)
 

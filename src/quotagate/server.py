@@ -40,6 +40,7 @@ from quotagate.ratelimit.limiter import Entry, RateLimiter, RequestDescriptor
 from quotagate.ratelimit.reload import ReloadingConfig
 from quotagate.ratelimit.store import RedisRateLimitStore
 from quotagate.service import QuotaService
+from quotagate.stopping import stop_if_cancelled
 from quotagate.store.notices import PostgresNoticeBook
 from quotagate.store.postgres import PostgresLedger
 from quotagate.store.redis import RedisHotState
@@ -231,29 +232,28 @@ async def _start_admin_server(
 
 
 async def _sweep(service: QuotaService, expire: bool = True) -> None:
+    async def expire_due() -> None:
+        await service.refresh_stale()
+        if expire:
+            await service.expire_due()
+
+    steps: list[tuple[Callable[[], Awaitable[object]], str]] = [
+        # Usage kept while PostgreSQL was away goes first, so expiries below see it settled.
+        (service.drain_outbox, "writing the usage outbox to the ledger failed"),
+        (expire_due, "expiring reservations failed"),
+        # The fallback when the client key version in Redis cannot be read (keywatch.py).
+        (service.refresh_client_keys, "refreshing client keys failed"),
+        # So do plan changes, with the hot state of the accounts on a changed plan.
+        (service.refresh_plans, "refreshing plans failed"),
+    ]
     while True:
         await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
-        try:
-            # Usage kept while PostgreSQL was away goes first, so expiries below see it settled.
-            await service.drain_outbox()
-        except Exception:
-            log.exception("writing the usage outbox to the ledger failed")
-        try:
-            await service.refresh_stale()
-            if expire:
-                await service.expire_due()
-        except Exception:  # the sweeper must outlive a store hiccup; it retries next round
-            log.exception("expiring reservations failed")
-        try:
-            # The fallback when the client key version in Redis cannot be read (keywatch.py).
-            await service.refresh_client_keys()
-        except Exception:
-            log.exception("refreshing client keys failed")
-        try:
-            # So do plan changes, with the hot state of the accounts on a changed plan.
-            await service.refresh_plans()
-        except Exception:
-            log.exception("refreshing plans failed")
+        for step, failure in steps:
+            try:
+                await step()
+            except Exception as exc:  # the sweeper must outlive a store hiccup; it retries next round
+                stop_if_cancelled(exc)
+                log.exception(failure)
 
 
 async def serve_forever(settings: Settings, migrate: bool = True, role: WorkerRole | None = None) -> None:
