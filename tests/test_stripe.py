@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import grpc
 import httpx
 import pytest
 from harness import ADMIN_TOKEN, CLIENT_KEY, Stack, make_settings
@@ -325,6 +326,13 @@ async def test_payments_are_listed_in_pages_newest_first(stack: Stack, standin: 
     assert [p.amount for p in [*first.payments, *rest.payments]] == [23000, 12000, 5000]
     with pytest.raises(Exception, match="status must be one of"):
         await stack.admin.ListPayments(admin_pb2.ListPaymentsRequest(status="lost"), metadata=ADMIN_MD)
+    # A time that is no time (hypothesis found this one: it was an INTERNAL error).
+    broken = admin_pb2.ListPaymentsRequest(user_id=uid)
+    broken.start.nanos = -1
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stack.admin.ListPayments(broken, metadata=ADMIN_MD)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "start is not a valid time" in str(refused.value.details())
 
 
 async def test_with_stripe_on_a_manual_grant_still_unblocks(stack: Stack, uid: str) -> None:

@@ -7,7 +7,6 @@ import binascii
 import hmac
 import logging
 from collections.abc import AsyncIterator, Iterable
-from datetime import UTC
 from typing import Any
 
 import grpc
@@ -347,8 +346,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             request.user_id,
             request.status.strip().lower(),
             request.session_id,
-            request.start.ToDatetime(UTC) if request.HasField("start") else None,
-            request.end.ToDatetime(UTC) if request.HasField("end") else None,
+            datetime_of(request, "start"),
+            datetime_of(request, "end"),
             _id_token(request.page_token, "p"),
             size + 1,
         )
