@@ -13,10 +13,12 @@ from quotagate.service import QuotaService
 
 
 class _Service:
-    """Just what the sweeper calls; drain_outbox hangs like a Redis call until cancelled, then fails as
-    redis-py does, and the first call fails outright like a store hiccup."""
+    """Just what the sweeper calls. The first drain_outbox fails outright, like a store hiccup; the next hangs
+    like a Redis call until cancelled, then does what redis-py may do with the cancellation: raise a
+    ConnectionError, or retry on a new connection and return normally."""
 
-    def __init__(self) -> None:
+    def __init__(self, swallow: str) -> None:
+        self.swallow = swallow
         self.calls = 0
         self.hanging = asyncio.Event()
 
@@ -28,7 +30,8 @@ class _Service:
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
-            raise ConnectionError("Connection closed by server.") from None
+            if self.swallow == "error":
+                raise ConnectionError("Connection closed by server.") from None
         return 0
 
     async def refresh_stale(self) -> None: ...
@@ -37,11 +40,12 @@ class _Service:
     async def refresh_plans(self) -> None: ...
 
 
+@pytest.mark.parametrize("swallow", ["error", "retry"])
 async def test_the_sweeper_survives_a_store_error_and_stops_when_cancelled_mid_call(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, swallow: str
 ) -> None:
     monkeypatch.setattr(server, "SWEEP_INTERVAL_SECONDS", 0.01)
-    fake = _Service()
+    fake = _Service(swallow)
     sweeper = asyncio.create_task(server._sweep(cast(QuotaService, cast(Any, fake))))
     await asyncio.wait_for(fake.hanging.wait(), 5)  # the first error was logged and the loop went on
     assert fake.calls == 2

@@ -53,9 +53,5 @@ async def watch_client_keys(service: QuotaService, version: ClientKeyVersion, in
             if not failing:  # once per outage, not five times a second
                 log.warning("cannot reload client keys on their version; they reload every sweep meanwhile: %s", exc)
             failing = True
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            # The Redis client can turn a cancellation that lands mid-command into a connection error, which
-            # the handlers above would swallow: honour the stop request anyway.
-            raise asyncio.CancelledError
+        stop_if_cancelled()
         await asyncio.sleep(interval * 5 if failing else interval)

@@ -92,6 +92,7 @@ class NotificationSender:
             except Exception as exc:  # the sender must outlive a store hiccup; it retries next round
                 stop_if_cancelled(exc)
                 log.exception("sending notifications failed")
+            stop_if_cancelled()
             await asyncio.sleep(self._config.poll_seconds)
 
 
@@ -177,6 +178,7 @@ class WebhookSender:
             except Exception as exc:  # the sender must outlive a store hiccup; it retries next round
                 stop_if_cancelled(exc)
                 log.exception("sending webhook events failed")
+            stop_if_cancelled()
             await asyncio.sleep(self._config.poll_seconds)
 
 

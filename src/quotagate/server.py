@@ -254,6 +254,7 @@ async def _sweep(service: QuotaService, expire: bool = True) -> None:
             except Exception as exc:  # the sweeper must outlive a store hiccup; it retries next round
                 stop_if_cancelled(exc)
                 log.exception(failure)
+            stop_if_cancelled()
 
 
 async def serve_forever(settings: Settings, migrate: bool = True, role: WorkerRole | None = None) -> None:

@@ -1,16 +1,17 @@
-"""Background loops catch errors so that they outlive a store hiccup; they must still stop when asked."""
+"""Background loops catch errors so that they outlive a store hiccup; they must still stop when asked.
+
+redis-py can swallow the cancellation of the call in flight: it raises a ConnectionError instead, or its
+retry runs the command again on a new connection and returns normally. A loop that went on after that ran
+past its server's stop, reconnected to Redis, and left the connection open.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
 
-def stop_if_cancelled(exc: BaseException) -> None:
-    """Re-raises a cancellation that a client library turned into an error of its own.
-
-    redis-py raises a ConnectionError when the call in flight is cancelled. A loop that swallowed it went on
-    running after its server had stopped, kept a reconnected Redis client alive, and held up the shutdown.
-    """
+def stop_if_cancelled(exc: BaseException | None = None) -> None:
+    """Raises CancelledError when the current task was asked to stop, whatever the last call made of it."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError from exc
