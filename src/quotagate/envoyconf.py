@@ -248,24 +248,31 @@ def _ratelimit_filter(opts: EnvoyOptions) -> dict[str, Any]:
     }
 
 
+def _ext_proc_config(**settings: Any) -> dict[str, Any]:
+    """What both ext_proc filters share: the service, failing open, and what Check learnt (user, model, prompt
+    size, whether to ask for usage), which reaches ext_proc through the forwarded metadata."""
+    return {
+        "@type": _EXT_PROC_TYPE,
+        "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "5s"},
+        # Usage capture must not break a chat: if quotagate is gone mid-stream the client still gets its
+        # answer, and the reservation is charged at its estimate when it expires.
+        "failure_mode_allow": True,
+        **settings,
+        "metadata_options": {"forwarding_namespaces": {"untyped": [_EXT_AUTHZ_NAMESPACE]}},
+    }
+
+
 def _ext_proc_filter() -> dict[str, Any]:
     return {
         "name": EXT_PROC_FILTER,
-        "typed_config": {
-            "@type": _EXT_PROC_TYPE,
-            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "5s"},
-            # Usage capture must not break a chat: if quotagate is gone mid-stream the client still gets its
-            # answer, and the reservation is charged at its estimate when it expires.
-            "failure_mode_allow": True,
+        "typed_config": _ext_proc_config(
             # The response body mode is chosen per response from its content type (STREAMED for SSE,
             # BUFFERED for JSON, else NONE). The request is not sent: what ext_proc needs of it comes with
             # Check's metadata, except on the route for streams that must be asked for their usage.
-            "processing_mode": _processing_mode(request_headers=False),
-            "allow_mode_override": True,
-            "message_timeout": "2s",
-            # What Check learnt (user, model, prompt size, whether to ask for usage) reaches ext_proc here.
-            "metadata_options": {"forwarding_namespaces": {"untyped": [_EXT_AUTHZ_NAMESPACE]}},
-        },
+            processing_mode=_processing_mode(request_headers=False),
+            allow_mode_override=True,
+            message_timeout="2s",
+        ),
     }
 
 
@@ -275,18 +282,14 @@ def _watch_filter() -> dict[str, Any]:
     for the charge (far from every threshold, the common case)."""
     return {
         "name": WATCH_FILTER,
-        "typed_config": {
-            "@type": _EXT_PROC_TYPE,
-            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "5s"},
-            "failure_mode_allow": True,
-            "observability_mode": True,
-            "stat_prefix": "watch",
+        "typed_config": _ext_proc_config(
+            observability_mode=True,
+            stat_prefix="watch",
             # No mode_override in observability mode: every response body is streamed to quotagate, which
             # ends the stream itself as soon as it has seen what it needs (the headers of an answer it does
             # not read, or the body's end).
-            "processing_mode": {**_processing_mode(request_headers=False), "response_body_mode": "STREAMED"},
-            "metadata_options": {"forwarding_namespaces": {"untyped": [_EXT_AUTHZ_NAMESPACE]}},
-        },
+            processing_mode={**_processing_mode(request_headers=False), "response_body_mode": "STREAMED"},
+        ),
     }
 
 
