@@ -586,6 +586,22 @@ class LoadResult:
 Call = Callable[[], Awaitable[None]]
 
 
+async def _timed_call(call: Call, t0: float, result: LoadResult, record: bool) -> None:
+    """One call of a load, counted in `result`, its latency from `t0` kept when `record`; an error is counted
+    and the load goes on."""
+    try:
+        async with asyncio.timeout(CALL_TIMEOUT):  # not wait_for: that costs one more task per call
+            await call()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        result.failed(exc)
+        return
+    result.calls += 1
+    if record:
+        result.latencies.append(time.perf_counter() - t0)
+
+
 async def closed_loop(calls: Sequence[Call], seconds: float, record: bool = True) -> LoadResult:
     """Runs one worker per entry of `calls`; each calls in a loop until `seconds` passed (or its cap)."""
     result = LoadResult()
@@ -594,21 +610,11 @@ async def closed_loop(calls: Sequence[Call], seconds: float, record: bool = True
     end = started + seconds
 
     async def worker(call: Call) -> None:
-        latencies = result.latencies
         for _ in range(MAX_CALLS_PER_WORKER):
             t0 = time.perf_counter()
             if t0 >= end or _ABORT.is_set():
                 return
-            try:
-                await asyncio.wait_for(call(), CALL_TIMEOUT)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # counted and reported; the load goes on
-                result.failed(exc)
-                continue
-            result.calls += 1
-            if record:
-                latencies.append(time.perf_counter() - t0)
+            await _timed_call(call, t0, result, record)
 
     await asyncio.gather(*(worker(c) for c in calls))
     result.elapsed = time.perf_counter() - started
@@ -626,20 +632,6 @@ async def open_loop(calls: Sequence[Call], rate: float, seconds: float, record: 
     result = LoadResult()
     total = min(int(rate * seconds), MAX_CALLS_PER_WORKER)
     in_flight: set[asyncio.Task[None]] = set()
-    latencies = result.latencies
-
-    async def one(call: Call, t0: float) -> None:
-        try:
-            async with asyncio.timeout(CALL_TIMEOUT):  # not wait_for: that costs one more task per call
-                await call()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # counted and reported; the load goes on
-            result.failed(exc)
-            return
-        result.calls += 1
-        if record:
-            latencies.append(time.perf_counter() - t0)
 
     started = time.perf_counter()
     cpu_started = time.process_time()
@@ -659,7 +651,7 @@ async def open_loop(calls: Sequence[Call], rate: float, seconds: float, record: 
             if lag > LATE_START:
                 result.late += 1
                 result.max_lag = max(result.max_lag, lag)
-            task = asyncio.create_task(one(calls[n % len(calls)], now))
+            task = asyncio.create_task(_timed_call(calls[n % len(calls)], now, result, record))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         if in_flight:  # each call ends within CALL_TIMEOUT

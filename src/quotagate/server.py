@@ -232,7 +232,7 @@ async def _start_admin_server(
 
 
 async def _sweep(service: QuotaService, expire: bool = True) -> None:
-    async def expire_due() -> None:
+    async def expire_reservations() -> None:
         await service.refresh_stale()
         if expire:
             await service.expire_due()
@@ -240,7 +240,7 @@ async def _sweep(service: QuotaService, expire: bool = True) -> None:
     steps: list[tuple[Callable[[], Awaitable[object]], str]] = [
         # Usage kept while PostgreSQL was away goes first, so expiries below see it settled.
         (service.drain_outbox, "writing the usage outbox to the ledger failed"),
-        (expire_due, "expiring reservations failed"),
+        (expire_reservations, "expiring reservations failed"),
         # The fallback when the client key version in Redis cannot be read (keywatch.py).
         (service.refresh_client_keys, "refreshing client keys failed"),
         # So do plan changes, with the hot state of the accounts on a changed plan.
