@@ -173,7 +173,11 @@ async def main_async(args: argparse.Namespace) -> int:
         await prime(payload)
         # With workers each /metrics scrape reaches one of them, so the handler column is left out.
         metrics_port = qg.http_port if args.workers == 1 else None
-        servers = [Server("quotagate", payload, common.Probe({"server": qg.proc.pid}, stores.redis_url, metrics_port))]
+        probe = common.Probe({"server": qg.proc.pid}, stores.redis_url, metrics_port)
+        servers = [
+            Server("quotagate", replace(payload, target=qg.decision_target), probe),
+            Server("quotagate grpc.aio", payload, probe),
+        ]
         if args.baseline:
             trivial, port = await common.start_trivial_server(bench)
             probe = common.Probe({"server": trivial.pid}, stores.redis_url)

@@ -287,10 +287,16 @@ class Quotagate:
     http_port: int
     client_key: str
     config_path: Path
+    decision_port: int = 0
 
     @property
     def grpc_target(self) -> str:
         return f"{HOST}:{self.grpc_port}"
+
+    @property
+    def decision_target(self) -> str:
+        """Check and ShouldRateLimit on the unary server (decision_listen), as the shipped Envoy config asks."""
+        return f"{HOST}:{self.decision_port}"
 
 
 def quotagate_config(stores: Stores, client_key: str) -> dict[str, Any]:
@@ -334,12 +340,13 @@ async def start_quotagate(
     if rate_limits is not None:
         config["rate_limits"] = str(rate_limits)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port, decision_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "QUOTAGATE_DATABASE_URL": stores.database_url,
         "QUOTAGATE_REDIS_URL": stores.redis_url,
         "QUOTAGATE_GRPC_LISTEN": f"{HOST}:{grpc_port}",
+        "QUOTAGATE_DECISION_LISTEN": f"{HOST}:{decision_port}",
         "QUOTAGATE_HTTP_LISTEN": f"{HOST}:{http_port}",
         "QUOTAGATE_ADMIN_TOKEN": secrets.token_hex(16),
         "PYTHONUNBUFFERED": "1",
@@ -356,7 +363,7 @@ async def start_quotagate(
     await wait_ready(http_port, proc)
     if workers > 1:
         await wait_workers(http_port, workers, proc)
-    return Quotagate(proc, grpc_port, http_port, client_key, config_path)
+    return Quotagate(proc, grpc_port, http_port, client_key, config_path, decision_port)
 
 
 async def wait_workers(http_port: int, count: int, proc: ManagedProcess, timeout: float = 60.0) -> None:  # noqa: ASYNC109

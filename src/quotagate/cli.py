@@ -95,7 +95,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         from quotagate.server import split_listen
         from quotagate.workers import Supervisor
 
-        for name, listen in (("grpc_listen", settings.grpc_listen), ("http_listen", settings.http_listen)):
+        listeners = [("grpc_listen", settings.grpc_listen), ("http_listen", settings.http_listen)]
+        if settings.decision_listen:
+            listeners.append(("decision_listen", settings.decision_listen))
+        for name, listen in listeners:
             if split_listen(listen)[1] == 0:
                 raise ConfigError(f"{name}: --workers needs a fixed port, not 0 (each worker would get its own)")
         command = [sys.executable, "-m", "quotagate.cli", "serve", "--log-level", args.log_level]

@@ -148,6 +148,8 @@ class Settings:
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     redis_prefix: str = "qg:"
     grpc_listen: str = "127.0.0.1:50051"
+    # Envoy's Check and ShouldRateLimit on a lean HTTP/2 server of their own (quotagate.unary); "" turns it off.
+    decision_listen: str = "127.0.0.1:50053"
     http_listen: str = "127.0.0.1:8080"
     production: bool = False
     # envoyproxy/ratelimit-format files (or folders); empty: the built-in default (60 requests a minute a user).
@@ -489,6 +491,9 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         redis_url=env.get("QUOTAGATE_REDIS_URL", top.take("redis_url", str, defaults.redis_url)),
         redis_prefix=top.take("redis_prefix", str, defaults.redis_prefix),
         grpc_listen=env.get("QUOTAGATE_GRPC_LISTEN", top.take("grpc_listen", str, defaults.grpc_listen)),
+        decision_listen=env.get(
+            "QUOTAGATE_DECISION_LISTEN", top.take("decision_listen", str, defaults.decision_listen)
+        ),
         http_listen=env.get("QUOTAGATE_HTTP_LISTEN", top.take("http_listen", str, defaults.http_listen)),
         production=top.take("production", bool, False) or env.get("QUOTAGATE_ENV", "") == "production",
         rate_limit_files=_paths(top, "rate_limits", Path(source).parent),

@@ -45,6 +45,7 @@ from quotagate.store.notices import PostgresNoticeBook
 from quotagate.store.postgres import PostgresLedger
 from quotagate.store.redis import RedisHotState
 from quotagate.store.resp import PipelinedRedis
+from quotagate.unary import UnaryServer
 from quotagate.v1 import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb2_grpc
 from quotagate.web.quota import add_quota_routes
 from quotagate.workers import WorkerRole
@@ -60,6 +61,7 @@ SERVICE_NAMES = (
 )
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 SWEEP_INTERVAL_SECONDS = 5.0
+MAX_MESSAGE_BYTES = 8 << 20
 DEFAULT_RATE_LIMITS = Path(str(resources.files("quotagate").joinpath("templates", "ratelimit.yaml")))
 
 
@@ -77,6 +79,7 @@ class Running:
     http_port: int
     stop: Callable[[], Awaitable[None]]
     admin_port: int = 0  # the Admin service's port: grpc_port unless admin.listen gives it one of its own
+    decision_port: int = 0  # the unary server's port (Check, ShouldRateLimit); 0 when decision_listen is off
 
 
 async def start(
@@ -108,9 +111,10 @@ async def start(
     await service.refresh_plans()
     await service.refresh_client_keys()
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 8 << 20)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     # Requests that do not parse (invalid UTF-8, truncated) get INVALID_ARGUMENT, not grpcio's UNKNOWN.
-    add_guarded(server, external_auth_pb2_grpc.add_AuthorizationServicer_to_server, AuthorizationService(service))
+    authorization = AuthorizationService(service)
+    add_guarded(server, external_auth_pb2_grpc.add_AuthorizationServicer_to_server, authorization)
     rate_limits = ReloadingConfig(
         settings.rate_limit_files or (DEFAULT_RATE_LIMITS,), on_error=lambda _: metrics.ratelimit_config_errors.inc()
     )
@@ -149,6 +153,11 @@ async def start(
     admin_server, admin_port = None, grpc_port
     if separate_admin:
         admin_server, admin_port = await _start_admin_server(settings, admin_service, health_servicer)
+    decisions, decision_port = None, 0
+    if settings.decision_listen:
+        decisions, decision_port = await _start_decision_server(
+            settings.decision_listen, authorization, rate_limit_service, health_servicer
+        )
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -187,7 +196,10 @@ async def start(
             log.warning("background task %s did not stop when asked", task.get_name())
         if admin_server is not None:
             await admin_server.stop(grace=5)
-        await server.stop(grace=5)
+        if decisions is not None:
+            await asyncio.gather(decisions.stop(grace=5), server.stop(grace=5))
+        else:
+            await server.stop(grace=5)
         await ext_proc.drain()
         await runner.cleanup()
         await billing.close()
@@ -196,13 +208,39 @@ async def start(
         await ledger.close()
 
     log.info(
-        "quotagate serving gRPC on %s (port %d), HTTP on port %d",
+        "quotagate serving gRPC on %s (port %d), Check and ShouldRateLimit also on port %d, HTTP on port %d",
         settings.grpc_listen,
         grpc_port,
+        decision_port,
         http_port,
         extra={"worker": role.index, "pid": os.getpid()},
     )
-    return Running(service=service, grpc_port=grpc_port, http_port=http_port, stop=stop, admin_port=admin_port)
+    return Running(
+        service=service,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        stop=stop,
+        admin_port=admin_port,
+        decision_port=decision_port,
+    )
+
+
+async def _start_decision_server(
+    listen: str,
+    authorization: AuthorizationService,
+    rate_limits: RateLimitService,
+    health_servicer: health.aio.HealthServicer,
+) -> tuple[UnaryServer, int]:
+    """Check, ShouldRateLimit and health's Check on the unary server: what Envoy asks on every request."""
+    decisions = UnaryServer(max_message_bytes=MAX_MESSAGE_BYTES)
+    decisions.add_servicer(external_auth_pb2_grpc.add_AuthorizationServicer_to_server, authorization)
+    decisions.add_servicer(rls_pb2_grpc.add_RateLimitServiceServicer_to_server, rate_limits)
+    decisions.add_servicer(health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
+    host, port = split_listen(listen)
+    try:
+        return decisions, await decisions.start(host, port)
+    except OSError as exc:
+        raise OSError(f"cannot listen for Check and ShouldRateLimit on {listen}: {exc}") from exc
 
 
 async def _start_admin_server(

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-AddServicer = Callable[[Any, Any], None]
+from quotagate.unary.server import AddServicer, registered_handlers
 
 
 class Malformed:
@@ -98,27 +98,12 @@ def _guard(handler: Any) -> Any:
     return handler  # a shape this module does not wrap keeps grpcio's own handling
 
 
-class _Capture:
-    """Takes what a generated add_*Servicer_to_server registers, instead of a server."""
-
-    def __init__(self) -> None:
-        self.service = ""
-        self.handlers: dict[str, Any] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self.service, self.handlers = service, handlers
-
-
 def add_guarded(server: grpc.aio.Server, add: AddServicer, servicer: Any) -> None:
     """`add(servicer, server)`, with every method answering unparsable requests with INVALID_ARGUMENT."""
-    capture = _Capture()
-    add(servicer, capture)
-    if not capture.handlers:
+    service, registered = registered_handlers(add, servicer)
+    if not registered:
         add(servicer, server)  # generated code of another shape: registered as it is
         return
-    handlers = {name: _guard(handler) for name, handler in capture.handlers.items()}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
-    server.add_registered_method_handlers(capture.service, handlers)
+    handlers = {name: _guard(handler) for name, handler in registered.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)

@@ -1,0 +1,463 @@
+"""One HTTP/2 connection of the unary server: frames in, calls dispatched, answers out.
+
+Written for Envoy's gRPC client (and any other conforming one): the server opens no streams, answers each
+call with HEADERS, DATA and trailers in one write, honours the peer's flow-control windows for what it sends,
+and keeps its own receive windows wide open (a unary request is capped at `max_message_bytes`, far below the
+per-stream window announced, so only the connection window needs topping up). A call the peer resets
+(RST_STREAM, e.g. Envoy's timeout) has its handler cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import hpack
+
+from quotagate.unary.frames import (
+    ACK,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_WINDOW,
+    MAX_WINDOW,
+    PREFACE,
+    RESPONSE_HEADERS,
+    ErrorCode,
+    Flag,
+    FrameType,
+    ProtocolViolation,
+    Setting,
+    Status,
+    frame,
+    goaway,
+    literal,
+    parse_settings,
+    rst_stream,
+    settings_frame,
+    strip_padding,
+    trailers,
+    window_update,
+)
+
+log = logging.getLogger("quotagate.unary")
+
+# Our receive side: each stream may send this much before a WINDOW_UPDATE, more than any request we accept.
+STREAM_WINDOW = 1 << 24
+MAX_STREAMS = 10_000
+MAX_HEADER_LIST = 1 << 16
+MAX_HEADER_BLOCK = 1 << 18
+_SHUTDOWN_PING = b"qg-stop!"
+_TOP_UP_AT = 1 << 30  # consumed bytes of the connection window before it is widened again
+_END_HEADERS = int(Flag.END_HEADERS)
+_END_STREAM = int(Flag.END_STREAM)
+_CLOSING = _END_STREAM | _END_HEADERS
+_NOT_GRPC = b"\x8e" + literal(b"content-type", b"text/plain")  # ":status 415", static table entry 14
+
+
+class Abort(Exception):
+    """Raised by Context.abort: the call ends with this status and message."""
+
+    def __init__(self, status: Status, details: str) -> None:
+        super().__init__(details)
+        self.status, self.details = status, details
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """A unary method: request parser, handler (request, context) -> response, response serializer."""
+
+    deserialize: Callable[[bytes], Any]
+    handle: Callable[[Any, Any], Awaitable[Any]]
+    serialize: Callable[[Any], bytes]
+
+
+class Context:
+    """The part of grpc.aio.ServicerContext that quotagate's unary handlers use."""
+
+    __slots__ = ("_metadata",)
+
+    def __init__(self, metadata: tuple[tuple[bytes, bytes], ...]) -> None:
+        self._metadata = metadata
+
+    async def abort(self, code: Any, details: str = "", trailing_metadata: object = ()) -> None:
+        # grpc.StatusCode's value is (number, name); a Status is taken as it is.
+        number = code.value[0] if isinstance(code.value, tuple) else int(code)
+        raise Abort(Status(number), details)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in self._metadata)
+
+
+class _Stream:
+    __slots__ = ("body", "headers", "id", "method", "path", "pending", "receiving", "send_window", "tail", "task")
+
+    def __init__(self, stream_id: int, send_window: int) -> None:
+        self.id = stream_id
+        self.send_window = send_window
+        self.body = bytearray()
+        self.headers: tuple[tuple[bytes, bytes], ...] = ()
+        self.method: Method | None = None
+        self.path = ""
+        self.receiving = True
+        self.task: asyncio.Task[None] | None = None
+        self.pending = b""  # DATA held back by the peer's flow-control windows
+        self.tail = b""  # the trailers that follow it
+
+
+class Connection(asyncio.Protocol):
+    def __init__(
+        self,
+        methods: Mapping[str, Method],
+        max_message_bytes: int,
+        on_close: Callable[[Connection], None],
+    ) -> None:
+        self._methods = methods
+        self._max_message = max_message_bytes
+        self._on_close = on_close
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._preface = False
+        self._decoder = hpack.Decoder()
+        self._decoder.max_header_list_size = MAX_HEADER_LIST
+        self._streams: dict[int, _Stream] = {}
+        self._last_stream_id = 0
+        self._block: tuple[int, int, bytearray] | None = None  # (stream, HEADERS flags, fragments) until END_HEADERS
+        self._send_window = DEFAULT_WINDOW
+        self._peer_window = DEFAULT_WINDOW
+        self._peer_frame = DEFAULT_MAX_FRAME
+        self._received = 0
+        self._blocked: list[_Stream] = []
+        self._out: list[bytes] = []
+        self._flushing = False
+        self._accept_up_to: int | None = None  # set by the final GOAWAY
+        self._going_away = False
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.write(
+            settings_frame(
+                {
+                    Setting.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                    Setting.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                    Setting.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+                }
+            )
+            + window_update(0, MAX_WINDOW - DEFAULT_WINDOW)
+        )
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._receive(data)
+        except ProtocolViolation as exc:
+            self._fail(exc.code, str(exc))
+        except hpack.HPACKError as exc:
+            self._fail(ErrorCode.COMPRESSION_ERROR, f"header block: {type(exc).__name__}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        for stream in list(self._streams.values()):
+            if stream.task is not None:
+                stream.task.cancel()
+        self._streams.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._on_close(self)
+
+    # -- shutdown -----------------------------------------------------------------------------------------
+
+    def go_away(self) -> None:
+        """Graceful close: a first GOAWAY and a PING; when the PING comes back, a GOAWAY with the last stream
+        taken, and the connection closes once those calls are answered."""
+        if self._going_away or self._transport is None:
+            return
+        self._going_away = True
+        self._write(goaway(MAX_WINDOW, ErrorCode.NO_ERROR) + frame(FrameType.PING, 0, 0, _SHUTDOWN_PING))
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _fail(self, code: ErrorCode, reason: str) -> None:
+        log.warning("HTTP/2 connection closed: %s (%s)", reason, code.name)
+        if self._transport is not None:
+            self._flush()
+            self._transport.write(goaway(self._last_stream_id, code, reason))
+            self._transport.close()
+
+    def _close_if_done(self) -> None:
+        if self._accept_up_to is not None and not self._streams and self._transport is not None:
+            self._flush()
+            self._transport.close()
+
+    # -- frames in ----------------------------------------------------------------------------------------
+
+    def _receive(self, data: bytes) -> None:
+        buf = self._buffer
+        buf += data
+        if not self._preface:
+            if len(buf) < len(PREFACE):
+                if not PREFACE.startswith(bytes(buf)):
+                    raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                return
+            if buf[: len(PREFACE)] != PREFACE:
+                raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+            del buf[: len(PREFACE)]
+            self._preface = True
+        pos, size = 0, len(buf)
+        while size - pos >= 9:
+            length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+            if length > DEFAULT_MAX_FRAME:
+                raise ProtocolViolation(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+            end = pos + 9 + length
+            if end > size:
+                break
+            kind, flags = buf[pos + 3], buf[pos + 4]
+            stream_id = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+            payload = bytes(buf[pos + 9 : end])
+            pos = end
+            if self._block is not None and (kind != FrameType.CONTINUATION or stream_id != self._block[0]):
+                raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "header block interrupted")
+            if kind == FrameType.DATA:
+                self._on_data(flags, stream_id, payload)
+            elif kind == FrameType.HEADERS:
+                self._on_headers(flags, stream_id, payload)
+            elif kind == FrameType.WINDOW_UPDATE:
+                self._on_window_update(stream_id, payload)
+            elif kind == FrameType.SETTINGS:
+                self._on_settings(flags, stream_id, payload)
+            elif kind == FrameType.PING:
+                self._on_ping(flags, stream_id, payload)
+            elif kind == FrameType.RST_STREAM:
+                self._on_reset(stream_id)
+            elif kind == FrameType.CONTINUATION:
+                self._on_continuation(flags, stream_id, payload)
+            elif kind == FrameType.GOAWAY:
+                self.go_away()  # the peer leaves: answer what it sent, then close
+            elif kind == FrameType.PUSH_PROMISE:
+                raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "a client may not push")
+            # PRIORITY and unknown frame types are ignored, as RFC 9113 asks.
+        del buf[:pos]
+
+    def _on_headers(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id == 0 or stream_id % 2 == 0:
+            raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, f"HEADERS on stream {stream_id}")
+        fragment = strip_padding(flags, payload, priority=True)
+        if flags & _END_HEADERS:
+            self._on_header_block(flags, stream_id, fragment)
+        else:
+            self._block = (stream_id, flags, bytearray(fragment))
+
+    def _on_continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if self._block is None:
+            raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+        _, first_flags, block = self._block
+        block += payload
+        if len(block) > MAX_HEADER_BLOCK:
+            raise ProtocolViolation(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        if flags & _END_HEADERS:
+            self._block = None
+            self._on_header_block(first_flags, stream_id, bytes(block))
+
+    def _on_header_block(self, flags: int, stream_id: int, block: bytes) -> None:
+        # Decoded in every case: the decoder's table must follow everything the peer encoded.
+        headers = self._decoder.decode(block, raw=True)
+        stream = self._streams.get(stream_id)
+        if stream is not None:  # trailers from the client: only the end of the request matters
+            if flags & _END_STREAM and stream.receiving:
+                self._dispatch(stream)
+            return
+        if stream_id <= self._last_stream_id:
+            raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, f"HEADERS on closed stream {stream_id}")
+        self._last_stream_id = stream_id
+        if (self._accept_up_to is not None and stream_id > self._accept_up_to) or len(self._streams) >= MAX_STREAMS:
+            self._write(rst_stream(stream_id, ErrorCode.REFUSED_STREAM))
+            return
+        stream = _Stream(stream_id, self._peer_window)
+        metadata = []
+        grpc = False
+        for name, value in headers:
+            if name == b":path":
+                stream.path = value.decode("utf-8", "replace")
+            elif name == b"content-type":
+                grpc = value.startswith(b"application/grpc")
+            elif not name.startswith(b":"):
+                metadata.append((name, value))
+        stream.headers = tuple(metadata)
+        self._streams[stream_id] = stream
+        if not grpc:
+            self._answer(stream, frame(FrameType.HEADERS, _CLOSING, stream_id, _NOT_GRPC))
+            return
+        stream.method = self._methods.get(stream.path)
+        if flags & _END_STREAM:
+            self._dispatch(stream)
+
+    def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        self._received += len(payload)
+        if self._received >= _TOP_UP_AT:
+            self._write(window_update(0, self._received))
+            self._received = 0
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.receiving:
+            return  # a stream already answered or reset: its data is dropped
+        stream.body += strip_padding(flags, payload)
+        if len(stream.body) > self._max_message + 5:
+            stream.receiving = False
+            self._status(stream, Status.RESOURCE_EXHAUSTED, f"request larger than {self._max_message} bytes")
+        elif flags & _END_STREAM:
+            self._dispatch(stream)
+
+    def _on_window_update(self, stream_id: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ProtocolViolation(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
+        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if stream_id == 0:
+            self._send_window += increment
+            if self._send_window > MAX_WINDOW:
+                raise ProtocolViolation(ErrorCode.FLOW_CONTROL_ERROR, "connection window over 2^31-1")
+        else:
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                return
+            stream.send_window += increment
+        if self._blocked:
+            self._drain()
+
+    def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id != 0:
+            raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            return
+        for key, value in parse_settings(payload):
+            if key == Setting.INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise ProtocolViolation(ErrorCode.FLOW_CONTROL_ERROR, "initial window over 2^31-1")
+                delta, self._peer_window = value - self._peer_window, value
+                for stream in self._streams.values():
+                    stream.send_window += delta
+            elif key == Setting.MAX_FRAME_SIZE:
+                if not DEFAULT_MAX_FRAME <= value <= (1 << 24) - 1:
+                    raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, f"max frame size {value}")
+                self._peer_frame = value
+        self._write(frame(FrameType.SETTINGS, ACK, 0))
+        if self._blocked:
+            self._drain()
+
+    def _on_ping(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id != 0 or len(payload) != 8:
+            raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "malformed PING")
+        if not flags & ACK:
+            self._write(frame(FrameType.PING, ACK, 0, payload))
+        elif payload == _SHUTDOWN_PING and self._accept_up_to is None:
+            self._accept_up_to = self._last_stream_id
+            self._write(goaway(self._last_stream_id, ErrorCode.NO_ERROR))
+            self._close_if_done()
+
+    def _on_reset(self, stream_id: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return
+        if stream.task is not None:
+            stream.task.cancel()
+        if stream in self._blocked:
+            self._blocked.remove(stream)
+        self._close_if_done()
+
+    # -- calls --------------------------------------------------------------------------------------------
+
+    def _dispatch(self, stream: _Stream) -> None:
+        """The request is complete: parse it and start its handler."""
+        stream.receiving = False
+        method = stream.method
+        if method is None:
+            self._status(stream, Status.UNIMPLEMENTED, f"unknown method {stream.path}")
+            return
+        body = stream.body
+        if len(body) < 5 or len(body) != 5 + int.from_bytes(body[1:5], "big"):
+            self._status(stream, Status.INVALID_ARGUMENT, "malformed request: expected exactly one message")
+            return
+        if body[0]:
+            self._status(stream, Status.UNIMPLEMENTED, "compressed messages are not supported")
+            return
+        try:
+            request = method.deserialize(bytes(body[5:]))
+        except Exception as exc:  # whatever the protobuf runtime raises for bytes it cannot read
+            self._status(stream, Status.INVALID_ARGUMENT, f"malformed request: {type(exc).__name__}: {exc}"[:200])
+            return
+        stream.body = bytearray()
+        stream.task = self._loop.create_task(self._call(stream, method, request))
+
+    async def _call(self, stream: _Stream, method: Method, request: Any) -> None:
+        try:
+            payload = method.serialize(await method.handle(request, Context(stream.headers)))
+        except Abort as abort:
+            self._status(stream, abort.status, abort.details)
+            return
+        except Exception:
+            log.exception("unexpected error in %s", stream.path)
+            self._status(stream, Status.INTERNAL, "internal error; see the quotagate log")
+            return
+        if self._streams.get(stream.id) is not stream:
+            return  # reset or disconnected meanwhile
+        message = b"\x00" + len(payload).to_bytes(4, "big") + payload
+        head = frame(FrameType.HEADERS, _END_HEADERS, stream.id, RESPONSE_HEADERS)
+        tail = frame(FrameType.HEADERS, _CLOSING, stream.id, trailers(Status.OK))
+        size = len(message)
+        if size <= self._send_window and size <= stream.send_window and size <= self._peer_frame:
+            self._send_window -= size
+            self._answer(stream, head + frame(FrameType.DATA, 0, stream.id, message) + tail)
+        else:
+            self._write(head)
+            stream.pending, stream.tail = message, tail
+            self._blocked.append(stream)
+            self._drain()
+
+    def _status(self, stream: _Stream, status: Status, details: str) -> None:
+        """A trailers-only answer: the call ends with this status and no message."""
+        if self._streams.get(stream.id) is not stream:
+            return
+        block = RESPONSE_HEADERS + trailers(status, details)
+        self._answer(stream, frame(FrameType.HEADERS, _CLOSING, stream.id, block))
+
+    def _answer(self, stream: _Stream, frames: bytes) -> None:
+        """Sends the end of a stream's answer and forgets the stream."""
+        if stream.receiving:  # answered before the request ended: the rest of it is not wanted
+            frames += rst_stream(stream.id, ErrorCode.NO_ERROR)
+        self._write(frames)
+        self._streams.pop(stream.id, None)
+        self._close_if_done()
+
+    def _drain(self) -> None:
+        """Sends what the flow-control windows now allow of the answers held back."""
+        for stream in list(self._blocked):
+            while stream.pending and self._send_window > 0 and stream.send_window > 0:
+                size = min(len(stream.pending), self._send_window, stream.send_window, self._peer_frame)
+                chunk, stream.pending = stream.pending[:size], stream.pending[size:]
+                self._send_window -= size
+                stream.send_window -= size
+                self._write(frame(FrameType.DATA, 0, stream.id, chunk))
+            if not stream.pending:
+                self._blocked.remove(stream)
+                self._answer(stream, stream.tail)
+
+    # -- frames out ---------------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        # Everything written in one turn of the event loop leaves in one write: answers that complete together
+        # (one Redis reply wakes many calls) share a syscall.
+        self._out.append(data)
+        if not self._flushing:
+            self._flushing = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        if self._out and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(self._out))
+        self._out.clear()
