@@ -21,8 +21,8 @@ WORKDIR /
 USER 10001:10001
 
 ENV QUOTAGATE_CONFIG=/etc/quotagate/quotagate.yaml
-# gRPC (ext_authz Check, Usage, Admin, health, reflection) and HTTP (/healthz /readyz /metrics /webhooks/stripe).
-EXPOSE 50051 8080
+# gRPC (ext_proc, Usage, Admin, health, reflection; ext_authz Check too), Check and ShouldRateLimit (50053), and HTTP (/healthz /readyz /metrics /webhooks/stripe).
+EXPOSE 50051 50053 8080
 
 # Liveness only: /readyz also needs PostgreSQL and Redis, which a restart would not fix.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \

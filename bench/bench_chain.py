@@ -159,6 +159,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 listen_port=free_port(),
                 admin_port=free_port(),
                 authz_port=qg.grpc_port,
+                decision_port=qg.decision_port,
             )
 
         plain_cfg = without_filters(build_envoy_config(options(upstream_port)), FILTERS_OFF)
@@ -181,7 +182,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 ("Check + ext_proc", FILTERS_OFF[3:], qg.grpc_port),
                 (TRIVIAL, FILTERS_OFF[3:], trivial_port),
             ):
-                opts = dataclasses.replace(options(upstream_port), authz_port=authz_port)
+                decision_port = 0 if authz_port == trivial_port else qg.decision_port
+                opts = dataclasses.replace(options(upstream_port), authz_port=authz_port, decision_port=decision_port)
                 cfg = without_filters(build_envoy_config(opts), removed)
                 proc, port = await bench_envoy.start_envoy_target(
                     bench, name.split(" (")[0].replace(" ", "").replace("+", "-"), cfg, args.envoy_concurrency

@@ -9,6 +9,10 @@ x-request-id and a small JSON chat body in attributes.request.http.raw_body. Eve
 reservation in Redis (one Lua script: balance hash, reservation hash, expiry index), so the load exercises
 the real hot state. The plan's allowance is huge, so nothing is ever denied.
 
+"quotagate" is Check on quotagate's decision port (the unary server, where the shipped Envoy config sends
+it); "quotagate grpc.aio" is the same process's grpc.aio port, which serves Check too. --baseline adds
+bench/trivial_authz.py, a Check that does nothing, on each of the two servers.
+
 The request is serialized once per user; per call only the x-request-id header is appended as serialized
 protobuf (a later map entry merges into the message), so the client spends its time on gRPC, not protobuf.
 
@@ -179,19 +183,22 @@ async def main_async(args: argparse.Namespace) -> int:
             Server("quotagate grpc.aio", payload, probe),
         ]
         if args.baseline:
-            trivial, port = await common.start_trivial_server(bench)
-            probe = common.Probe({"server": trivial.pid}, stores.redis_url)
-            servers.append(Server("trivial grpc.aio", replace(payload, target=f"{common.HOST}:{port}"), probe))
+            for unary, name in ((True, "trivial unary"), (False, "trivial grpc.aio")):
+                trivial, port = await common.start_trivial_server(bench, unary=unary)
+                probe = common.Probe({"server": trivial.pid}, stores.redis_url)
+                servers.append(Server(name, replace(payload, target=f"{common.HOST}:{port}"), probe))
 
         print(f"bench_check: {time.strftime('%Y-%m-%d %H:%M')}, {common.machine_note()}")
         print(f"  {stores.database_note}")
         print(f"  {stores.redis_note}")
+        ports = f"decision port {qg.decision_target} (quotagate), gRPC {qg.grpc_target} (quotagate grpc.aio)"
         if args.workers == 1:
-            print(f"  quotagate: one process (python -m quotagate.cli serve), gRPC {qg.grpc_target}")
+            print(f"  quotagate: one process (python -m quotagate.cli serve), {ports}")
         else:
-            print(f"  quotagate: serve --workers {args.workers} (server CPU% sums the workers), gRPC {qg.grpc_target}")
+            print(f"  quotagate: serve --workers {args.workers} (server CPU% sums the workers), {ports}")
         if args.baseline:
-            print("  baseline: bench/trivial_authz.py, an always-OK grpc.aio Check server in its own process")
+            print("  baseline: bench/trivial_authz.py, an always-OK Check in its own process, on the unary server"
+                  " (trivial unary) and on grpc.aio (trivial grpc.aio)")  # fmt: skip
         load_note = (
             "this process (one grpc.aio channel)"
             if args.clients <= 1

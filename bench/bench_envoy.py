@@ -233,6 +233,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 listen_port=free_port(),
                 admin_port=free_port(),
                 authz_port=qg.grpc_port,
+                decision_port=qg.decision_port,
             )
 
         plain_proc, plain_port = await start_envoy_target(
@@ -248,7 +249,7 @@ async def main_async(args: argparse.Namespace) -> int:
         pids = {"quotagate": qg.proc.pid, "upstream": upstream.pid}
         if args.baseline:
             trivial, trivial_port = await common.start_trivial_server(bench)
-            config = build_envoy_config(replace(options(), authz_port=trivial_port))
+            config = build_envoy_config(replace(options(), authz_port=trivial_port, decision_port=0))
             trivial_proc, trivial_envoy_port = await start_envoy_target(
                 bench, "trivial", config, args.envoy_concurrency
             )

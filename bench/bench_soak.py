@@ -104,6 +104,7 @@ async def main_async(args: argparse.Namespace) -> int:
             listen_port=free_port(),
             admin_port=free_port(),
             authz_port=qg.grpc_port,
+            decision_port=qg.decision_port,
         )
         envoy, port = await bench_envoy.start_envoy_target(bench, "soak", build_envoy_config(options), None)
         requests = bench_envoy.build_requests(port, qg.client_key, args.users)

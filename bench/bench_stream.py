@@ -322,6 +322,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 listen_port=free_port(),
                 admin_port=free_port(),
                 authz_port=qg.grpc_port,
+                decision_port=qg.decision_port,
                 ext_proc=ext_proc,
             )
 

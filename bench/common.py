@@ -313,11 +313,14 @@ def quotagate_config(stores: Stores, client_key: str) -> dict[str, Any]:
     }
 
 
-async def start_trivial_server(bench: Bench) -> tuple[ManagedProcess, int]:
-    """bench/trivial_authz.py (always-OK Check and ext_proc, no state) in its own process: the gRPC floor."""
+async def start_trivial_server(bench: Bench, unary: bool = False) -> tuple[ManagedProcess, int]:
+    """bench/trivial_authz.py (always-OK Check and ext_proc, no state) in its own process: the gRPC floor; with
+    `unary`, its Check on quotagate's unary server (the floor of the decision port)."""
     port = free_port()
     argv = [sys.executable, str(Path(__file__).with_name("trivial_authz.py")), "--port", str(port)]
-    trivial = bench.manage(ManagedProcess(argv, bench.tmp / "trivial.log", name="trivial-authz").start())
+    argv += ["--unary"] if unary else []
+    name = "trivial-unary" if unary else "trivial-authz"
+    trivial = bench.manage(ManagedProcess(argv, bench.tmp / f"{name}.log", name=name).start())
     await wait_for_port(HOST, port, timeout=30, process=trivial)
     return trivial, port
 

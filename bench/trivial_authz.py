@@ -1,6 +1,7 @@
 """A trivial grpc.aio Check and ext_proc server (always OK, no state): the gRPC floor quotagate is compared with.
 
     python bench/trivial_authz.py --port P
+    python bench/trivial_authz.py --port P --unary     # Check on quotagate's unary server instead (no ext_proc)
 
 bench_check.py --baseline starts it as its own process, like quotagate, and sends it the same load. It uses the
 same server options as quotagate.server and answers with a fixed OkHttpResponse of the same shape (a few
@@ -26,6 +27,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
+
+from quotagate.unary import UnaryServer
 
 
 def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
@@ -80,6 +83,23 @@ class TrivialProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  
                 return
 
 
+async def serve_unary(port: int) -> None:
+    """The same Check on quotagate.unary.UnaryServer: the floor of quotagate's decision port."""
+    server = UnaryServer()
+    server.add_servicer(external_auth_pb2_grpc.add_AuthorizationServicer_to_server, TrivialAuthorization())
+    await server.start("127.0.0.1", port)
+    await _until_signalled()
+    await server.stop(grace=1)
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def serve(port: int) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 8 << 20)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(TrivialAuthorization(), server)
@@ -87,20 +107,17 @@ async def serve(port: int) -> None:
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise OSError(f"cannot listen on 127.0.0.1:{port}")
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await _until_signalled()
     await server.stop(grace=1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="A trivial always-OK ext_authz Check server.")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--unary", action="store_true", help="serve Check on quotagate's unary server, not grpc.aio")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.port))
+        asyncio.run(serve_unary(args.port) if args.unary else serve(args.port))
 
 
 if __name__ == "__main__":

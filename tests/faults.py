@@ -51,12 +51,14 @@ class QuotagateProcess:
         self.config.write_text(yaml.safe_dump(quotagate_config(prefix, **overrides)), encoding="utf-8")
         self.grpc_port = free_port()
         self.http_port = free_port()
+        self.decision_port = free_port()
         self.env = {
             **os.environ,
             "QUOTAGATE_DATABASE_URL": database_url,
             "QUOTAGATE_REDIS_URL": redis_url,
             "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{self.grpc_port}",
             "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{self.http_port}",
+            "QUOTAGATE_DECISION_LISTEN": f"127.0.0.1:{self.decision_port}",
             "QUOTAGATE_ADMIN_TOKEN": ADMIN_TOKEN,
             "PYTHONUNBUFFERED": "1",
         }
@@ -108,6 +110,7 @@ def start_envoy_in_front(qg: QuotagateProcess, upstream_port: int, tmp: Path) ->
             listen_port=envoy_port,
             admin_port=admin_port,
             authz_port=qg.grpc_port,
+            decision_port=qg.decision_port,
             ext_proc=True,
             rate_limit=False,
         ),

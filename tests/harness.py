@@ -47,6 +47,7 @@ def make_settings(database_url: str, redis_url: str, prefix: str, **overrides: A
         "QUOTAGATE_DATABASE_URL": database_url,
         "QUOTAGATE_REDIS_URL": redis_url,
         "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
+        "QUOTAGATE_DECISION_LISTEN": f"127.0.0.1:{free_port()}",
         "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
         "QUOTAGATE_ADMIN_TOKEN": ADMIN_TOKEN,
     }
@@ -99,6 +100,7 @@ class Stack:
                 listen_port=self.envoy_port,
                 admin_port=admin_port,
                 authz_port=self.grpc_port,
+                decision_port=self.decision_port,
                 http_port=self.http_port,
                 ext_proc=self.ext_proc,
                 rate_limit=self.rate_limit,
@@ -118,6 +120,11 @@ class Stack:
     def grpc_port(self) -> int:
         _, _, port = self.settings.grpc_listen.rpartition(":")
         return int(port)
+
+    @property
+    def decision_port(self) -> int:
+        _, _, port = self.settings.decision_listen.rpartition(":")
+        return int(port) if port else 0
 
     @property
     def http_port(self) -> int:

@@ -128,6 +128,7 @@ async def start_served(
         "QUOTAGATE_REDIS_URL": redis_url,
         "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{grpc_port}",
         "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{http_port}",
+        "QUOTAGATE_DECISION_LISTEN": f"127.0.0.1:{free_port()}",
         "QUOTAGATE_ADMIN_TOKEN": ADMIN_TOKEN,
         **(env or {}),
     }

@@ -38,6 +38,7 @@ async def test_migrate_then_serve_then_sigterm(database_url: str, redis_url: str
         "QUOTAGATE_REDIS_URL": redis_url,
         "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{grpc_port}",
         "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{http_port}",
+        "QUOTAGATE_DECISION_LISTEN": f"127.0.0.1:{free_port()}",
         "QUOTAGATE_ADMIN_TOKEN": "a-long-enough-admin-token",
     }
     code, out = await run_cli("migrate", env=env)

@@ -25,7 +25,7 @@ import yaml
 
 from quotagate.config import Settings, load_settings
 from quotagate.core.weights import weight_for
-from quotagate.envoyconf import HTTP_CLUSTER, USER_PAGES_PREFIX
+from quotagate.envoyconf import AUTHZ_CLUSTER, HTTP_CLUSTER, RATELIMIT_CLUSTER, USER_PAGES_PREFIX
 from quotagate.server import split_listen
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -188,8 +188,12 @@ def listen_port(compose: dict[str, Any], name: str, cluster: str = "") -> int:
     """The port a compose service listens on inside the network, read from that service's own config."""
     if name == "quotagate":
         settings = quotagate_settings(compose)
-        # The user pages go to the HTTP port; Check, ext_proc and the rate limits to the gRPC port.
-        listen = settings.http_listen if cluster == HTTP_CLUSTER else settings.grpc_listen
+        # The user pages go to the HTTP port; Check and the rate limits to the decision port; ext_proc to gRPC.
+        listen = {
+            HTTP_CLUSTER: settings.http_listen,
+            AUTHZ_CLUSTER: settings.decision_listen,
+            RATELIMIT_CLUSTER: settings.decision_listen,
+        }.get(cluster, settings.grpc_listen)
         host, port = split_listen(listen)
         assert not ipaddress.ip_address(host).is_loopback, f"quotagate's {listen} is on loopback only"
         return port
@@ -411,7 +415,8 @@ def test_dockerfile_runs_quotagate_serve(compose: dict[str, Any]) -> None:
     assert [PurePosixPath(argv[0]).name, *argv[1:2]] == ["quotagate", "serve"], argv
     assert last.get("USER", "root").split(":")[0] not in ("root", "0"), "the image runs as root"
     settings = quotagate_settings(compose)
-    ports = {split_listen(settings.grpc_listen)[1], split_listen(settings.http_listen)[1]}
+    listeners = (settings.grpc_listen, settings.decision_listen, settings.http_listen)
+    ports = {split_listen(listen)[1] for listen in listeners}
     exposed = {int(p.split("/")[0]) for p in last.get("EXPOSE", "").split()}
     assert ports <= exposed, f"the Dockerfile exposes {exposed}, quotagate listens on {ports}"
     health = re.search(r"https?://[^/:'\"]+:(\d+)/healthz", last.get("HEALTHCHECK", ""))

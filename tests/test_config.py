@@ -84,6 +84,7 @@ def test_valid_file_reads_every_key() -> None:
     assert s.redis_url == "redis://cache.internal:6379/2"
     assert s.redis_prefix == "qgv:"
     assert s.grpc_listen == "0.0.0.0:50051"
+    assert s.decision_listen == "0.0.0.0:50063"
     assert s.http_listen == "0.0.0.0:8080"
     assert s.production is False
 
@@ -280,9 +281,11 @@ def test_env_overrides_win_over_the_file() -> None:
         "QUOTAGATE_REDIS_URL": "redis://env-redis:6379/5",
         "QUOTAGATE_GRPC_LISTEN": "127.0.0.1:6000",
         "QUOTAGATE_HTTP_LISTEN": "127.0.0.1:6001",
+        "QUOTAGATE_DECISION_LISTEN": "127.0.0.1:6002",
         "QUOTAGATE_UPSTREAM_API_KEY": "sk-from-env",
     }
     s = load_settings(VALID, env)
+    assert s.decision_listen == "127.0.0.1:6002"
     assert s.database_url == env["QUOTAGATE_DATABASE_URL"]
     assert s.redis_url == env["QUOTAGATE_REDIS_URL"]
     assert s.grpc_listen == env["QUOTAGATE_GRPC_LISTEN"]
@@ -521,3 +524,26 @@ def test_check_config_validates_rate_limit_files_alone_and_through_the_config(tm
         failed = check(path)
         assert failed.returncode == 1
         assert f"{bad}: descriptors[0].rate_limit.unit:" in failed.stderr
+
+
+def test_decision_listen_defaults_to_its_own_port_and_empty_turns_it_off() -> None:
+    assert parse_settings({}, "<test>", {}).decision_listen == "127.0.0.1:50053"
+    assert parse_settings({"decision_listen": ""}, "<test>", {}).decision_listen == ""
+    assert parse_settings({}, "<test>", {"QUOTAGATE_DECISION_LISTEN": ""}).decision_listen == ""
+    assert parse_settings({}, "<test>", {"QUOTAGATE_DECISION_LISTEN": "[::1]:7000"}).decision_listen == "[::1]:7000"
+
+
+@pytest.mark.parametrize(
+    ("config", "env", "named"),
+    [
+        ({"decision_listen": "50053"}, {}, "<test>: decision_listen: '50053' is not host:port"),
+        ({"decision_listen": "localhost:http"}, {}, "<test>: decision_listen: 'localhost:http' is not host:port"),
+        ({}, {"QUOTAGATE_DECISION_LISTEN": "0.0.0.0:70000"}, "<test>: QUOTAGATE_DECISION_LISTEN: '0.0.0.0:70000'"),
+    ],
+)
+def test_a_decision_listen_that_is_not_host_and_port_is_refused(
+    config: dict[str, str], env: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_settings(config, "<test>", env)
+    assert str(raised.value).startswith(named)

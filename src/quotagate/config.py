@@ -384,6 +384,17 @@ def _stripe(section: _Section, env: Mapping[str, str]) -> StripeSettings:
     return result
 
 
+def _decision_listen(top: _Section, env: Mapping[str, str], default: str) -> str:
+    """host:port for the unary server, or "" (off); checked here, since the server binds it with asyncio."""
+    listen, where = top.take("decision_listen", str, default), top.key("decision_listen")
+    if "QUOTAGATE_DECISION_LISTEN" in env:
+        listen, where = env["QUOTAGATE_DECISION_LISTEN"], "QUOTAGATE_DECISION_LISTEN"
+    host, colon, port = listen.strip().rpartition(":")
+    if listen.strip() and not (colon and host and port.isdigit() and int(port) < 65536):
+        raise ConfigError(f"{top.source}: {where}: {listen!r} is not host:port (or empty to turn it off)")
+    return listen.strip()
+
+
 def _admin_listener(section: _Section, env: Mapping[str, str], base: Path) -> AdminListener:
     listen = env.get("QUOTAGATE_ADMIN_LISTEN", section.take("listen", str, ""))
     tls = section.sub("tls")
@@ -491,9 +502,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         redis_url=env.get("QUOTAGATE_REDIS_URL", top.take("redis_url", str, defaults.redis_url)),
         redis_prefix=top.take("redis_prefix", str, defaults.redis_prefix),
         grpc_listen=env.get("QUOTAGATE_GRPC_LISTEN", top.take("grpc_listen", str, defaults.grpc_listen)),
-        decision_listen=env.get(
-            "QUOTAGATE_DECISION_LISTEN", top.take("decision_listen", str, defaults.decision_listen)
-        ),
+        decision_listen=_decision_listen(top, env, defaults.decision_listen),
         http_listen=env.get("QUOTAGATE_HTTP_LISTEN", top.take("http_listen", str, defaults.http_listen)),
         production=top.take("production", bool, False) or env.get("QUOTAGATE_ENV", "") == "production",
         rate_limit_files=_paths(top, "rate_limits", Path(source).parent),

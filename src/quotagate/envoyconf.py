@@ -93,6 +93,8 @@ class EnvoyOptions:
     admin_port: int = 9901
     authz_host: str = "127.0.0.1"
     authz_port: int = 50051
+    # quotagate's unary server (decision_listen) for Check and ShouldRateLimit; 0 sends them to authz_port too.
+    decision_port: int = 0
     upstream_tls: bool = False
     failure_mode_allow: bool = False
     status_on_error: int = 503
@@ -115,6 +117,8 @@ class EnvoyOptions:
             port: int = getattr(self, name)
             if not 0 < port < 65536:
                 raise ValueError(f"{name} must be a TCP port (1-65535), got {port}")
+        if not 0 <= self.decision_port < 65536:
+            raise ValueError(f"decision_port must be a TCP port (1-65535) or 0, got {self.decision_port}")
         # Envoy only accepts the codes listed in envoy.type.v3.StatusCode (e.g. 503, but not 599).
         if self.status_on_error not in _ENVOY_STATUS_CODES:
             raise ValueError(f"status_on_error {self.status_on_error} is not a code Envoy accepts")
@@ -131,6 +135,7 @@ PRODUCTION_OPTIONS = EnvoyOptions(
     admin_port=9901,
     authz_host="quotagate",
     authz_port=50051,
+    decision_port=50053,
     upstream_host="litellm",
     upstream_port=4000,
 )
@@ -171,8 +176,8 @@ def _cluster(name: str, host: str, port: int, connect_timeout: str) -> dict[str,
     return cluster
 
 
-def _grpc_cluster(name: str, opts: EnvoyOptions, limit: int) -> dict[str, Any]:
-    cluster = _cluster(name, opts.authz_host, opts.authz_port, "1s")
+def _grpc_cluster(name: str, opts: EnvoyOptions, limit: int, port: int) -> dict[str, Any]:
+    cluster = _cluster(name, opts.authz_host, port, "1s")
     cluster["typed_extension_protocol_options"] = {
         _HTTP_OPTIONS_KEY: {
             "@type": _HTTP_OPTIONS_TYPE,
@@ -194,16 +199,17 @@ def _grpc_cluster(name: str, opts: EnvoyOptions, limit: int) -> dict[str, Any]:
 
 
 def _authz_cluster(opts: EnvoyOptions) -> dict[str, Any]:
-    return _grpc_cluster(AUTHZ_CLUSTER, opts, _AUTHZ_CIRCUIT_LIMIT)
+    return _grpc_cluster(AUTHZ_CLUSTER, opts, _AUTHZ_CIRCUIT_LIMIT, opts.decision_port or opts.authz_port)
 
 
 def _extproc_cluster(opts: EnvoyOptions) -> dict[str, Any]:
-    # A cluster of its own: long-lived ext_proc streams must never use up the Check cluster's limits.
-    return _grpc_cluster(EXTPROC_CLUSTER, opts, _EXTPROC_CIRCUIT_LIMIT)
+    # A cluster of its own: long-lived ext_proc streams must never use up the Check cluster's limits. Streams
+    # are served by the grpc.aio port only.
+    return _grpc_cluster(EXTPROC_CLUSTER, opts, _EXTPROC_CIRCUIT_LIMIT, opts.authz_port)
 
 
 def _ratelimit_cluster(opts: EnvoyOptions) -> dict[str, Any]:
-    return _grpc_cluster(RATELIMIT_CLUSTER, opts, _AUTHZ_CIRCUIT_LIMIT)
+    return _grpc_cluster(RATELIMIT_CLUSTER, opts, _AUTHZ_CIRCUIT_LIMIT, opts.decision_port or opts.authz_port)
 
 
 def tokens_descriptor(user_id: str) -> tuple[tuple[str, str], ...]:
@@ -499,7 +505,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--production",
         action="store_true",
-        help="start from the docker-compose settings (quotagate:50051, litellm:4000, listener 0.0.0.0:10000)",
+        help="start from the docker-compose settings (quotagate:50051 and :50053, litellm:4000, listener :10000)",
     )
     parser.add_argument("-o", "--output", type=pathlib.Path, help="write to this file instead of stdout")
     # default=None everywhere so that only flags given on the command line override the base options.
@@ -508,6 +514,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--admin-port", type=int)
     parser.add_argument("--authz-host")
     parser.add_argument("--authz-port", type=int)
+    parser.add_argument(
+        "--decision-port", type=int, help="quotagate's decision_listen port for Check and ShouldRateLimit (0: authz)"
+    )
     parser.add_argument("--upstream-host")
     parser.add_argument("--upstream-port", type=int)
     parser.add_argument("--upstream-tls", action=argparse.BooleanOptionalAction, default=None)

@@ -110,6 +110,7 @@ async def run_up(opts: UpOptions) -> int:
             "QUOTAGATE_DATABASE_URL": database_url,
             "QUOTAGATE_REDIS_URL": redis_url,
             "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{_port_or_free(50051)}",
+            "QUOTAGATE_DECISION_LISTEN": f"127.0.0.1:{_port_or_free(50053)}",
             "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{_port_or_free(8080)}",
             "QUOTAGATE_ADMIN_TOKEN": os.environ.get("QUOTAGATE_ADMIN_TOKEN", DEMO_ADMIN_TOKEN),
             "QUOTAGATE_PUBLIC_URL": os.environ.get("QUOTAGATE_PUBLIC_URL", f"http://127.0.0.1:{opts.port}"),
@@ -118,7 +119,10 @@ async def run_up(opts: UpOptions) -> int:
         settings = load_settings(config_path, env)
         running = await start(settings)
         cleanups.append(("quotagate", running))
-        lines.append(f"quotagate   gRPC 127.0.0.1:{running.grpc_port}  HTTP http://127.0.0.1:{running.http_port}")
+        lines.append(
+            f"quotagate   gRPC 127.0.0.1:{running.grpc_port}  decisions 127.0.0.1:{running.decision_port}"
+            f"  HTTP http://127.0.0.1:{running.http_port}"
+        )
         lines.append(f"            config {config_path}")
 
         if litellm_key is not None:
@@ -163,6 +167,7 @@ async def run_up(opts: UpOptions) -> int:
                 listen_port=opts.port,
                 admin_port=admin_port,
                 authz_port=running.grpc_port,
+                decision_port=running.decision_port,
                 http_port=running.http_port,
             ),
             state / "envoy.yaml",

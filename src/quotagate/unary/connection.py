@@ -53,7 +53,8 @@ _TOP_UP_AT = 1 << 30  # consumed bytes of the connection window before it is wid
 _END_HEADERS = int(Flag.END_HEADERS)
 _END_STREAM = int(Flag.END_STREAM)
 _CLOSING = _END_STREAM | _END_HEADERS
-_NOT_GRPC = b"\x8e" + literal(b"content-type", b"text/plain")  # ":status 415", static table entry 14
+# ":status: 415", its name from static table entry 8, then "content-type: text/plain".
+_NOT_GRPC = b"\x08\x03415" + literal(b"content-type", b"text/plain")
 
 
 class Abort(Exception):
