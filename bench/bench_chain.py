@@ -175,14 +175,15 @@ async def main_async(args: argparse.Namespace) -> int:
         started: dict[str, tuple[int, int]] = {}
         if args.breakdown:
             # The chain's filters one step at a time, to see what each adds at low load; and the same two
-            # filters in front of a server that does nothing (bench/trivial_authz.py): the floor of grpc.aio.
+            # filters in front of servers that do nothing (bench/trivial_authz.py: Check on the unary server,
+            # ext_proc on grpc.aio, as quotagate serves them): the floor.
             _, trivial_port = await common.start_trivial_server(bench)
-            for name, removed, authz_port in (
-                ("Check only", FILTERS_OFF[1:], qg.grpc_port),
-                ("Check + ext_proc", FILTERS_OFF[3:], qg.grpc_port),
-                (TRIVIAL, FILTERS_OFF[3:], trivial_port),
+            _, trivial_unary_port = await common.start_trivial_server(bench, unary=True)
+            for name, removed, authz_port, decision_port in (
+                ("Check only", FILTERS_OFF[1:], qg.grpc_port, qg.decision_port),
+                ("Check + ext_proc", FILTERS_OFF[3:], qg.grpc_port, qg.decision_port),
+                (TRIVIAL, FILTERS_OFF[3:], trivial_port, trivial_unary_port),
             ):
-                decision_port = 0 if authz_port == trivial_port else qg.decision_port
                 opts = dataclasses.replace(options(upstream_port), authz_port=authz_port, decision_port=decision_port)
                 cfg = without_filters(build_envoy_config(opts), removed)
                 proc, port = await bench_envoy.start_envoy_target(
