@@ -1,6 +1,7 @@
 """ShouldRateLimit calls/s and latency straight over gRPC, against quotagate in its own process and real Redis.
 
     scripts/dev python bench/bench_ratelimit.py [--seconds 5] [--concurrency 1,16,64] [--clients N] [--tokens]
+        [--grpc-aio]
 
 Each call is envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit for domain `quotagate` with hits_addend 1
 and the descriptor Envoy's shipped config sends for every request, `user=<one of --users users>`. With --tokens
@@ -8,7 +9,8 @@ every request also carries the token descriptor that config checks before a requ
 the descriptor's own hits_addend 0: read, not counted), so it is the request Envoy sends. quotagate reads a
 generated rate-limit file whose limits (10^9 per minute) are never reached, so every answer is OK; each call runs
 one Lua script in Redis (INCRBY + EXPIRE of the user's counter; GET of the token counter with --tokens) over
-quotagate's pipelined connection.
+quotagate's pipelined connection. The calls go to quotagate's decision port (the unary server the shipped Envoy
+config calls), or with --grpc-aio to its grpc.aio port.
 
 The requests are serialized once per user and sent as bytes (no client-side serializer); each response is
 parsed and must be OK with the configured limit matched, so a call that never reached the counter is an error.
@@ -169,7 +171,7 @@ async def main_async(args: argparse.Namespace) -> int:
         qg = await common.start_quotagate(bench, stores, log_level=args.log_level, rate_limits=rate_limits)
         descriptors = 2 if args.tokens else 1
         payload = Payload(
-            target=qg.grpc_target,
+            target=qg.grpc_target if args.grpc_aio else qg.decision_target,
             requests=tuple(build_request(f"bench-user-{i:04d}", args.tokens) for i in range(args.users)),
             descriptors=descriptors,
         )
@@ -183,7 +185,8 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"bench_ratelimit: {time.strftime('%Y-%m-%d %H:%M')}, {common.machine_note()}")
         print(f"  {stores.database_note}")
         print(f"  {stores.redis_note}")
-        print(f"  quotagate: one process (python -m quotagate.cli serve), gRPC {qg.grpc_target}")
+        port = f"gRPC port {qg.grpc_target} (grpc.aio)" if args.grpc_aio else f"decision port {qg.decision_target}"
+        print(f"  quotagate: one process (python -m quotagate.cli serve), {port}")
         print(f"  request: domain {DOMAIN}, {shape}, {len(payload.requests[0])} bytes; limits {LIMIT:,} per minute")
         load_note = (
             "this process (one grpc.aio channel)"
@@ -281,6 +284,11 @@ def main() -> int:
         "--tokens",
         action="store_true",
         help="also send the token descriptor (kind=tokens, user=<id>, hits_addend 0) in every request, as Envoy does",
+    )
+    parser.add_argument(
+        "--grpc-aio",
+        action="store_true",
+        help="call quotagate's grpc.aio port instead of its decision port (the unary server Envoy calls)",
     )
     parser.add_argument("--log-level", default="INFO", help="quotagate's log level (default INFO)")
     args = parser.parse_args()

@@ -78,10 +78,16 @@ class Served:
     grpc_port: int
     http_port: int
     log_path: Path
+    decision_port: int = 0
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def decision_target(self) -> str:
+        """Check and ShouldRateLimit on the unary server, where Envoy calls them."""
+        return f"127.0.0.1:{self.decision_port}"
 
     async def terminate(self, timeout: float = 60) -> int:  # noqa: ASYNC109
         if self.proc.returncode is None:
@@ -120,7 +126,7 @@ async def start_served(
 ) -> Served:
     path = tmp_path / f"quotagate-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(yaml.safe_dump({**base_config(), "redis_prefix": redis_prefix, **(config or {})}))
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port, decision_port = free_port(), free_port(), free_port()
     full_env = {
         **os.environ,
         "QUOTAGATE_CONFIG": str(path),
@@ -128,7 +134,7 @@ async def start_served(
         "QUOTAGATE_REDIS_URL": redis_url,
         "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{grpc_port}",
         "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{http_port}",
-        "QUOTAGATE_DECISION_LISTEN": f"127.0.0.1:{free_port()}",
+        "QUOTAGATE_DECISION_LISTEN": f"127.0.0.1:{decision_port}",
         "QUOTAGATE_ADMIN_TOKEN": ADMIN_TOKEN,
         **(env or {}),
     }
@@ -138,7 +144,7 @@ async def start_served(
             sys.executable, "-m", "quotagate.cli", "serve", *args,
             stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=full_env, start_new_session=True,
         )  # fmt: skip
-    served = Served(proc, grpc_port, http_port, log_path)
+    served = Served(proc, grpc_port, http_port, log_path, decision_port)
     try:
         await wait_for_port("127.0.0.1", grpc_port, timeout=60)
         await wait_for_port("127.0.0.1", http_port, timeout=30)

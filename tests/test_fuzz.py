@@ -1,6 +1,7 @@
 """Property-based fuzzing (hypothesis) of Check, ReportUsage, ShouldRateLimit and every Admin call against a
 running `quotagate serve` with real PostgreSQL and Redis: broken UTF-8, huge and negative numbers, giant
-bodies and headers, missing fields. Every call ends in a clean status (never UNKNOWN or INTERNAL, never
+bodies and headers, missing fields. Check and ShouldRateLimit go, example by example, to the decision port (the
+unary server Envoy calls) or to the grpc.aio port. Every call ends in a clean status (never UNKNOWN or INTERNAL, never
 UNAVAILABLE with healthy stores), rejected inputs charge nothing, and the server answers health afterwards.
 
 Requests are built as messages, serialized, and then may have placeholders swapped for invalid UTF-8 bytes of
@@ -69,7 +70,15 @@ ADMIN_METADATA = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 class Target:
     address: str
     database_url: str
-    health: Callable[[], int]
+    health: Callable[..., int]
+    decision_address: str = ""
+
+    def of(self, port: str) -> str:
+        return self.decision_address if port == "decision" else self.address
+
+
+# Where Envoy's two calls are sent: the unary server (decision port) or grpc.aio.
+PORTS = st.sampled_from(["decision", "grpc"])
 
 
 def _with_database(url: str, name: str) -> str:
@@ -96,8 +105,8 @@ async def target(
         tmp_path_factory.mktemp("fuzz"), database_url, redis_url, prefix, "--log-level", "WARNING", config=config
     )
 
-    def health() -> int:
-        with grpc.insecure_channel(served.target) as channel:
+    def health(address: str = served.target) -> int:
+        with grpc.insecure_channel(address) as channel:
             check = channel.unary_unary(
                 "/grpc.health.v1.Health/Check",
                 request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
@@ -107,7 +116,7 @@ async def target(
             return int(reply.status)
 
     try:
-        yield Target(served.target, database_url, health)
+        yield Target(served.target, database_url, health, served.decision_target)
         code = await served.terminate()
         log = served.text()
         assert code == 0, log[-3000:]
@@ -309,11 +318,13 @@ def check_requests(draw: st.DrawFn) -> tuple[bytes, bool]:
 
 
 @FUZZ
-@given(case=check_requests())
-def test_check_answers_every_request_cleanly(target: Target, ledger: Ledger, case: tuple[bytes, bool]) -> None:
+@given(case=check_requests(), port=PORTS)
+def test_check_answers_every_request_cleanly(
+    target: Target, ledger: Ledger, case: tuple[bytes, bool], port: str
+) -> None:
     payload, _ = case
     before = ledger.totals()
-    code, reply = call(target.address, "/envoy.service.auth.v3.Authorization/Check", payload)
+    code, reply = call(target.of(port), "/envoy.service.auth.v3.Authorization/Check", payload)
     assert code in CLEAN_CALL_CODES, code
     if code is grpc.StatusCode.OK:
         response = external_auth_pb2.CheckResponse.FromString(reply)
@@ -356,16 +367,19 @@ def test_report_usage_refuses_bad_reports_and_charges_nothing_for_them(
 
 
 @FUZZ
-@given(values=message_dicts(rls_pb2.RateLimitRequest.DESCRIPTOR), user=st.one_of(texts, st.just("fuzz-user")))
+@given(
+    values=message_dicts(rls_pb2.RateLimitRequest.DESCRIPTOR), user=st.one_of(texts, st.just("fuzz-user")), port=PORTS
+)
 def test_should_rate_limit_answers_every_request_cleanly(
-    target: Target, ledger: Ledger, values: dict[str, Any], user: str
+    target: Target, ledger: Ledger, values: dict[str, Any], user: str, port: str
 ) -> None:
     request = build(rls_pb2.RateLimitRequest, values)
     if user:  # also a request that matches the shipped limits
         request.domain = request.domain or "quotagate"
         request.descriptors.add().entries.add(key="user", value=user)
     before = ledger.totals()
-    code, reply = call(target.address, "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit", raw(request))
+    path = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+    code, reply = call(target.of(port), path, raw(request))
     assert code in CLEAN_CALL_CODES, (code, values)
     if code is grpc.StatusCode.OK:
         response = rls_pb2.RateLimitResponse.FromString(reply)
@@ -424,17 +438,19 @@ def stream_call(address: str, method: str, payload: bytes, metadata: tuple[tuple
 # -- afterwards -----------------------------------------------------------------------------------------------
 
 
-def test_the_server_still_answers_health_after_the_fuzzing(target: Target) -> None:
+@pytest.mark.parametrize("port", ["decision", "grpc"])
+def test_the_server_still_answers_health_after_the_fuzzing(target: Target, port: str) -> None:
     assert_health(target)
+    assert target.health(target.of(port)) == health_pb2.HealthCheckResponse.SERVING
     code, reply = call(
-        target.address,
+        target.of(port),
         "/envoy.service.auth.v3.Authorization/Check",
         raw(
             external_auth_pb2.CheckRequest(
                 attributes=attribute_context_pb2.AttributeContext(
                     request=attribute_context_pb2.AttributeContext.Request(
                         http=attribute_context_pb2.AttributeContext.HttpRequest(
-                            headers={"authorization": f"Bearer {CLIENT_KEY}", "x-user-id": "fuzz-after"},
+                            headers={"authorization": f"Bearer {CLIENT_KEY}", "x-user-id": f"fuzz-after-{port}"},
                             raw_body=b'{"model":"m","max_tokens":5,"messages":[]}',
                         )
                     )
