@@ -310,6 +310,39 @@ async def test_continuation_padding_and_priority_are_read(echo_server: tuple[Una
         await client.close()
 
 
+def _path_indexed(path: str) -> bytes:
+    """:method POST, :scheme http, then :path added to the peer's table (a literal with incremental indexing)."""
+    return b"\x83\x86\x44" + bytes((len(path),)) + path.encode() + GRPC_TYPE
+
+
+GRPC_TYPE = b"\x0f\x10\x10application/grpc"  # content-type (static entry 31), literal value, not indexed
+NEWEST_ENTRY = b"\x83\x86\xbe" + GRPC_TYPE  # :path = the newest entry of the table (index 62)
+
+
+async def test_a_remembered_header_block_follows_the_changes_of_the_table(
+    echo_server: tuple[UnaryServer, int, Echo],
+) -> None:
+    _, port, _ = echo_server
+    client = await RawClient.connect(port)
+    try:
+        blocks = [
+            _path_indexed("/test.Echo/Echo"),  # the table: [Echo]
+            NEWEST_ENTRY,  # Echo; the table is unchanged, so the server keeps the parsed block
+            _path_indexed("/test.Echo/Abort"),  # the table: [Abort, Echo]
+            NEWEST_ENTRY,  # the same bytes as before, which now mean Abort
+        ]
+        statuses = []
+        for number, block in enumerate(blocks):
+            stream = 2 * number + 1
+            client.send(frame(FrameType.HEADERS, Flag.END_HEADERS, stream, block))
+            client.send(frame(FrameType.DATA, Flag.END_STREAM, stream, _message(b"no")))
+            frames = await client.until(stream)
+            statuses.append(client.headers_of(frames[-1][2])["grpc-status"])
+        assert statuses == ["0", "0", "7", "7"]  # Echo, Echo, Abort (PERMISSION_DENIED), Abort
+    finally:
+        await client.close()
+
+
 async def test_answers_wait_for_the_peers_flow_control_window(echo_server: tuple[UnaryServer, int, Echo]) -> None:
     _, port, _ = echo_server
     client = await RawClient.connect(port, {S.INITIAL_WINDOW_SIZE: 10})
