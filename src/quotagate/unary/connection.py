@@ -40,6 +40,7 @@ from quotagate.unary.frames import (
     trailers,
     window_update,
 )
+from quotagate.unary.headers import BlockDecoder, Headers
 
 log = logging.getLogger("quotagate.unary")
 
@@ -48,8 +49,6 @@ STREAM_WINDOW = 1 << 24
 MAX_STREAMS = 10_000
 MAX_HEADER_LIST = 1 << 16
 MAX_HEADER_BLOCK = 1 << 18
-# Header blocks parsed under the current decoder table, by their bytes (see Connection._parse_headers).
-MAX_CACHED_BLOCKS = 256
 _SHUTDOWN_PING = b"qg-stop!"
 _TOP_UP_AT = 1 << 30  # consumed bytes of the connection window before it is widened again
 _END_HEADERS = int(Flag.END_HEADERS)
@@ -99,6 +98,18 @@ class _Headers(NamedTuple):
     metadata: tuple[tuple[bytes, bytes], ...]
 
 
+def _parse_headers(headers: Headers) -> _Headers:
+    path, grpc, metadata = "", False, []
+    for name, value in headers:
+        if name == b":path":
+            path = value.decode("utf-8", "replace")
+        elif name == b"content-type":
+            grpc = value.startswith(b"application/grpc")
+        elif not name.startswith(b":"):
+            metadata.append((name, value))
+    return _Headers(path, grpc, tuple(metadata))
+
+
 class _Stream:
     __slots__ = ("body", "headers", "id", "method", "path", "pending", "receiving", "send_window", "tail", "task")
 
@@ -129,9 +140,7 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._preface = False
-        self._decoder = hpack.Decoder()
-        self._decoder.max_header_list_size = MAX_HEADER_LIST
-        self._parsed: dict[bytes, _Headers] = {}
+        self._headers = BlockDecoder(_parse_headers, MAX_HEADER_LIST)
         self._streams: dict[int, _Stream] = {}
         self._last_stream_id = 0
         self._block: tuple[int, int, bytearray] | None = None  # (stream, HEADERS flags, fragments) until END_HEADERS
@@ -275,40 +284,8 @@ class Connection(asyncio.Protocol):
             self._block = None
             self._on_header_block(first_flags, stream_id, bytes(block))
 
-    def _parse_headers(self, block: bytes) -> _Headers:
-        """The block's path, whether it is gRPC, and its other headers.
-
-        Envoy sends the same block for every call of a method once its table is filled (the path as a literal
-        that is never indexed, Huffman-coded, the rest as references to its table), and decoding the path in
-        Python was ~9% of a busy quotagate's CPU. A block means the same thing as long as the table it refers
-        to is unchanged, so blocks that leave the table as it was are remembered by their bytes until one
-        changes it (an insertion or a resize)."""
-        known = self._parsed.get(block)
-        if known is not None:
-            return known
-        table = self._decoder.header_table
-        entries = table.dynamic_entries
-        before = (len(entries), table.maxsize, entries[0] if entries else None)
-        # Decoded in every case: the decoder's table must follow everything the peer encoded.
-        headers = self._decoder.decode(block, raw=True)
-        path, grpc, metadata = "", False, []
-        for name, value in headers:
-            if name == b":path":
-                path = value.decode("utf-8", "replace")
-            elif name == b"content-type":
-                grpc = value.startswith(b"application/grpc")
-            elif not name.startswith(b":"):
-                metadata.append((name, value))
-        parsed = _Headers(path, grpc, tuple(metadata))
-        after = (len(entries), table.maxsize, entries[0] if entries else None)
-        if after[:2] != before[:2] or after[2] is not before[2]:
-            self._parsed.clear()  # the table changed: a remembered block may mean something else now
-        elif len(self._parsed) < MAX_CACHED_BLOCKS:
-            self._parsed[block] = parsed
-        return parsed
-
     def _on_header_block(self, flags: int, stream_id: int, block: bytes) -> None:
-        headers = self._parse_headers(block)
+        headers = self._headers.decode(block)
         stream = self._streams.get(stream_id)
         if stream is not None:  # trailers from the client: only the end of the request matters
             if flags & _END_STREAM and stream.receiving:
