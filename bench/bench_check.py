@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import common
 import grpc
@@ -108,17 +109,20 @@ class Payload:
     phase: int = 0
     channels: int = 1
     rate: float = 0.0  # open loop: calls/s of each client process; 0: closed loop
+    lean: bool = False  # h2client instead of grpc.aio
 
 
-def make_caller(channel: grpc.aio.Channel, payload: Payload) -> Callable[[], Awaitable[None]]:
-    check = channel.unary_unary(CHECK_METHOD)  # no serializers: bytes in, bytes out
+def make_caller(channel: Any, payload: Payload) -> Callable[[], Awaitable[None]]:
+    # No serializers: bytes in, bytes out (grpc.aio or h2client).
+    check = channel.unary(CHECK_METHOD) if payload.lean else channel.unary_unary(CHECK_METHOD)
     head = f"{payload.tag}-{payload.phase:02d}-{os.getpid() % 10_000_000:07d}-".encode()
     bases, prefix, users = payload.bases, payload.prefix, len(payload.bases)
     counter = _CALLS  # one count for all the channels of this process: every x-request-id stays unique
 
     async def call() -> None:
         n = next(counter)
-        raw = await check(bases[n % users] + prefix + head + b"%012d" % n, timeout=common.CALL_TIMEOUT)
+        request = bases[n % users] + prefix + head + b"%012d" % n
+        raw = await (check(request) if payload.lean else check(request, timeout=common.CALL_TIMEOUT))
         response = external_auth_pb2.CheckResponse.FromString(raw)
         if response.status.code != 0:
             raise Denied(f"Check answered code {response.status.code}: {response.denied_response.body[:200]}")
@@ -133,7 +137,7 @@ async def check_load(
     flight, or with `payload.rate` that many calls/s in open loop."""
     return await common.grpc_load(
         payload.target, lambda channel: make_caller(channel, payload), concurrency, seconds, warmup, ready,
-        payload.channels, payload.rate,
+        payload.channels, payload.rate, payload.lean,
     )
 
 
@@ -141,7 +145,7 @@ async def prime(payload: Payload) -> None:
     """One Check per user, so every account exists (PostgreSQL) and is cached in Redis before measuring."""
     async with grpc.aio.insecure_channel(payload.target) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
-        call = make_caller(channel, payload)
+        call = make_caller(channel, replace(payload, lean=False))
         for _ in payload.bases:
             await call()
 
@@ -172,6 +176,7 @@ async def main_async(args: argparse.Namespace) -> int:
             prefix=id_prefix(),
             tag=secrets.token_hex(4),
             channels=args.channels,
+            lean=args.client == "h2",
         )
         verify_request_encoding(payload)
         await prime(payload)
@@ -199,10 +204,11 @@ async def main_async(args: argparse.Namespace) -> int:
         if args.baseline:
             print("  baseline: bench/trivial_authz.py, an always-OK Check in its own process, on the unary server"
                   " (trivial unary) and on grpc.aio (trivial grpc.aio)")  # fmt: skip
+        kind = "bench/h2client.py connection" if args.client == "h2" else "grpc.aio channel"
         load_note = (
-            "this process (one grpc.aio channel)"
+            f"this process (one {kind})"
             if args.clients <= 1
-            else f"up to {args.clients} client processes (one grpc.aio channel each), results summed"
+            else f"up to {args.clients} client processes (one {kind} each), results summed"
         )
         if args.concurrency:
             print(f"  load: closed loop from {load_note}; {args.warmup:g} s warm-up + {args.seconds:g} s per level")
@@ -383,6 +389,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--profile", action="store_true", help="run quotagate under cProfile and print where its time goes"
+    )
+    parser.add_argument(
+        "--client",
+        choices=("grpc", "h2"),
+        default="grpc",
+        help="the load's client: grpc.aio (default) or bench/h2client.py, a lean HTTP/2 client that leaves the "
+        "server more of the machine's CPU (common.CALL_TIMEOUT still bounds each call)",
     )
     parser.add_argument(
         "--baseline",

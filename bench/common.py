@@ -690,19 +690,26 @@ async def grpc_load(
     ready: Callable[[], Awaitable[None]],
     channels: int = 1,
     rate: float = 0.0,
+    lean: bool = False,
 ) -> LoadResult:
     """The body of a gRPC load entry: `channels` channels (each its own connection, so with `serve --workers`
     the kernel spreads them over the workers), `concurrency` calls in flight over them in turn, warm-up, then the
     measure. With `rate` > 0 the load is open loop instead: `rate` calls/s started over the channels in turn
-    (`concurrency` is then not used)."""
+    (`concurrency` is then not used). `lean`: h2client.H2Channel instead of grpc.aio channels."""
     import grpc
+    import h2client
 
     count = max(1, channels if rate > 0 else min(channels, concurrency))
-    opened = [
-        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(count)
-    ]
+    opened: list[Any]
+    if lean:
+        opened = await asyncio.wait_for(h2client.open_channels(target, count), 30)
+    else:
+        opened = [
+            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(count)
+        ]
     try:
-        await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 30) for c in opened))
+        if not lean:
+            await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 30) for c in opened))
         callers = [make_call(c) for c in opened]
         calls = [callers[i % count] for i in range(concurrency)]
 
