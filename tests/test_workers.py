@@ -65,6 +65,17 @@ async def test_two_workers_share_the_port_restart_after_a_crash_and_drain_on_sig
         assert all(n > 0 for n in per_worker.values()), per_worker
         assert sum(per_worker.values()) >= 40
 
+        # The decision port (the unary server Envoy calls) is shared the same way.
+        replies = await asyncio.gather(
+            *(check_once(served.decision_target, check_request(CLIENT_KEY, f"{uid}-{i % 3}")) for i in range(40))
+        )
+        assert all(r.status.code == code_pb2.OK for r in replies)
+        later = await all_workers(served, 2)
+        grown = {pid: decisions(text) - per_worker.get(pid, 0.0) for pid, text in later.items()}
+        assert all(n > 0 for n in grown.values()), grown
+        assert sum(grown.values()) >= 40
+        after = later
+
         # A worker killed outright is started again on the same port, with the same index.
         victim = next(pid for pid, text in after.items() if worker_of(text) == "1")
         os.kill(int(victim), signal.SIGKILL)
