@@ -99,12 +99,14 @@ class Stack:
                 upstream_port=self.upstream_port,
                 listen_port=self.envoy_port,
                 admin_port=admin_port,
-                authz_port=self.grpc_port,
-                decision_port=self.decision_port,
-                http_port=self.http_port,
-                ext_proc=self.ext_proc,
-                rate_limit=self.rate_limit,
-                **self.envoy_options,
+                **{
+                    "authz_port": self.grpc_port,
+                    "decision_port": self.decision_port,
+                    "http_port": self.http_port,
+                    "ext_proc": self.ext_proc,
+                    "rate_limit": self.rate_limit,
+                    **self.envoy_options,  # e.g. decision_port 0: every call to the grpc.aio port
+                },
             ),
             self.tmp / "envoy.yaml",
         )

@@ -203,9 +203,8 @@ def _authz_cluster(opts: EnvoyOptions) -> dict[str, Any]:
 
 
 def _extproc_cluster(opts: EnvoyOptions) -> dict[str, Any]:
-    # A cluster of its own: long-lived ext_proc streams must never use up the Check cluster's limits. Streams
-    # are served by the grpc.aio port only.
-    return _grpc_cluster(EXTPROC_CLUSTER, opts, _EXTPROC_CIRCUIT_LIMIT, opts.authz_port)
+    # A cluster of its own: long-lived ext_proc streams must never use up the Check cluster's limits.
+    return _grpc_cluster(EXTPROC_CLUSTER, opts, _EXTPROC_CIRCUIT_LIMIT, opts.decision_port or opts.authz_port)
 
 
 def _ratelimit_cluster(opts: EnvoyOptions) -> dict[str, Any]:

@@ -156,7 +156,7 @@ async def start(
     decisions, decision_port = None, 0
     if settings.decision_listen:
         decisions, decision_port = await _start_decision_server(
-            settings.decision_listen, authorization, rate_limit_service, health_servicer
+            settings.decision_listen, authorization, rate_limit_service, ext_proc, health_servicer
         )
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -229,12 +229,15 @@ async def _start_decision_server(
     listen: str,
     authorization: AuthorizationService,
     rate_limits: RateLimitService,
+    ext_proc: ExternalProcessorService,
     health_servicer: health.aio.HealthServicer,
 ) -> tuple[UnaryServer, int]:
-    """Check, ShouldRateLimit and health's Check on the unary server: what Envoy asks on every request."""
+    """Check, ShouldRateLimit, ext_proc's streams and health's Check on the unary server: what Envoy asks on
+    every request."""
     decisions = UnaryServer(max_message_bytes=MAX_MESSAGE_BYTES)
     decisions.add_servicer(external_auth_pb2_grpc.add_AuthorizationServicer_to_server, authorization)
     decisions.add_servicer(rls_pb2_grpc.add_RateLimitServiceServicer_to_server, rate_limits)
+    decisions.add_servicer(external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server, ext_proc)
     decisions.add_servicer(health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
     host, port = split_listen(listen)
     try:

@@ -1,7 +1,7 @@
 """A lean HTTP/2 server for unary gRPC calls, for Envoy's Check and ShouldRateLimit (see server.py)."""
 
-from quotagate.unary.connection import Abort, Context, Method
+from quotagate.unary.calls import Abort, Context, Method, StreamContext
 from quotagate.unary.frames import Status
 from quotagate.unary.server import UnaryServer, registered_handlers
 
-__all__ = ["Abort", "Context", "Method", "Status", "UnaryServer", "registered_handlers"]
+__all__ = ["Abort", "Context", "Method", "Status", "StreamContext", "UnaryServer", "registered_handlers"]

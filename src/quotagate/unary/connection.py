@@ -1,22 +1,25 @@
 """One HTTP/2 connection of the unary server: frames in, calls dispatched, answers out.
 
-Written for Envoy's gRPC client (and any other conforming one): the server opens no streams, answers each
-call with HEADERS, DATA and trailers in one write, honours the peer's flow-control windows for what it sends,
-and keeps its own receive windows wide open (a unary request is capped at `max_message_bytes`, far below the
-per-stream window announced, so only the connection window needs topping up). A call the peer resets
-(RST_STREAM, e.g. Envoy's timeout) has its handler cancelled.
+Written for Envoy's gRPC client (and any other conforming one): the server opens no streams, and everything
+written in one event-loop turn leaves in one write (a unary answer's HEADERS, DATA and trailers, and the
+answers that complete together). What it sends follows the peer's flow-control windows; its own receive
+windows are wide open: a unary request is capped at `max_message_bytes`, far below the per-stream window
+announced, and a stream's window is widened again as its handler reads its messages. A call the peer resets
+(RST_STREAM, e.g. Envoy's timeout or the end of an ext_proc exchange) has its handler cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import hpack
+from grpc.aio import EOF
 
+from quotagate.unary.calls import Abort, Context, Metadata, Method, StreamContext
 from quotagate.unary.frames import (
     ACK,
     DEFAULT_MAX_FRAME,
@@ -51,45 +54,12 @@ MAX_HEADER_LIST = 1 << 16
 MAX_HEADER_BLOCK = 1 << 18
 _SHUTDOWN_PING = b"qg-stop!"
 _TOP_UP_AT = 1 << 30  # consumed bytes of the connection window before it is widened again
+_STREAM_TOP_UP_AT = 1 << 20  # bytes a stream's handler has read before its window is widened again
 _END_HEADERS = int(Flag.END_HEADERS)
 _END_STREAM = int(Flag.END_STREAM)
 _CLOSING = _END_STREAM | _END_HEADERS
 # ":status: 415", its name from static table entry 8, then "content-type: text/plain".
 _NOT_GRPC = b"\x08\x03415" + literal(b"content-type", b"text/plain")
-
-
-class Abort(Exception):
-    """Raised by Context.abort: the call ends with this status and message."""
-
-    def __init__(self, status: Status, details: str) -> None:
-        super().__init__(details)
-        self.status, self.details = status, details
-
-
-@dataclass(frozen=True, slots=True)
-class Method:
-    """A unary method: request parser, handler (request, context) -> response, response serializer."""
-
-    deserialize: Callable[[bytes], Any]
-    handle: Callable[[Any, Any], Awaitable[Any]]
-    serialize: Callable[[Any], bytes]
-
-
-class Context:
-    """The part of grpc.aio.ServicerContext that quotagate's unary handlers use."""
-
-    __slots__ = ("_metadata",)
-
-    def __init__(self, metadata: tuple[tuple[bytes, bytes], ...]) -> None:
-        self._metadata = metadata
-
-    async def abort(self, code: Any, details: str = "", trailing_metadata: object = ()) -> None:
-        # grpc.StatusCode's value is (number, name); a Status is taken as it is.
-        number = code.value[0] if isinstance(code.value, tuple) else int(code)
-        raise Abort(Status(number), details)
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in self._metadata)
 
 
 class _Headers(NamedTuple):
@@ -111,19 +81,45 @@ def _parse_headers(headers: Headers) -> _Headers:
 
 
 class _Stream:
-    __slots__ = ("body", "headers", "id", "method", "path", "pending", "receiving", "send_window", "tail", "task")
+    __slots__ = (
+        "body", "drained", "finished", "headers", "headers_sent", "id", "inbox", "method", "path", "pending",
+        "reader", "receiving", "send_window", "tail", "task", "unacked",
+    )  # fmt: skip
 
     def __init__(self, stream_id: int, send_window: int) -> None:
         self.id = stream_id
         self.send_window = send_window
-        self.body = bytearray()
-        self.headers: tuple[tuple[bytes, bytes], ...] = ()
+        self.body = bytearray()  # request bytes not yet parsed into messages
+        self.headers: Metadata = ()
         self.method: Method | None = None
         self.path = ""
-        self.receiving = True
+        self.receiving = True  # until the client's END_STREAM
         self.task: asyncio.Task[None] | None = None
+        self.headers_sent = False
+        self.finished = False  # the status is decided (sent, or waiting behind `pending`)
         self.pending = b""  # DATA held back by the peer's flow-control windows
         self.tail = b""  # the trailers that follow it
+        self.drained: asyncio.Future[None] | None = None  # a writer waiting for `pending` to leave
+        # Streaming methods: parsed messages with their size on the wire, the reader waiting for one, and the
+        # bytes read since the stream's window was last widened.
+        self.inbox: deque[tuple[Any, int]] = deque()
+        self.reader: asyncio.Future[None] | None = None
+        self.unacked = 0
+
+
+class _StreamIO:
+    """StreamContext's access to its stream on this connection."""
+
+    __slots__ = ("_connection", "_stream")
+
+    def __init__(self, connection: Connection, stream: _Stream) -> None:
+        self._connection, self._stream = connection, stream
+
+    async def read(self) -> Any:
+        return await self._connection.read_message(self._stream)
+
+    async def write(self, payload: bytes) -> None:
+        await self._connection.write_message(self._stream, payload)
 
 
 class Connection(asyncio.Protocol):
@@ -289,7 +285,7 @@ class Connection(asyncio.Protocol):
         stream = self._streams.get(stream_id)
         if stream is not None:  # trailers from the client: only the end of the request matters
             if flags & _END_STREAM and stream.receiving:
-                self._dispatch(stream)
+                self._end_of_request(stream)
             return
         if stream_id <= self._last_stream_id:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, f"HEADERS on closed stream {stream_id}")
@@ -303,9 +299,12 @@ class Connection(asyncio.Protocol):
         if not headers.grpc:
             self._answer(stream, frame(FrameType.HEADERS, _CLOSING, stream_id, _NOT_GRPC))
             return
-        stream.method = self._methods.get(stream.path)
+        method = stream.method = self._methods.get(stream.path)
+        if method is not None and method.streaming:
+            context = StreamContext(stream.headers, _StreamIO(self, stream), method.serialize)
+            stream.task = self._loop.create_task(self._call_stream(stream, method, context))
         if flags & _END_STREAM:
-            self._dispatch(stream)
+            self._end_of_request(stream)
 
     def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
         self._received += len(payload)
@@ -316,11 +315,16 @@ class Connection(asyncio.Protocol):
         if stream is None or not stream.receiving:
             return  # a stream already answered or reset: its data is dropped
         stream.body += strip_padding(flags, payload)
-        if len(stream.body) > self._max_message + 5:
+        method = stream.method
+        if method is not None and method.streaming:
+            self._parse_messages(stream, method)
+            if flags & _END_STREAM and stream.receiving:
+                self._end_of_request(stream)
+        elif len(stream.body) > self._max_message + 5:
             stream.receiving = False
-            self._status(stream, Status.RESOURCE_EXHAUSTED, f"request larger than {self._max_message} bytes")
+            self._finish(stream, Status.RESOURCE_EXHAUSTED, f"request larger than {self._max_message} bytes")
         elif flags & _END_STREAM:
-            self._dispatch(stream)
+            self._end_of_request(stream)
 
     def _on_window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -380,24 +384,32 @@ class Connection(asyncio.Protocol):
 
     # -- calls --------------------------------------------------------------------------------------------
 
-    def _dispatch(self, stream: _Stream) -> None:
-        """The request is complete: parse it and start its handler."""
+    def _end_of_request(self, stream: _Stream) -> None:
+        """The client sent its last: a unary request is parsed and its handler started; a stream's reader is
+        told."""
         stream.receiving = False
         method = stream.method
         if method is None:
-            self._status(stream, Status.UNIMPLEMENTED, f"unknown method {stream.path}")
-            return
+            self._finish(stream, Status.UNIMPLEMENTED, f"unknown method {stream.path}")
+        elif method.streaming:
+            if stream.body:
+                self._abort_stream(stream, Status.INVALID_ARGUMENT, "malformed request: a message cut short")
+            self._wake_reader(stream)
+        else:
+            self._dispatch(stream, method)
+
+    def _dispatch(self, stream: _Stream, method: Method) -> None:
         body = stream.body
         if len(body) < 5 or len(body) != 5 + int.from_bytes(body[1:5], "big"):
-            self._status(stream, Status.INVALID_ARGUMENT, "malformed request: expected exactly one message")
+            self._finish(stream, Status.INVALID_ARGUMENT, "malformed request: expected exactly one message")
             return
         if body[0]:
-            self._status(stream, Status.UNIMPLEMENTED, "compressed messages are not supported")
+            self._finish(stream, Status.UNIMPLEMENTED, "compressed messages are not supported")
             return
         try:
             request = method.deserialize(bytes(body[5:]))
         except Exception as exc:  # whatever the protobuf runtime raises for bytes it cannot read
-            self._status(stream, Status.INVALID_ARGUMENT, f"malformed request: {type(exc).__name__}: {exc}"[:200])
+            self._finish(stream, Status.INVALID_ARGUMENT, f"malformed request: {type(exc).__name__}: {exc}"[:200])
             return
         stream.body = bytearray()
         stream.task = self._loop.create_task(self._call(stream, method, request))
@@ -406,38 +418,134 @@ class Connection(asyncio.Protocol):
         try:
             payload = method.serialize(await method.handle(request, Context(stream.headers)))
         except Abort as abort:
-            self._status(stream, abort.status, abort.details)
+            self._finish(stream, abort.status, abort.details)
             return
         except Exception:
             log.exception("unexpected error in %s", stream.path)
-            self._status(stream, Status.INTERNAL, "internal error; see the quotagate log")
+            self._finish(stream, Status.INTERNAL, "internal error; see the quotagate log")
             return
-        if self._streams.get(stream.id) is not stream:
-            return  # reset or disconnected meanwhile
-        message = b"\x00" + len(payload).to_bytes(4, "big") + payload
-        head = frame(FrameType.HEADERS, _END_HEADERS, stream.id, RESPONSE_HEADERS)
-        tail = frame(FrameType.HEADERS, _CLOSING, stream.id, trailers(Status.OK))
-        size = len(message)
-        if size <= self._send_window and size <= stream.send_window and size <= self._peer_frame:
-            self._send_window -= size
-            self._answer(stream, head + frame(FrameType.DATA, 0, stream.id, message) + tail)
-        else:
-            self._write(head)
-            stream.pending, stream.tail = message, tail
-            self._blocked.append(stream)
-            self._drain()
+        self._send(stream, payload)
+        self._finish(stream, Status.OK, "")
 
-    def _status(self, stream: _Stream, status: Status, details: str) -> None:
-        """A trailers-only answer: the call ends with this status and no message."""
-        if self._streams.get(stream.id) is not stream:
+    async def _call_stream(self, stream: _Stream, method: Method, context: StreamContext) -> None:
+        try:
+            await method.handle(context.messages(), context)
+        except Abort as abort:
+            self._finish(stream, abort.status, abort.details)
+        except Exception:
+            log.exception("unexpected error in %s", stream.path)
+            self._finish(stream, Status.INTERNAL, "internal error; see the quotagate log")
+        else:
+            self._finish(stream, Status.OK, "")
+
+    # -- streams: messages in and out ---------------------------------------------------------------------
+
+    def _parse_messages(self, stream: _Stream, method: Method) -> None:
+        """Moves the complete messages of a streaming call from its bytes to its inbox."""
+        body = stream.body
+        while len(body) >= 5:
+            length = int.from_bytes(body[1:5], "big")
+            if length > self._max_message:
+                self._abort_stream(stream, Status.RESOURCE_EXHAUSTED, f"message larger than {self._max_message} bytes")
+                return
+            if len(body) < 5 + length:
+                break
+            if body[0]:
+                self._abort_stream(stream, Status.UNIMPLEMENTED, "compressed messages are not supported")
+                return
+            data = bytes(body[5 : 5 + length])
+            del body[: 5 + length]
+            try:
+                message = method.deserialize(data)
+            except Exception as exc:  # whatever the protobuf runtime raises for bytes it cannot read
+                reason = f"malformed request: {type(exc).__name__}: {exc}"[:200]
+                self._abort_stream(stream, Status.INVALID_ARGUMENT, reason)
+                return
+            stream.inbox.append((message, 5 + length))
+        self._wake_reader(stream)
+
+    def _wake_reader(self, stream: _Stream) -> None:
+        reader = stream.reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
+
+    def _abort_stream(self, stream: _Stream, status: Status, details: str) -> None:
+        stream.receiving = False
+        if stream.task is not None:
+            stream.task.cancel()
+        self._finish(stream, status, details)
+
+    async def read_message(self, stream: _Stream) -> Any:
+        """The stream's next message, or grpc.aio.EOF after its last."""
+        while not stream.inbox:
+            if not stream.receiving:
+                return EOF
+            stream.reader = self._loop.create_future()
+            try:
+                await stream.reader
+            finally:
+                stream.reader = None
+        message, size = stream.inbox.popleft()
+        # The peer may send as much as the handler has read: the window moves with the reading, not the receipt.
+        stream.unacked += size
+        if stream.unacked >= _STREAM_TOP_UP_AT and stream.receiving:
+            self._write(window_update(stream.id, stream.unacked))
+            stream.unacked = 0
+        return message
+
+    async def write_message(self, stream: _Stream, payload: bytes) -> None:
+        """Sends one message of a stream's answer, and waits while the peer's windows hold it back."""
+        self._send(stream, payload)
+        if stream.pending and self._streams.get(stream.id) is stream:
+            stream.drained = self._loop.create_future()
+            try:
+                await stream.drained
+            finally:
+                stream.drained = None
+
+    # -- answers ------------------------------------------------------------------------------------------
+
+    def _send(self, stream: _Stream, payload: bytes) -> None:
+        """One message of the answer: the answer's headers first, then DATA as the windows allow."""
+        if self._streams.get(stream.id) is not stream or stream.finished:
+            return  # reset, disconnected or already ended
+        if not stream.headers_sent:
+            stream.headers_sent = True
+            self._write(frame(FrameType.HEADERS, _END_HEADERS, stream.id, RESPONSE_HEADERS))
+        message = b"\x00" + len(payload).to_bytes(4, "big") + payload
+        size = len(message)
+        fits = size <= self._send_window and size <= stream.send_window and size <= self._peer_frame
+        if fits and not stream.pending:
+            self._send_window -= size
+            stream.send_window -= size
+            self._write(frame(FrameType.DATA, 0, stream.id, message))
             return
-        block = RESPONSE_HEADERS + trailers(status, details)
-        self._answer(stream, frame(FrameType.HEADERS, _CLOSING, stream.id, block))
+        stream.pending += message
+        if stream not in self._blocked:
+            self._blocked.append(stream)
+        self._drain()
+
+    def _finish(self, stream: _Stream, status: Status, details: str) -> None:
+        """Ends the answer with this status: trailers after the messages, or alone (trailers-only)."""
+        if self._streams.get(stream.id) is not stream or stream.finished:
+            return
+        stream.finished = True
+        if not stream.headers_sent:
+            block = RESPONSE_HEADERS + trailers(status, details)
+            self._answer(stream, frame(FrameType.HEADERS, _CLOSING, stream.id, block))
+            return
+        tail = frame(FrameType.HEADERS, _CLOSING, stream.id, trailers(status, details))
+        if stream.pending:
+            stream.tail = tail  # sent by _drain after the last of the messages
+        else:
+            self._answer(stream, tail)
 
     def _answer(self, stream: _Stream, frames: bytes) -> None:
         """Sends the end of a stream's answer and forgets the stream."""
         if stream.receiving:  # answered before the request ended: the rest of it is not wanted
             frames += rst_stream(stream.id, ErrorCode.NO_ERROR)
+            stream.receiving = False
+            self._wake_reader(stream)
         self._write(frames)
         self._streams.pop(stream.id, None)
         self._close_if_done()
@@ -451,8 +559,12 @@ class Connection(asyncio.Protocol):
                 self._send_window -= size
                 stream.send_window -= size
                 self._write(frame(FrameType.DATA, 0, stream.id, chunk))
-            if not stream.pending:
-                self._blocked.remove(stream)
+            if stream.pending:
+                continue
+            self._blocked.remove(stream)
+            if stream.drained is not None and not stream.drained.done():
+                stream.drained.set_result(None)
+            if stream.tail:
                 self._answer(stream, stream.tail)
 
     # -- frames out ---------------------------------------------------------------------------------------

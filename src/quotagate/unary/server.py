@@ -9,10 +9,12 @@ here they are read straight off the socket instead: the same servicer objects, a
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 from typing import Any
 
-from quotagate.unary.connection import Connection, Method
+from quotagate.unary.calls import Method
+from quotagate.unary.connection import Connection
 
 AddServicer = Callable[[Any, Any], None]
 
@@ -52,11 +54,13 @@ class UnaryServer:
         if not handlers:
             raise ValueError(f"{add.__name__} registered no method handlers")
         for name, handler in handlers.items():
+            path = f"/{service}/{name}"
+            parse, serialize = handler.request_deserializer, handler.response_serializer
             if handler.unary_unary is not None:
-                self.add_method(
-                    f"/{service}/{name}",
-                    Method(handler.request_deserializer, handler.unary_unary, handler.response_serializer),
-                )
+                self.add_method(path, Method(parse, handler.unary_unary, serialize))
+            elif handler.stream_stream is not None and inspect.iscoroutinefunction(handler.stream_stream):
+                # Reader/writer style (context.read() and context.write()), as ExternalProcessorService.Process.
+                self.add_method(path, Method(parse, handler.stream_stream, serialize, streaming=True))
 
     def add_method(self, path: str, method: Method) -> None:
         self._methods[path] = method
