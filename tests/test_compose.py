@@ -25,7 +25,7 @@ import yaml
 
 from quotagate.config import Settings, load_settings
 from quotagate.core.weights import weight_for
-from quotagate.envoyconf import AUTHZ_CLUSTER, HTTP_CLUSTER, RATELIMIT_CLUSTER, USER_PAGES_PREFIX
+from quotagate.envoyconf import AUTHZ_CLUSTER, EXTPROC_CLUSTER, HTTP_CLUSTER, RATELIMIT_CLUSTER, USER_PAGES_PREFIX
 from quotagate.server import split_listen
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -188,11 +188,12 @@ def listen_port(compose: dict[str, Any], name: str, cluster: str = "") -> int:
     """The port a compose service listens on inside the network, read from that service's own config."""
     if name == "quotagate":
         settings = quotagate_settings(compose)
-        # The user pages go to the HTTP port; Check and the rate limits to the decision port; ext_proc to gRPC.
+        # The user pages go to the HTTP port; Check, the rate limits and ext_proc to the decision port.
         listen = {
             HTTP_CLUSTER: settings.http_listen,
             AUTHZ_CLUSTER: settings.decision_listen,
             RATELIMIT_CLUSTER: settings.decision_listen,
+            EXTPROC_CLUSTER: settings.decision_listen,
         }.get(cluster, settings.grpc_listen)
         host, port = split_listen(listen)
         assert not ipaddress.ip_address(host).is_loopback, f"quotagate's {listen} is on loopback only"
