@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -127,3 +128,31 @@ async def test_weights_apply_to_the_charge(service: QuotaService, uid: str) -> N
     outcome, balance = await service.report_usage(UsageReport("w1", uid, "heavy-model", 100, 10))
     assert outcome.cost == 230  # 100 x 2.0 + 10 x 3.0
     assert balance.allowance_used == 230
+
+
+async def test_an_account_read_while_a_settlement_lands_never_misses_its_cost(
+    service: QuotaService, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A watched completion: its cost counted ahead in Redis (settling), not yet in the ledger.
+    assert (await service.check(NewAccount(uid), "watched", REQUEST)).allowed
+    assert await service.charge_ahead("watched", 30)
+    # The settlement lands (ledger, then Redis) between the account's two reads, whichever comes second.
+    reads: list[str] = []
+
+    def landing_before_the_second_read(read: Any, name: str) -> Any:
+        async def wrapped(*args: Any) -> Any:
+            reads.append(name)
+            if len(reads) == 2:
+                await service.report_usage(UsageReport("watched", uid, "demo-small", 30, 0), in_flight=False)
+            return await read(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(service.hot, "view", landing_before_the_second_read(service.hot.view, "hot"))
+    monkeypatch.setattr(service.ledger, "snapshot", landing_before_the_second_read(service.ledger.snapshot, "ledger"))
+    _, balance = await service.account(uid)
+    # Shown as used or as held (for a moment both), never as neither.
+    assert balance.allowance_used + balance.reserved >= 30, reads
+    monkeypatch.undo()
+    _, settled = await service.account(uid)
+    assert (settled.allowance_used, settled.reserved) == (30, 0)

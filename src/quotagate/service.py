@@ -591,13 +591,16 @@ class QuotaService:
         return refreshed
 
     async def _live_balance(self, snapshot: LedgerSnapshot, cycle: Cycle, now: datetime) -> Balance:
+        return self._settled_balance(snapshot, cycle, await self._held(snapshot.user_id, cycle, now))
+
+    async def _held(self, user_id: str, cycle: Cycle, now: datetime) -> int:
+        """What the hot state holds for the user: reservations, and costs settling (in flight to the ledger,
+        so shown as held until the ledger has them)."""
         try:
-            view = await self.hot.view(snapshot.user_id, cycle.key, now.timestamp())
+            view = await self.hot.view(user_id, cycle.key, now.timestamp())
         except StoreUnavailable:
-            view = None  # the settled figures are the ledger's; only what is in flight is unknown
-        # Costs still settling are in flight to the ledger too: shown as held until the ledger has them.
-        reserved = view.reserved + view.settling if view is not None else 0
-        return self._settled_balance(snapshot, cycle, reserved)
+            return 0  # the settled figures are the ledger's; only what is in flight is unknown
+        return view.reserved + view.settling if view is not None else 0
 
     @staticmethod
     def _settled_balance(snapshot: LedgerSnapshot, cycle: Cycle, reserved: int) -> Balance:
@@ -618,8 +621,11 @@ class QuotaService:
             raise NotFound(f"no account {user_id!r}")
         now = self.clock.now()
         cycle = self.cycle(now)
+        # Holds before the ledger: a settlement landing in between is then counted twice for a moment (held and
+        # used), never missed. Read the other way round, its cost could be in neither.
+        held = await self._held(user_id, cycle, now)
         snapshot = await self._knowing_plans(self.ledger.snapshot, user_id, cycle.key, now)
-        return account, await self._live_balance(snapshot, cycle, now)
+        return account, self._settled_balance(snapshot, cycle, held)
 
     async def balance_of(self, user: NewAccount, *, create: bool) -> tuple[AccountRecord, Balance]:
         """The live balance; `create` makes a first-seen account as Check would (trusted identity only)."""
@@ -627,11 +633,12 @@ class QuotaService:
             return await self.account(user.user_id)
         now = self.clock.now()
         cycle = self.cycle(now)
+        held = await self._held(user.user_id, cycle, now)  # before the ledger, as in account()
         snapshot = await self._snapshot(user, cycle, now)
         account = await self.ledger.get_account(user.user_id)
         if account is None:
             raise NotFound(f"no account {user.user_id!r}")
-        return account, await self._live_balance(snapshot, cycle, now)
+        return account, self._settled_balance(snapshot, cycle, held)
 
     async def grant(
         self,
