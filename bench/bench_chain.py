@@ -175,8 +175,8 @@ async def main_async(args: argparse.Namespace) -> int:
         started: dict[str, tuple[int, int]] = {}
         if args.breakdown:
             # The chain's filters one step at a time, to see what each adds at low load; and the same two
-            # filters in front of servers that do nothing (bench/trivial_authz.py: Check on the unary server,
-            # ext_proc on grpc.aio, as quotagate serves them): the floor.
+            # filters in front of a server that does nothing (bench/trivial_authz.py --unary: Check and ext_proc on
+            # the unary server, as quotagate serves them): the floor.
             _, trivial_port = await common.start_trivial_server(bench)
             _, trivial_unary_port = await common.start_trivial_server(bench, unary=True)
             for name, removed, authz_port, decision_port in (

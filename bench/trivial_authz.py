@@ -1,7 +1,7 @@
 """A trivial grpc.aio Check and ext_proc server (always OK, no state): the gRPC floor quotagate is compared with.
 
     python bench/trivial_authz.py --port P
-    python bench/trivial_authz.py --port P --unary     # Check on quotagate's unary server instead (no ext_proc)
+    python bench/trivial_authz.py --port P --unary     # the same on quotagate's unary server instead
 
 bench_check.py --baseline starts it as its own process, like quotagate, and sends it the same load. It uses the
 same server options as quotagate.server and answers with a fixed OkHttpResponse of the same shape (a few
@@ -64,29 +64,35 @@ class TrivialAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # typ
 class TrivialProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(
         self, requests: AsyncIterator[ext_proc_pb2.ProcessingRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[ext_proc_pb2.ProcessingResponse]:
-        async for message in requests:
+    ) -> None:
+        # Reader/writer style, as quotagate's own, so the same code runs on grpc.aio and on the unary server.
+        while (message := await context.read()) is not grpc.aio.EOF:
+            if message.observability_mode:
+                if message.WhichOneof("request") == "response_body" and message.response_body.end_of_stream:
+                    return  # a watched stream gets no answers; ended at the body's end, as quotagate does
+                continue
             kind = message.WhichOneof("request")
             if kind == "response_headers":
                 answer = ext_proc_pb2.ProcessingResponse(response_headers=ext_proc_pb2.HeadersResponse())
                 answer.mode_override.response_body_mode = processing_mode_pb2.ProcessingMode.BUFFERED
-                yield answer
+                await context.write(answer)
             elif kind == "response_body":
-                yield ext_proc_pb2.ProcessingResponse(response_body=ext_proc_pb2.BodyResponse())
+                await context.write(ext_proc_pb2.ProcessingResponse(response_body=ext_proc_pb2.BodyResponse()))
                 if message.response_body.end_of_stream:
                     return
             elif kind == "request_headers":
-                yield ext_proc_pb2.ProcessingResponse(request_headers=ext_proc_pb2.HeadersResponse())
+                await context.write(ext_proc_pb2.ProcessingResponse(request_headers=ext_proc_pb2.HeadersResponse()))
             elif kind == "request_body":
-                yield ext_proc_pb2.ProcessingResponse(request_body=ext_proc_pb2.BodyResponse())
+                await context.write(ext_proc_pb2.ProcessingResponse(request_body=ext_proc_pb2.BodyResponse()))
             else:
                 return
 
 
 async def serve_unary(port: int) -> None:
-    """The same Check on quotagate.unary.UnaryServer: the floor of quotagate's decision port."""
+    """The same Check and ext_proc on quotagate.unary.UnaryServer: the floor of quotagate's decision port."""
     server = UnaryServer()
     server.add_servicer(external_auth_pb2_grpc.add_AuthorizationServicer_to_server, TrivialAuthorization())
+    server.add_servicer(external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server, TrivialProcessor())
     await server.start("127.0.0.1", port)
     await _until_signalled()
     await server.stop(grace=1)
