@@ -21,7 +21,8 @@ WORKDIR /
 USER 10001:10001
 
 ENV QUOTAGATE_CONFIG=/etc/quotagate/quotagate.yaml
-# gRPC (ext_proc, Usage, Admin, health, reflection; ext_authz Check too), Check and ShouldRateLimit (50053), and HTTP (/healthz /readyz /metrics /webhooks/stripe).
+# gRPC (Usage, Admin, health, reflection, and Envoy's services), what Envoy calls (50053: Check, ShouldRateLimit,
+# ext_proc) and HTTP (/healthz /readyz /metrics /webhooks/stripe).
 EXPOSE 50051 50053 8080
 
 # Liveness only: /readyz also needs PostgreSQL and Redis, which a restart would not fix.

@@ -148,7 +148,7 @@ class Settings:
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     redis_prefix: str = "qg:"
     grpc_listen: str = "127.0.0.1:50051"
-    # Envoy's Check and ShouldRateLimit on a lean HTTP/2 server of their own (quotagate.unary); "" turns it off.
+    # What Envoy calls (Check, ShouldRateLimit, ext_proc) on a lean HTTP/2 server (quotagate.unary); "" is off.
     decision_listen: str = "127.0.0.1:50053"
     http_listen: str = "127.0.0.1:8080"
     production: bool = False

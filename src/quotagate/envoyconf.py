@@ -93,7 +93,7 @@ class EnvoyOptions:
     admin_port: int = 9901
     authz_host: str = "127.0.0.1"
     authz_port: int = 50051
-    # quotagate's unary server (decision_listen) for Check and ShouldRateLimit; 0 sends them to authz_port too.
+    # quotagate's unary server (decision_listen) for Check, ShouldRateLimit and ext_proc; 0: all to authz_port.
     decision_port: int = 0
     upstream_tls: bool = False
     failure_mode_allow: bool = False
@@ -514,7 +514,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--authz-host")
     parser.add_argument("--authz-port", type=int)
     parser.add_argument(
-        "--decision-port", type=int, help="quotagate's decision_listen port for Check and ShouldRateLimit (0: authz)"
+        "--decision-port", type=int, help="quotagate's decision_listen port for what Envoy calls (0: the authz port)"
     )
     parser.add_argument("--upstream-host")
     parser.add_argument("--upstream-port", type=int)

@@ -1,4 +1,4 @@
-"""A lean HTTP/2 server for unary gRPC calls, for Envoy's Check and ShouldRateLimit (see server.py)."""
+"""A lean HTTP/2 gRPC server for what Envoy calls: Check, ShouldRateLimit, ext_proc (see server.py)."""
 
 from quotagate.unary.calls import Abort, Context, Method, StreamContext
 from quotagate.unary.frames import Status

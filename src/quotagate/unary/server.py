@@ -1,9 +1,10 @@
-"""The unary server: serves registered grpc.aio servicers' unary methods over plain HTTP/2 on asyncio.
+"""The unary server: serves registered grpc.aio servicers over plain HTTP/2 on asyncio.
 
 grpc.aio spends most of a call's CPU bridging gRPC's core and the event loop (a poller thread, callbacks, a
-completion queue). Envoy's Check and ShouldRateLimit are small unary calls on a few long-lived connections, so
-here they are read straight off the socket instead: the same servicer objects, a fraction of the cost per call
-(bench/README.md). Everything else (streams, reflection, Admin) stays on the grpc.aio port.
+completion queue). What Envoy calls on every request (Check, ShouldRateLimit, ext_proc's stream) comes over a few
+long-lived connections, so here it is read straight off the socket instead: the same servicer objects, a fraction
+of the cost per call (bench/README.md). Unary methods, and stream methods written reader/writer style (context
+read() and write()); everything else (reflection, Admin) stays on the grpc.aio port.
 """
 
 from __future__ import annotations
