@@ -1,8 +1,10 @@
-"""The unary HTTP/2 server (quotagate.unary) against real peers: grpcio's own HTTP/2 client for calls, and raw
-frames over a socket for what grpcio never sends (CONTINUATION, padding, tiny windows, a wrong preface).
+"""The unary HTTP/2 server (quotagate.unary) against real peers: grpcio's own HTTP/2 client for unary calls and
+reader/writer streams, and raw frames over a socket for what grpcio never sends (CONTINUATION, padding, tiny
+windows, a wrong preface).
 
-Envoy's side is covered by every end-to-end test, whose Envoy sends Check and ShouldRateLimit here
-(harness.Stack sets decision_listen), and by test_envoy_calls_reach_the_unary_port below.
+Envoy's side is covered by every end-to-end test, whose Envoy sends Check, ShouldRateLimit and ext_proc here
+(harness.Stack sets decision_listen), by tests/test_ext_proc_streams.py, and by
+test_envoy_calls_reach_the_unary_port below.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import CLIENT_KEY, Stack, make_settings
 
-from quotagate.envoyconf import AUTHZ_CLUSTER, RATELIMIT_CLUSTER
-from quotagate.unary import Context, Method, Status, UnaryServer
+from quotagate.envoyconf import AUTHZ_CLUSTER, EXTPROC_CLUSTER, RATELIMIT_CLUSTER
+from quotagate.unary import Context, Method, Status, StreamContext, UnaryServer
 from quotagate.unary.frames import PREFACE, ErrorCode, Flag, FrameType, frame, settings_frame, window_update
 from quotagate.unary.frames import Setting as S
 
@@ -228,6 +230,136 @@ async def test_stop_closes_what_is_left_after_the_grace_period() -> None:
     assert echo.cancelled == 1
 
 
+# -- streams (reader/writer style, as ext_proc's Process) ----------------------------------------------------
+
+
+class Streams:
+    """Stream handlers that read and write through the context, as ExternalProcessorService.Process does."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+        self.seen: list[int] = []
+
+    async def echo(self, requests: Any, context: StreamContext) -> None:
+        """Answers every message with itself, until the client's last."""
+        while (message := await context.read()) is not grpc.aio.EOF:
+            await context.write(message)
+
+    async def count(self, requests: Any, context: StreamContext) -> None:
+        """Reads everything, then answers with the number of bytes read."""
+        total = 0
+        async for message in requests:
+            total += len(message)
+        await context.write(str(total).encode())
+
+    async def first_only(self, requests: Any, context: StreamContext) -> None:
+        """Answers the first message and ends the call while the client still sends."""
+        await context.write(await context.read())
+
+    async def hold(self, requests: Any, context: StreamContext) -> None:
+        try:
+            await context.read()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+@pytest.fixture
+async def stream_server() -> AsyncIterator[tuple[int, Streams]]:
+    handlers = Streams()
+    server = UnaryServer(max_message_bytes=2 << 20)
+    for name, handler in (
+        ("Echo", handlers.echo),
+        ("Count", handlers.count),
+        ("FirstOnly", handlers.first_only),
+        ("Hold", handlers.hold),
+    ):
+        server.add_method(f"/test.Streams/{name}", Method(_identity, handler, _identity, streaming=True))
+    port = await server.start("127.0.0.1", 0)
+    try:
+        yield port, handlers
+    finally:
+        await server.stop(grace=1)
+
+
+async def _read_only_good_messages(requests: Any, context: StreamContext) -> None:
+    async for message in requests:
+        assert isinstance(message, external_auth_pb2.CheckRequest)
+
+
+def _stream(channel: grpc.aio.Channel, name: str) -> Any:
+    return channel.stream_stream(f"/test.Streams/{name}", request_serializer=None, response_deserializer=None)
+
+
+async def test_a_stream_answers_each_message_in_turn(stream_server: tuple[int, Streams]) -> None:
+    port, _ = stream_server
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = _stream(channel, "Echo")()
+        for n in range(50):
+            await call.write(f"message {n}".encode())
+            assert await call.read() == f"message {n}".encode()
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+        assert await call.code() is grpc.StatusCode.OK
+
+
+async def test_a_stream_longer_than_its_window_keeps_flowing(stream_server: tuple[int, Streams]) -> None:
+    port, _ = stream_server
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = _stream(channel, "Count")()
+        for _ in range(40):  # 40 MiB through a stream whose first window is 16 MiB: the reader widens it
+            await asyncio.wait_for(call.write(chunk), timeout=20)
+        await call.done_writing()
+        assert await asyncio.wait_for(call.read(), timeout=20) == str(40 * len(chunk)).encode()
+        assert await call.code() is grpc.StatusCode.OK
+
+
+async def test_a_stream_that_ends_first_tells_the_client_ok(stream_server: tuple[int, Streams]) -> None:
+    port, _ = stream_server
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = _stream(channel, "FirstOnly")()
+        await call.write(b"one")
+        await call.write(b"two")
+        assert await call.read() == b"one"
+        assert await asyncio.wait_for(call.code(), timeout=10) is grpc.StatusCode.OK
+
+
+async def test_a_stream_the_client_cancels_is_cancelled_in_the_server(stream_server: tuple[int, Streams]) -> None:
+    port, handlers = stream_server
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = _stream(channel, "Hold")()
+        await call.write(b"x")
+        await asyncio.sleep(0.1)
+        call.cancel()
+        await asyncio.wait_for(handlers.cancelled.wait(), timeout=10)
+
+
+async def test_a_stream_message_that_does_not_parse_ends_the_call(stream_server: tuple[int, Streams]) -> None:
+    port, _ = stream_server
+    server = UnaryServer()
+    server.add_method(
+        "/test.Streams/Checks",
+        Method(external_auth_pb2.CheckRequest.FromString, _read_only_good_messages, _identity, streaming=True),
+    )
+    checks_port = await server.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{checks_port}") as channel:
+            call = _stream(channel, "Checks")()
+            await call.write(external_auth_pb2.CheckRequest().SerializeToString())  # a good one first
+            await call.write(b"\x0a\x05ab")
+            assert await asyncio.wait_for(call.code(), timeout=10) is grpc.StatusCode.INVALID_ARGUMENT
+            assert (await call.details()).startswith("malformed request: DecodeError")
+        # And a message over the size limit, on the other server.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=BIG_OUT) as channel:
+            call = _stream(channel, "Echo")()
+            await call.write(b"x" * (3 << 20))
+            assert await asyncio.wait_for(call.code(), timeout=10) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await server.stop(grace=1)
+
+
 # -- raw frames -------------------------------------------------------------------------------------------
 
 
@@ -408,7 +540,7 @@ async def test_envoy_calls_reach_the_unary_port(
     database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
     settings = make_settings(database_url, redis_url, redis_prefix)
-    async with Stack(settings, tmp_path, rate_limit=True) as stack:
+    async with Stack(settings, tmp_path, rate_limit=True, ext_proc=True) as stack:
         assert stack.decision_port not in (0, stack.grpc_port)
         body = {"model": "demo-small", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
         for _ in range(3):
@@ -421,7 +553,7 @@ async def test_envoy_calls_reach_the_unary_port(
             assert response.headers["x-quota-state"] == "normal"
         async with httpx.AsyncClient() as client:
             clusters = (await client.get(f"http://127.0.0.1:{stack.admin_port}/clusters")).text.splitlines()
-        for cluster in (AUTHZ_CLUSTER, RATELIMIT_CLUSTER):
+        for cluster in (AUTHZ_CLUSTER, RATELIMIT_CLUSTER, EXTPROC_CLUSTER):
             ok = [
                 line
                 for line in clusters
