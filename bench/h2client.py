@@ -23,6 +23,7 @@ from quotagate.unary.frames import (
     Flag,
     FrameType,
     Setting,
+    complete_frames,
     frame,
     literal,
     settings_frame,
@@ -31,6 +32,7 @@ from quotagate.unary.frames import (
 from quotagate.unary.headers import BlockDecoder, Headers
 
 Call = Callable[[], Awaitable[None]]
+MAX_FRAME = (1 << 24) - 1  # what a server may send once told (SETTINGS_MAX_FRAME_SIZE); this client accepts any
 
 
 class CallFailed(Exception):
@@ -105,18 +107,8 @@ class _Client(asyncio.Protocol):
         return future
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buffer
-        buf += data
-        pos, size = 0, len(buf)
-        while size - pos >= 9:
-            length = int.from_bytes(buf[pos : pos + 3], "big")
-            end = pos + 9 + length
-            if end > size:
-                break
-            kind, flags = buf[pos + 3], buf[pos + 4]
-            stream = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-            payload = bytes(buf[pos + 9 : end])
-            pos = end
+        self._buffer += data
+        for kind, flags, stream, payload in complete_frames(self._buffer, MAX_FRAME):
             if kind == FrameType.DATA:
                 self._on_data(flags, stream, payload)
             elif kind == FrameType.HEADERS:
@@ -129,7 +121,6 @@ class _Client(asyncio.Protocol):
                 self._fail(stream, f"stream reset (code {int.from_bytes(payload, 'big')})")
             elif kind == FrameType.GOAWAY and self._transport is not None:
                 self._transport.close()
-        del buf[:pos]
 
     def _on_data(self, flags: int, stream: int, payload: bytes) -> None:
         self._received += len(payload)

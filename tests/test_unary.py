@@ -197,14 +197,21 @@ async def test_a_call_the_client_gives_up_on_is_cancelled_in_the_server(
         assert await _call(channel, "Echo")(b"still here", timeout=10) == b"still here"
 
 
-async def test_stop_lets_calls_in_flight_finish_and_takes_no_new_connection() -> None:
+async def _waiting_call() -> tuple[UnaryServer, int, Echo, grpc.aio.Channel, asyncio.Future[bytes]]:
+    """A server of its own with one call in flight, its handler waiting for `echo.release`."""
     echo = Echo()
     server = UnaryServer()
     server.add_method("/test.Echo/Wait", Method(_identity, echo.wait, _identity))
     port = await server.start("127.0.0.1", 0)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        in_flight = asyncio.ensure_future(_call(channel, "Wait")(b"", timeout=20))
-        await asyncio.wait_for(echo.started.wait(), timeout=10)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    in_flight = asyncio.ensure_future(_call(channel, "Wait")(b"", timeout=20))
+    await asyncio.wait_for(echo.started.wait(), timeout=10)
+    return server, port, echo, channel, in_flight
+
+
+async def test_stop_lets_calls_in_flight_finish_and_takes_no_new_connection() -> None:
+    server, port, echo, channel, in_flight = await _waiting_call()
+    async with channel:
         stopping = asyncio.ensure_future(server.stop(grace=10))
         await asyncio.sleep(0.3)
         assert not stopping.done(), "stop() did not wait for the call in flight"
@@ -216,13 +223,8 @@ async def test_stop_lets_calls_in_flight_finish_and_takes_no_new_connection() ->
 
 
 async def test_stop_closes_what_is_left_after_the_grace_period() -> None:
-    echo = Echo()
-    server = UnaryServer()
-    server.add_method("/test.Echo/Wait", Method(_identity, echo.wait, _identity))
-    port = await server.start("127.0.0.1", 0)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        in_flight = asyncio.ensure_future(_call(channel, "Wait")(b"", timeout=20))
-        await asyncio.wait_for(echo.started.wait(), timeout=10)
+    server, _, echo, channel, in_flight = await _waiting_call()
+    async with channel:
         await asyncio.wait_for(server.stop(grace=0.3), timeout=5)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await in_flight

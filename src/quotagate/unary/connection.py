@@ -33,6 +33,7 @@ from quotagate.unary.frames import (
     ProtocolViolation,
     Setting,
     Status,
+    complete_frames,
     frame,
     goaway,
     literal,
@@ -225,18 +226,7 @@ class Connection(asyncio.Protocol):
                 raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
             del buf[: len(PREFACE)]
             self._preface = True
-        pos, size = 0, len(buf)
-        while size - pos >= 9:
-            length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
-            if length > DEFAULT_MAX_FRAME:
-                raise ProtocolViolation(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
-            end = pos + 9 + length
-            if end > size:
-                break
-            kind, flags = buf[pos + 3], buf[pos + 4]
-            stream_id = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-            payload = bytes(buf[pos + 9 : end])
-            pos = end
+        for kind, flags, stream_id, payload in complete_frames(buf, DEFAULT_MAX_FRAME):
             if self._block is not None and (kind != FrameType.CONTINUATION or stream_id != self._block[0]):
                 raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "header block interrupted")
             if kind == FrameType.DATA:
@@ -258,7 +248,6 @@ class Connection(asyncio.Protocol):
             elif kind == FrameType.PUSH_PROMISE:
                 raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "a client may not push")
             # PRIORITY and unknown frame types are ignored, as RFC 9113 asks.
-        del buf[:pos]
 
     def _on_headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0 or stream_id % 2 == 0:

@@ -7,6 +7,7 @@ answers (never indexed, so the peer's decoder table is never touched), and the g
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from enum import IntEnum
 from urllib.parse import quote
 
@@ -110,6 +111,26 @@ def rst_stream(stream_id: int, code: ErrorCode) -> bytes:
 
 def goaway(last_stream_id: int, code: ErrorCode, reason: str = "") -> bytes:
     return frame(FrameType.GOAWAY, 0, 0, struct.pack(">II", last_stream_id, code) + reason.encode()[:256])
+
+
+def complete_frames(buf: bytearray, max_size: int) -> Iterator[tuple[int, int, int, bytes]]:
+    """(type, flags, stream id, payload) of each complete frame at the start of `buf`, which loses them as they
+    are read; a frame over `max_size` bytes is a FRAME_SIZE_ERROR."""
+    pos, size = 0, len(buf)
+    try:
+        while size - pos >= 9:
+            length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+            if length > max_size:
+                raise ProtocolViolation(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+            end = pos + 9 + length
+            if end > size:
+                break
+            stream_id = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+            kind, flags, payload = buf[pos + 3], buf[pos + 4], bytes(buf[pos + 9 : end])
+            pos = end
+            yield kind, flags, stream_id, payload
+    finally:
+        del buf[:pos]
 
 
 def parse_settings(payload: bytes) -> list[tuple[int, int]]:
