@@ -176,8 +176,9 @@ def _cluster(name: str, host: str, port: int, connect_timeout: str) -> dict[str,
     return cluster
 
 
-def _grpc_cluster(name: str, opts: EnvoyOptions, limit: int, port: int) -> dict[str, Any]:
-    cluster = _cluster(name, opts.authz_host, port, "1s")
+def _grpc_cluster(name: str, opts: EnvoyOptions, limit: int) -> dict[str, Any]:
+    # Every call Envoy makes goes to quotagate's decision port when it has one.
+    cluster = _cluster(name, opts.authz_host, opts.decision_port or opts.authz_port, "1s")
     cluster["typed_extension_protocol_options"] = {
         _HTTP_OPTIONS_KEY: {
             "@type": _HTTP_OPTIONS_TYPE,
@@ -199,16 +200,16 @@ def _grpc_cluster(name: str, opts: EnvoyOptions, limit: int, port: int) -> dict[
 
 
 def _authz_cluster(opts: EnvoyOptions) -> dict[str, Any]:
-    return _grpc_cluster(AUTHZ_CLUSTER, opts, _AUTHZ_CIRCUIT_LIMIT, opts.decision_port or opts.authz_port)
+    return _grpc_cluster(AUTHZ_CLUSTER, opts, _AUTHZ_CIRCUIT_LIMIT)
 
 
 def _extproc_cluster(opts: EnvoyOptions) -> dict[str, Any]:
     # A cluster of its own: long-lived ext_proc streams must never use up the Check cluster's limits.
-    return _grpc_cluster(EXTPROC_CLUSTER, opts, _EXTPROC_CIRCUIT_LIMIT, opts.decision_port or opts.authz_port)
+    return _grpc_cluster(EXTPROC_CLUSTER, opts, _EXTPROC_CIRCUIT_LIMIT)
 
 
 def _ratelimit_cluster(opts: EnvoyOptions) -> dict[str, Any]:
-    return _grpc_cluster(RATELIMIT_CLUSTER, opts, _AUTHZ_CIRCUIT_LIMIT, opts.decision_port or opts.authz_port)
+    return _grpc_cluster(RATELIMIT_CLUSTER, opts, _AUTHZ_CIRCUIT_LIMIT)
 
 
 def tokens_descriptor(user_id: str) -> tuple[tuple[str, str], ...]:

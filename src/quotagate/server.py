@@ -79,7 +79,7 @@ class Running:
     http_port: int
     stop: Callable[[], Awaitable[None]]
     admin_port: int = 0  # the Admin service's port: grpc_port unless admin.listen gives it one of its own
-    decision_port: int = 0  # the unary server's port (Check, ShouldRateLimit); 0 when decision_listen is off
+    decision_port: int = 0  # the unary server's port (what Envoy calls); 0 when decision_listen is off
 
 
 async def start(
@@ -196,10 +196,7 @@ async def start(
             log.warning("background task %s did not stop when asked", task.get_name())
         if admin_server is not None:
             await admin_server.stop(grace=5)
-        if decisions is not None:
-            await asyncio.gather(decisions.stop(grace=5), server.stop(grace=5))
-        else:
-            await server.stop(grace=5)
+        await asyncio.gather(server.stop(grace=5), *([decisions.stop(grace=5)] if decisions else []))
         await ext_proc.drain()
         await runner.cleanup()
         await billing.close()
@@ -208,7 +205,7 @@ async def start(
         await ledger.close()
 
     log.info(
-        "quotagate serving gRPC on %s (port %d), Check and ShouldRateLimit also on port %d, HTTP on port %d",
+        "quotagate serving gRPC on %s (port %d), Envoy's calls also on port %d, HTTP on port %d",
         settings.grpc_listen,
         grpc_port,
         decision_port,
@@ -243,7 +240,7 @@ async def _start_decision_server(
     try:
         return decisions, await decisions.start(host, port)
     except OSError as exc:
-        raise OSError(f"cannot listen for Check and ShouldRateLimit on {listen}: {exc}") from exc
+        raise OSError(f"cannot listen for Envoy's calls (decision_listen) on {listen}: {exc}") from exc
 
 
 async def _start_admin_server(

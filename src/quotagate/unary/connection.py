@@ -66,7 +66,17 @@ _NOT_GRPC = b"\x08\x03415" + literal(b"content-type", b"text/plain")
 class _Headers(NamedTuple):
     path: str
     grpc: bool
-    metadata: tuple[tuple[bytes, bytes], ...]
+    metadata: Metadata
+
+
+def _decode_message(method: Method, compressed: int, data: bytes) -> Any:
+    """One request message; Abort with the status the call ends with when it cannot be read."""
+    if compressed:
+        raise Abort(Status.UNIMPLEMENTED, "compressed messages are not supported")
+    try:
+        return method.deserialize(data)
+    except Exception as exc:  # whatever the protobuf runtime raises for bytes it cannot read
+        raise Abort(Status.INVALID_ARGUMENT, f"malformed request: {type(exc).__name__}: {exc}"[:200]) from None
 
 
 def _parse_headers(headers: Headers) -> _Headers:
@@ -392,13 +402,10 @@ class Connection(asyncio.Protocol):
         if len(body) < 5 or len(body) != 5 + int.from_bytes(body[1:5], "big"):
             self._finish(stream, Status.INVALID_ARGUMENT, "malformed request: expected exactly one message")
             return
-        if body[0]:
-            self._finish(stream, Status.UNIMPLEMENTED, "compressed messages are not supported")
-            return
         try:
-            request = method.deserialize(bytes(body[5:]))
-        except Exception as exc:  # whatever the protobuf runtime raises for bytes it cannot read
-            self._finish(stream, Status.INVALID_ARGUMENT, f"malformed request: {type(exc).__name__}: {exc}"[:200])
+            request = _decode_message(method, body[0], bytes(body[5:]))
+        except Abort as bad:
+            self._finish(stream, bad.status, bad.details)
             return
         stream.body = bytearray()
         stream.task = self._loop.create_task(self._call(stream, method, request))
@@ -439,16 +446,12 @@ class Connection(asyncio.Protocol):
                 return
             if len(body) < 5 + length:
                 break
-            if body[0]:
-                self._abort_stream(stream, Status.UNIMPLEMENTED, "compressed messages are not supported")
-                return
-            data = bytes(body[5 : 5 + length])
+            compressed, data = body[0], bytes(body[5 : 5 + length])
             del body[: 5 + length]
             try:
-                message = method.deserialize(data)
-            except Exception as exc:  # whatever the protobuf runtime raises for bytes it cannot read
-                reason = f"malformed request: {type(exc).__name__}: {exc}"[:200]
-                self._abort_stream(stream, Status.INVALID_ARGUMENT, reason)
+                message = _decode_message(method, compressed, data)
+            except Abort as bad:
+                self._abort_stream(stream, bad.status, bad.details)
                 return
             stream.inbox.append((message, 5 + length))
         self._wake_reader(stream)

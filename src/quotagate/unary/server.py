@@ -50,7 +50,8 @@ class UnaryServer:
         self._server: asyncio.Server | None = None
 
     def add_servicer(self, add: AddServicer, servicer: Any) -> None:
-        """Registers the unary methods of `servicer`, as `add(servicer, grpc_server)` would on grpc.aio."""
+        """Registers the methods of `servicer` this server can serve (unary, and streams in reader/writer
+        style), as `add(servicer, grpc_server)` would on grpc.aio."""
         service, handlers = registered_handlers(add, servicer)
         if not handlers:
             raise ValueError(f"{add.__name__} registered no method handlers")
@@ -65,10 +66,6 @@ class UnaryServer:
 
     def add_method(self, path: str, method: Method) -> None:
         self._methods[path] = method
-
-    @property
-    def paths(self) -> frozenset[str]:
-        return frozenset(self._methods)
 
     async def start(self, host: str, port: int) -> int:
         """Listens (SO_REUSEPORT, like the grpc.aio port, so `serve --workers N` share it); returns the port."""
