@@ -22,7 +22,8 @@ USER 10001:10001
 
 ENV QUOTAGATE_CONFIG=/etc/quotagate/quotagate.yaml
 # gRPC (Usage, Admin, health, reflection, and Envoy's services), what Envoy calls (50053: Check, ShouldRateLimit,
-# ext_proc) and HTTP (/healthz /readyz /metrics /webhooks/stripe).
+# ext_proc) and HTTP (/healthz /readyz /metrics /webhooks/stripe). Every gRPC caller needs its token, given at run
+# time (never baked in): QUOTAGATE_ENVOY_TOKEN for Envoy, QUOTAGATE_USAGE_TOKEN for ReportUsage, QUOTAGATE_ADMIN_TOKEN.
 EXPOSE 50051 50053 8080
 
 # Liveness only: /readyz also needs PostgreSQL and Redis, which a restart would not fix.

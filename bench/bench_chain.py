@@ -160,6 +160,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 admin_port=free_port(),
                 authz_port=qg.grpc_port,
                 decision_port=qg.decision_port,
+                envoy_token=common.ENVOY_TOKEN,
             )
 
         plain_cfg = without_filters(build_envoy_config(options(upstream_port)), FILTERS_OFF)

@@ -15,6 +15,8 @@ bench/trivial_authz.py, a Check that does nothing, on each of the two servers.
 
 The request is serialized once per user; per call only the x-request-id header is appended as serialized
 protobuf (a later map entry merges into the message), so the client spends its time on gRPC, not protobuf.
+Every call carries Envoy's caller token (`authorization: Bearer <common.ENVOY_TOKEN>`), which quotagate is
+started with, as Envoy sends it.
 
 The --concurrency levels are closed loops: N callers, each sends when its previous answer came. --rate R adds
 an open loop: R calls/s started on a fixed schedule, whatever the answers, so the latency is the one at that
@@ -113,8 +115,10 @@ class Payload:
 
 
 def make_caller(channel: Any, payload: Payload) -> Callable[[], Awaitable[None]]:
-    # No serializers: bytes in, bytes out (grpc.aio or h2client).
+    # No serializers: bytes in, bytes out (grpc.aio or h2client). The caller token: h2client's channel has it in
+    # its header block (common.grpc_load opens it so); grpc.aio sends it with each call.
     check = channel.unary(CHECK_METHOD) if payload.lean else channel.unary_unary(CHECK_METHOD)
+    metadata, lean = common.ENVOY_METADATA, payload.lean
     head = f"{payload.tag}-{payload.phase:02d}-{os.getpid() % 10_000_000:07d}-".encode()
     bases, prefix, users = payload.bases, payload.prefix, len(payload.bases)
     counter = _CALLS  # one count for all the channels of this process: every x-request-id stays unique
@@ -122,7 +126,7 @@ def make_caller(channel: Any, payload: Payload) -> Callable[[], Awaitable[None]]
     async def call() -> None:
         n = next(counter)
         request = bases[n % users] + prefix + head + b"%012d" % n
-        raw = await (check(request) if payload.lean else check(request, timeout=common.CALL_TIMEOUT))
+        raw = await (check(request) if lean else check(request, timeout=common.CALL_TIMEOUT, metadata=metadata))
         response = external_auth_pb2.CheckResponse.FromString(raw)
         if response.status.code != 0:
             raise Denied(f"Check answered code {response.status.code}: {response.denied_response.body[:200]}")
@@ -137,8 +141,8 @@ async def check_load(
     flight, or with `payload.rate` that many calls/s in open loop."""
     return await common.grpc_load(
         payload.target, lambda channel: make_caller(channel, payload), concurrency, seconds, warmup, ready,
-        payload.channels, payload.rate, payload.lean,
-    )
+        payload.channels, payload.rate, payload.lean, common.ENVOY_METADATA,
+    )  # fmt: skip
 
 
 async def prime(payload: Payload) -> None:

@@ -234,6 +234,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 admin_port=free_port(),
                 authz_port=qg.grpc_port,
                 decision_port=qg.decision_port,
+                envoy_token=common.ENVOY_TOKEN,
             )
 
         plain_proc, plain_port = await start_envoy_target(

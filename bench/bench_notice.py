@@ -55,6 +55,7 @@ async def start_quotagate(bench: common.Bench, stores: common.Stores) -> tuple[M
         "QUOTAGATE_HTTP_LISTEN": f"{common.HOST}:{http_port}",
         "QUOTAGATE_DECISION_LISTEN": "",  # Check on the grpc.aio port: what is measured here is the notice
         "QUOTAGATE_ADMIN_TOKEN": secrets.token_hex(16),
+        **common.caller_token_env(),  # the Envoy below sends common.ENVOY_TOKEN
     }
     env.pop("QUOTAGATE_CONFIG", None)
     env.pop("QUOTAGATE_ENV", None)
@@ -103,6 +104,7 @@ async def main_async(args: argparse.Namespace) -> int:
             authz_port=grpc_port,
             http_port=http_port,
             ext_proc=True,
+            envoy_token=common.ENVOY_TOKEN,
         )
         _, envoy_port = await start_envoy_target(bench, "notice", build_envoy_config(options), None)
         print(f"bench_notice: {time.strftime('%Y-%m-%d %H:%M')}, {common.machine_note()}")

@@ -3,10 +3,11 @@
     scripts/dev python bench/bench_plans.py [--accounts 1000,10000] [--rounds 3]
 
 For each size: a plan of its own (CreatePlan), that many accounts on it inserted with one generate_series INSERT,
-and one Usage.ReportUsage per account (32 at a time), which puts each account's balance in Redis. Then
-UpdatePlan changes the plan's allowance --rounds times; each call returns once every account's hot state holds
-the new allowance (the next decision uses it). After each call the script reads the `allowance` field of every
-balance hash straight from Redis and counts those that do not show the new value: it must be 0.
+and one Usage.ReportUsage per account (32 at a time, with the usage reporter's caller token), which puts each
+account's balance in Redis. Then UpdatePlan changes the plan's allowance --rounds times; each call returns once
+every account's hot state holds the new allowance (the next decision uses it). After each call the script reads
+the `allowance` field of every balance hash straight from Redis and counts those that do not show the new value:
+it must be 0.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ async def populate(database_url: str, target: str, plan_id: str, accounts: int) 
                         request_id=f"{plan_id}-r{i}", user_id=f"{plan_id}-{i:07d}", model="demo-small",
                         prompt_tokens=10, completion_tokens=5,
                     ),
-                    timeout=30,
+                    metadata=common.USAGE_METADATA, timeout=30,
                 )  # fmt: skip
 
         await asyncio.gather(*(worker() for _ in range(32)))

@@ -12,8 +12,9 @@ one Lua script in Redis (INCRBY + EXPIRE of the user's counter; GET of the token
 quotagate's pipelined connection. The calls go to quotagate's decision port (the unary server the shipped Envoy
 config calls), or with --grpc-aio to its grpc.aio port.
 
-The requests are serialized once per user and sent as bytes (no client-side serializer); each response is
-parsed and must be OK with the configured limit matched, so a call that never reached the counter is an error.
+The requests are serialized once per user and sent as bytes (no client-side serializer), with Envoy's caller
+token (`authorization: Bearer <common.ENVOY_TOKEN>`) as Envoy sends it; each response is parsed and must be OK
+with the configured limit matched, so a call that never reached the counter is an error.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def make_caller(channel: grpc.aio.Channel, payload: Payload) -> Callable[[], Awa
     counter = itertools.count()
 
     async def call() -> None:
-        raw = await should_rate_limit(requests[next(counter) % users], timeout=common.CALL_TIMEOUT)
+        raw = await should_rate_limit(
+            requests[next(counter) % users], timeout=common.CALL_TIMEOUT, metadata=common.ENVOY_METADATA
+        )
         check_response(raw, descriptors)
 
     return call
@@ -128,7 +131,7 @@ async def prime(payload: Payload) -> None:
         await asyncio.wait_for(channel.channel_ready(), 30)
         should_rate_limit = channel.unary_unary(SHOULD_RATE_LIMIT)
         for request in payload.requests:
-            raw = await should_rate_limit(request, timeout=common.CALL_TIMEOUT)
+            raw = await should_rate_limit(request, timeout=common.CALL_TIMEOUT, metadata=common.ENVOY_METADATA)
             response = check_response(raw, payload.descriptors)
             limits = [s.current_limit.requests_per_unit for s in response.statuses]
             if limits != [LIMIT] * payload.descriptors:

@@ -105,6 +105,7 @@ async def main_async(args: argparse.Namespace) -> int:
             admin_port=free_port(),
             authz_port=qg.grpc_port,
             decision_port=qg.decision_port,
+            envoy_token=common.ENVOY_TOKEN,
         )
         envoy, port = await bench_envoy.start_envoy_target(bench, "soak", build_envoy_config(options), None)
         requests = bench_envoy.build_requests(port, qg.client_key, args.users)

@@ -324,6 +324,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 authz_port=qg.grpc_port,
                 decision_port=qg.decision_port,
                 ext_proc=ext_proc,
+                envoy_token=common.ENVOY_TOKEN,
             )
 
         configs = {

@@ -5,7 +5,8 @@
   QUOTAGATE_BENCH_REDIS_URL), else embedded ones in the temp dir; a fresh database per run, dropped at the end,
   and a Redis key prefix of the run's own, deleted at the end.
 - `start_quotagate`: `python -m quotagate.cli serve` as a separate process, so the load generator never shares
-  quotagate's event loop, with a generated config: one trusted client key and a plan with a huge allowance.
+  quotagate's event loop, with a generated config: one trusted client key and a plan with a huge allowance, and
+  the caller tokens ENVOY_TOKEN / USAGE_TOKEN (`caller_token_env`), which the benches' gRPC clients and Envoys send.
 - `run_load`: a closed-loop load (N workers, each waits for its answer before sending again) for a fixed time,
   in this process or spread over several client processes (multiprocessing, spawn) whose results are summed.
 - `open_loop`: calls started on a fixed schedule (so many per second) whatever the answers, for the latency at
@@ -48,9 +49,18 @@ import redis as redis_sync
 import redis.asyncio as aioredis
 import yaml
 
+from quotagate.adapters.credentials import bearer_metadata
 from quotagate.procs import ManagedProcess, free_port, start_embedded_postgres, start_redis, wait_for_port
 
 HOST = "127.0.0.1"
+# The caller tokens of every quotagate a benchmark starts (QUOTAGATE_ENVOY_TOKEN / QUOTAGATE_USAGE_TOKEN, set
+# explicitly, see caller_token_env): Envoy's goes with Check, ShouldRateLimit and ext_proc (the benches' own calls
+# and EnvoyOptions.envoy_token), the usage reporter's with ReportUsage. Fixed, not random: spawned client processes
+# import this module again. Not quotagate's defaults, so a client that forgot its token fails at once.
+ENVOY_TOKEN = "quotagate-bench-envoy-token"
+USAGE_TOKEN = "quotagate-bench-usage-token"
+ENVOY_METADATA = bearer_metadata(ENVOY_TOKEN)
+USAGE_METADATA = bearer_metadata(USAGE_TOKEN)
 BENCH_PLAN = "bench"
 # Far beyond anything a benchmark can reserve: nothing is ever denied for quota.
 HUGE_ALLOWANCE = 10**15
@@ -313,6 +323,11 @@ def quotagate_config(stores: Stores, client_key: str) -> dict[str, Any]:
     }
 
 
+def caller_token_env() -> dict[str, str]:
+    """The environment that gives a quotagate process the benches' caller tokens."""
+    return {"QUOTAGATE_ENVOY_TOKEN": ENVOY_TOKEN, "QUOTAGATE_USAGE_TOKEN": USAGE_TOKEN}
+
+
 async def start_trivial_server(bench: Bench, unary: bool = False) -> tuple[ManagedProcess, int]:
     """bench/trivial_authz.py (always-OK Check and ext_proc, no state) in its own process: the gRPC floor; with
     `unary`, its Check on quotagate's unary server (the floor of the decision port)."""
@@ -352,6 +367,7 @@ async def start_quotagate(
         "QUOTAGATE_DECISION_LISTEN": f"{HOST}:{decision_port}",
         "QUOTAGATE_HTTP_LISTEN": f"{HOST}:{http_port}",
         "QUOTAGATE_ADMIN_TOKEN": secrets.token_hex(16),
+        **caller_token_env(),
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("QUOTAGATE_CONFIG", None)
@@ -691,18 +707,21 @@ async def grpc_load(
     channels: int = 1,
     rate: float = 0.0,
     lean: bool = False,
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> LoadResult:
     """The body of a gRPC load entry: `channels` channels (each its own connection, so with `serve --workers`
     the kernel spreads them over the workers), `concurrency` calls in flight over them in turn, warm-up, then the
     measure. With `rate` > 0 the load is open loop instead: `rate` calls/s started over the channels in turn
-    (`concurrency` is then not used). `lean`: h2client.H2Channel instead of grpc.aio channels."""
+    (`concurrency` is then not used). `lean`: h2client.H2Channel instead of grpc.aio channels, which send
+    `metadata` (e.g. ENVOY_METADATA) with every call, in their fixed header block; grpc.aio callers made by
+    `make_call` pass it per call themselves."""
     import grpc
     import h2client
 
     count = max(1, channels if rate > 0 else min(channels, concurrency))
     opened: list[Any]
     if lean:
-        opened = await asyncio.wait_for(h2client.open_channels(target, count), 30)
+        opened = await asyncio.wait_for(h2client.open_channels(target, count, metadata), 30)
     else:
         opened = [
             grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(count)

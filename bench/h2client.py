@@ -2,10 +2,11 @@
 
 grpc.aio's client spends more CPU per call than quotagate's decision port does to answer it: at 2,400 Checks/s
 its two processes took 65-72% of this 2-core machine, which then runs quotagate's Check late. This client sends
-each call as a fixed header block (no table, so no encoding per call) and one DATA frame, and matches the answers
-by stream id; answers are decoded with quotagate.unary's remembering HPACK decoder. It honours no flow control
-of its own sending (requests are small, far below any server's initial window) and opens windows wide for what
-it receives. Only for benchmarks: one connection, no TLS, no retries.
+each call as a fixed header block (no table, so no encoding per call; the channel's metadata, such as the caller
+token `authorization: Bearer ...`, is in it) and one DATA frame, and matches the answers by stream id; answers
+are decoded with quotagate.unary's remembering HPACK decoder. It honours no flow control of its own sending
+(requests are small, far below any server's initial window) and opens windows wide for what it receives. Only
+for benchmarks: one connection, no TLS, no retries.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from quotagate.unary.frames import (
@@ -50,13 +51,15 @@ def _status(headers: Headers) -> tuple[int, str]:
 
 
 class _Client(asyncio.Protocol):
-    def __init__(self, authority: str) -> None:
+    def __init__(self, authority: str, metadata: Sequence[tuple[str, str]] = ()) -> None:
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._ids = itertools.count(1, 2)
         self._calls: dict[int, tuple[asyncio.Future[bytes], bytearray]] = {}
         self._decoder: BlockDecoder[tuple[int, str]] = BlockDecoder(_status)
         self._authority = authority.encode()
+        # gRPC metadata (lower-case keys) rides in every call's header block, literal and never indexed.
+        self._metadata = b"".join(literal(key.encode(), value.encode()) for key, value in metadata)
         self._blocks: dict[str, bytes] = {}
         self._received = 0
         self._lost: Exception | None = None
@@ -81,15 +84,10 @@ class _Client(asyncio.Protocol):
         block = self._blocks.get(path)
         if block is None:
             # :method POST and :scheme http from the static table; the rest literal and never indexed.
-            block = b"\x83\x86" + b"".join(
-                literal(name, value)
-                for name, value in (
-                    (b":path", path.encode()),
-                    (b":authority", self._authority),
-                    (b"content-type", b"application/grpc"),
-                    (b"te", b"trailers"),
-                )
-            )
+            # Then the channel's metadata, encoded once in __init__.
+            fields = ((b":path", path.encode()), (b":authority", self._authority),
+                      (b"content-type", b"application/grpc"), (b"te", b"trailers"))  # fmt: skip
+            block = b"\x83\x86" + b"".join(literal(name, value) for name, value in fields) + self._metadata
             self._blocks[path] = block
         return block
 
@@ -163,16 +161,20 @@ class _Client(asyncio.Protocol):
 
 
 class H2Channel:
-    """One HTTP/2 connection to a gRPC server; `unary(path)` gives a bytes-in, bytes-out caller."""
+    """One HTTP/2 connection to a gRPC server; `unary(path)` gives a bytes-in, bytes-out caller. `metadata` goes
+    with every call (e.g. common.ENVOY_METADATA), encoded once into the header block."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, metadata: Sequence[tuple[str, str]] = ()) -> None:
         self._host, _, port = target.rpartition(":")
         self._port = int(port)
+        self._metadata = tuple(metadata)
         self._client: _Client | None = None
 
     async def connect(self) -> H2Channel:
         loop = asyncio.get_running_loop()
-        _, self._client = await loop.create_connection(lambda: _Client(self._host), self._host, self._port)
+        _, self._client = await loop.create_connection(
+            lambda: _Client(self._host, self._metadata), self._host, self._port
+        )
         return self
 
     def unary(self, path: str) -> Callable[[bytes], Awaitable[bytes]]:
@@ -189,5 +191,5 @@ class H2Channel:
             self._client.close()
 
 
-async def open_channels(target: str, count: int) -> list[Any]:
-    return [await H2Channel(target).connect() for _ in range(count)]
+async def open_channels(target: str, count: int, metadata: Sequence[tuple[str, str]] = ()) -> list[Any]:
+    return [await H2Channel(target, metadata).connect() for _ in range(count)]

@@ -18,7 +18,7 @@ import httpx
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2
-from harness import ADMIN_TOKEN, CLIENT_KEY
+from harness import ADMIN_TOKEN, CLIENT_KEY, ENVOY_AUTH, ENVOY_TOKEN, USAGE_AUTH, USAGE_TOKEN
 
 from quotagate.envoyconf import EnvoyOptions, write_envoy_config
 from quotagate.procs import ManagedProcess, free_port, start_envoy, wait_for_port
@@ -60,6 +60,8 @@ class QuotagateProcess:
             "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{self.http_port}",
             "QUOTAGATE_DECISION_LISTEN": f"127.0.0.1:{self.decision_port}",
             "QUOTAGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "QUOTAGATE_ENVOY_TOKEN": ENVOY_TOKEN,
+            "QUOTAGATE_USAGE_TOKEN": USAGE_TOKEN,
             "PYTHONUNBUFFERED": "1",
         }
         self.env.pop("QUOTAGATE_CONFIG", None)
@@ -113,6 +115,7 @@ def start_envoy_in_front(qg: QuotagateProcess, upstream_port: int, tmp: Path) ->
             decision_port=qg.decision_port,
             ext_proc=True,
             rate_limit=False,
+            envoy_token=ENVOY_TOKEN,
         ),
         tmp / "envoy.yaml",
     )
@@ -154,7 +157,7 @@ class Client:
 
     async def check(self, user: str, request_id: str, max_tokens: int = 40) -> bool:
         """True when allowed; False when denied for quota. Other answers and gRPC errors raise."""
-        reply = await self.authz.Check(check_request(user, request_id, max_tokens), timeout=10)
+        reply = await self.authz.Check(check_request(user, request_id, max_tokens), timeout=10, metadata=ENVOY_AUTH)
         if reply.status.code == code_pb2.OK:
             return True
         if reply.status.code == code_pb2.RESOURCE_EXHAUSTED:
@@ -167,6 +170,7 @@ class Client:
                 request_id=request_id, user_id=user, model=MODEL, prompt_tokens=prompt, completion_tokens=completion
             ),
             timeout=10,
+            metadata=USAGE_AUTH,
         )
 
 

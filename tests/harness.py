@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import httpx
 
+from quotagate.adapters.credentials import bearer_metadata
 from quotagate.config import Settings, parse_settings
 from quotagate.core.clock import Clock
 from quotagate.demo_upstream import start_demo_upstream
@@ -21,6 +22,11 @@ from quotagate.v1 import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb2_grpc
 CLIENT_KEY = "test-chat-key"
 PERSONAL_KEY = "test-personal-key"
 ADMIN_TOKEN = "test-admin-token"
+# The caller tokens: Envoy's (Check, ShouldRateLimit, ext_proc) and the usage reporter's (ReportUsage).
+ENVOY_TOKEN = "test-envoy-token"
+USAGE_TOKEN = "test-usage-token"
+ENVOY_AUTH = bearer_metadata(ENVOY_TOKEN)  # metadata= of a call a test makes as Envoy
+USAGE_AUTH = bearer_metadata(USAGE_TOKEN)  # metadata= of a ReportUsage
 
 
 def make_settings(database_url: str, redis_url: str, prefix: str, **overrides: Any) -> Settings:
@@ -50,6 +56,8 @@ def make_settings(database_url: str, redis_url: str, prefix: str, **overrides: A
         "QUOTAGATE_DECISION_LISTEN": f"127.0.0.1:{free_port()}",
         "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
         "QUOTAGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "QUOTAGATE_ENVOY_TOKEN": ENVOY_TOKEN,
+        "QUOTAGATE_USAGE_TOKEN": USAGE_TOKEN,
     }
     return parse_settings(data, "<test>", env)
 
@@ -103,6 +111,7 @@ class Stack:
                     "authz_port": self.grpc_port,
                     "decision_port": self.decision_port,
                     "http_port": self.http_port,
+                    "envoy_token": self.settings.envoy_token,
                     "ext_proc": self.ext_proc,
                     "rate_limit": self.rate_limit,
                     **self.envoy_options,  # e.g. decision_port 0: every call to the grpc.aio port
@@ -190,7 +199,8 @@ class Stack:
                 model="demo-small",
                 prompt_tokens=prompt,
                 completion_tokens=completion,
-            )
+            ),
+            metadata=USAGE_AUTH,
         )
 
     async def grant(self, user: str, amount: int, reason: str = "Asked by e-mail for more tokens.") -> Any:

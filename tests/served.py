@@ -18,7 +18,7 @@ import grpc
 import httpx
 import yaml
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
-from harness import ADMIN_TOKEN, CLIENT_KEY, PERSONAL_KEY
+from harness import ADMIN_TOKEN, CLIENT_KEY, ENVOY_AUTH, ENVOY_TOKEN, PERSONAL_KEY, USAGE_TOKEN
 
 from quotagate.procs import free_port, wait_for_port
 
@@ -52,7 +52,7 @@ async def check_once(target: str, request: external_auth_pb2.CheckRequest) -> ex
     # Channels to one target share one connection unless each has its own subchannel pool.
     async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-        response: external_auth_pb2.CheckResponse = await stub.Check(request, timeout=10)
+        response: external_auth_pb2.CheckResponse = await stub.Check(request, timeout=10, metadata=ENVOY_AUTH)
         return response
 
 
@@ -136,6 +136,8 @@ async def start_served(
         "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{http_port}",
         "QUOTAGATE_DECISION_LISTEN": f"127.0.0.1:{decision_port}",
         "QUOTAGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "QUOTAGATE_ENVOY_TOKEN": ENVOY_TOKEN,
+        "QUOTAGATE_USAGE_TOKEN": USAGE_TOKEN,
         **(env or {}),
     }
     log_path = path.with_suffix(".log")

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,8 +67,8 @@ class StripeStandIn:
     async def _create(self, request: web.Request) -> web.Response:
         form = dict((await request.post()).items())
         self.requests.append({"form": form, "authorization": request.headers.get("authorization", "")})
-        number = len(self.sessions) + 1
-        session_id = f"cs_test_{self.port}_{number}"
+        # Unique across the test session (ports are reused, the database is not), as Stripe's ids are.
+        session_id = f"cs_test_{uuid.uuid4().hex}"
         metadata = {k[len("metadata[") : -1]: str(v) for k, v in form.items() if k.startswith("metadata[")}
         self.sessions[session_id] = {
             "id": session_id,

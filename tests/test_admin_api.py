@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
-from harness import ADMIN_TOKEN, Stack, make_settings
+from harness import ADMIN_TOKEN, USAGE_AUTH, Stack, make_settings
 
 from quotagate.config import Settings, sha256_hex
 from quotagate.core.clock import FixedClock
@@ -75,7 +75,7 @@ async def spend(
     )
     if at is not None:
         request.occurred_at.CopyFrom(ts(at))
-    return await stack.usage.ReportUsage(request)
+    return await stack.usage.ReportUsage(request, metadata=USAGE_AUTH)
 
 
 async def status_of(call: Awaitable[Any]) -> grpc.StatusCode:

@@ -25,12 +25,20 @@ import yaml
 
 from quotagate.config import Settings, load_settings
 from quotagate.core.weights import weight_for
-from quotagate.envoyconf import AUTHZ_CLUSTER, EXTPROC_CLUSTER, HTTP_CLUSTER, RATELIMIT_CLUSTER, USER_PAGES_PREFIX
+from quotagate.envoyconf import (
+    AUTHZ_CLUSTER,
+    ENVOY_TOKEN_PLACEHOLDER,
+    EXTPROC_CLUSTER,
+    HTTP_CLUSTER,
+    RATELIMIT_CLUSTER,
+    USER_PAGES_PREFIX,
+)
 from quotagate.server import split_listen
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 ENVOY_FILE = REPO_ROOT / "envoy" / "envoy.yaml"
+ENVOY_START = REPO_ROOT / "envoy" / "start.sh"
 QUOTAGATE_FILE = REPO_ROOT / "deploy" / "quotagate.yaml"
 LITELLM_FILE = REPO_ROOT / "deploy" / "litellm.yaml"
 LIBRECHAT_FILE = REPO_ROOT / "deploy" / "librechat.yaml"
@@ -40,6 +48,8 @@ SERVICES = ("envoy", "quotagate", "postgres", "redis", "litellm", "librechat", "
 HOST_ENV = {
     "QUOTAGATE_ADMIN_TOKEN": "test-admin-token-0123456789abcdef",
     "QUOTAGATE_LINK_SECRET": "test-link-secret-0123456789abcdef",
+    "QUOTAGATE_ENVOY_TOKEN": "test-envoy-token-0123456789abcdef",
+    "QUOTAGATE_USAGE_TOKEN": "test-usage-token-0123456789abcdef",
     "LITELLM_MASTER_KEY": "sk-test-master-key-0123456789",
 }
 # The secrets the librechat service needs on top of those.
@@ -323,9 +333,12 @@ def test_envoy_listener_is_published_and_config_mounted(compose: dict[str, Any])
     address = listener["address"]["socket_address"]
     assert not ipaddress.ip_address(address["address"]).is_loopback, "Envoy listens on loopback inside its container"
     assert int(address["port_value"]) in published_container_ports(envoy), "Envoy's listener port is not published"
-    config_path = option(as_argv(envoy.get("command")), "-c")
+    # envoy/start.sh runs Envoy on a copy of the config with the token in it (test_redteam_auth.py runs it).
+    argv = as_argv(envoy.get("command"))
     mounts = bind_mounts(envoy)
-    assert mounts.get(config_path) == ENVOY_FILE.resolve(), f"envoy reads {config_path}, not envoy/envoy.yaml"
+    assert argv[:1] == ["sh"] and mounts.get(argv[1]) == ENVOY_START.resolve(), f"envoy runs {argv}, not start.sh"
+    template = service_env(envoy).get("QUOTAGATE_ENVOY_TEMPLATE", "/etc/envoy/envoy.yaml")  # start.sh's default
+    assert mounts.get(template) == ENVOY_FILE.resolve(), f"envoy reads {template}, not envoy/envoy.yaml"
 
 
 def test_envoy_image_matches_the_validated_envoy(compose: dict[str, Any]) -> None:
@@ -523,3 +536,37 @@ def test_librechat_footer_links_to_the_balance_page_through_envoy(compose: dict[
     url = urlsplit(rest[:-1])
     assert url.path == USER_PAGES_PREFIX
     assert url.port in published_container_ports(service(compose, "envoy")), "the link does not reach Envoy"
+
+
+def grpc_services(node: Any) -> list[dict[str, Any]]:
+    """Every grpc_service in a piece of Envoy config, wherever it is nested."""
+    found: list[dict[str, Any]] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += [value] if key == "grpc_service" else grpc_services(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += grpc_services(item)
+    return found
+
+
+def test_envoy_and_the_usage_reporter_get_the_tokens_quotagate_expects(compose: dict[str, Any]) -> None:
+    settings = quotagate_settings(compose)
+    # Envoy sends the placeholder start.sh replaces with QUOTAGATE_ENVOY_TOKEN, on every call to quotagate.
+    services = grpc_services(envoy_config()["static_resources"]["listeners"])
+    assert {s["envoy_grpc"]["cluster_name"] for s in services} == {AUTHZ_CLUSTER, EXTPROC_CLUSTER, RATELIMIT_CLUSTER}
+    for grpc_service in services:
+        assert grpc_service["initial_metadata"] == [
+            {"key": "authorization", "value": f"Bearer {ENVOY_TOKEN_PLACEHOLDER}"}
+        ], grpc_service
+    assert service_env(service(compose, "envoy"))["QUOTAGATE_ENVOY_TOKEN"] == settings.envoy_token
+    assert settings.envoy_token == HOST_ENV["QUOTAGATE_ENVOY_TOKEN"]
+    # LiteLLM's usage callback, once turned on, reports to quotagate's gRPC port with the usage token.
+    litellm = service_env(service(compose, "litellm"))
+    assert litellm["QUOTAGATE_USAGE_TOKEN"] == settings.usage_token == HOST_ENV["QUOTAGATE_USAGE_TOKEN"]
+    host, _, port = litellm["QUOTAGATE_USAGE_TARGET"].rpartition(":")
+    assert (host, int(port)) == ("quotagate", split_listen(settings.grpc_listen)[1])
+    without_tokens = {k: v for k, v in HOST_ENV.items() if k not in ("QUOTAGATE_ENVOY_TOKEN", "QUOTAGATE_USAGE_TOKEN")}
+    for name in ("envoy", "litellm"):
+        with pytest.raises(MissingVariable):
+            service_env(service(compose, name), without_tokens)

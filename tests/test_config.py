@@ -26,6 +26,11 @@ VALID = CONFIGS / "valid.yaml"
 DEMO = Path(quotagate.__file__).parent / "templates" / "demo.yaml"
 REAL_TOKEN = "a-real-production-admin-token-5f2c9e"
 LINK_SECRET = "a-real-link-secret-7d41a0"
+# Envoy's and the usage reporter's tokens, which production also needs.
+CALLER_TOKENS = {
+    "QUOTAGATE_ENVOY_TOKEN": "a-real-envoy-token-3b9e1c",
+    "QUOTAGATE_USAGE_TOKEN": "a-real-usage-token-8f02d4",
+}
 SRC_DEMO = Path(__file__).resolve().parents[1] / "src" / "quotagate" / "templates" / "demo.yaml"
 
 
@@ -359,12 +364,15 @@ def test_production_refuses_the_default_token_even_next_to_a_good_one() -> None:
 
 def test_production_with_a_real_admin_token_starts() -> None:
     env = {"QUOTAGATE_ENV": "production", "QUOTAGATE_ADMIN_TOKEN": REAL_TOKEN, "QUOTAGATE_LINK_SECRET": LINK_SECRET}
+    env |= CALLER_TOKENS
     s = parse_settings({}, "<test>", env)
     assert s.production is True
     assert [t.token_sha256 for t in s.admin_tokens] == [sha(REAL_TOKEN)]
     assert s.link_secret == LINK_SECRET
     s = parse_settings(
-        {"production": True, "link_secret": LINK_SECRET}, "<test>", {"QUOTAGATE_ADMIN_TOKEN": REAL_TOKEN}
+        {"production": True, "link_secret": LINK_SECRET},
+        "<test>",
+        {"QUOTAGATE_ADMIN_TOKEN": REAL_TOKEN, **CALLER_TOKENS},
     )
     assert s.production is True
 
@@ -384,13 +392,39 @@ def test_production_env_with_a_production_key_in_the_file(file_value: bool) -> N
     # QUOTAGATE_ENV=production must not turn the file's own (valid) `production` key into an "unknown key".
     data = {"production": file_value}
     env = {"QUOTAGATE_ENV": "production", "QUOTAGATE_ADMIN_TOKEN": REAL_TOKEN, "QUOTAGATE_LINK_SECRET": LINK_SECRET}
+    env |= CALLER_TOKENS
     s = parse_settings(data, "<test>", env)
     assert s.production is True
 
 
 def test_valid_file_in_production_env_loads() -> None:
-    s = load_settings(VALID, {"QUOTAGATE_ENV": "production", "QUOTAGATE_LINK_SECRET": LINK_SECRET})
+    s = load_settings(VALID, {"QUOTAGATE_ENV": "production", "QUOTAGATE_LINK_SECRET": LINK_SECRET, **CALLER_TOKENS})
     assert s.production is True
+
+
+@pytest.mark.parametrize(
+    ("tokens", "setting"),
+    [
+        ({"QUOTAGATE_USAGE_TOKEN": CALLER_TOKENS["QUOTAGATE_USAGE_TOKEN"]}, "envoy_token"),  # the default
+        ({"QUOTAGATE_ENVOY_TOKEN": CALLER_TOKENS["QUOTAGATE_ENVOY_TOKEN"]}, "usage_token"),
+        ({**CALLER_TOKENS, "QUOTAGATE_ENVOY_TOKEN": "short-token"}, "envoy_token"),
+        ({**CALLER_TOKENS, "QUOTAGATE_USAGE_TOKEN": "short-token"}, "usage_token"),
+        ({**CALLER_TOKENS, "QUOTAGATE_USAGE_TOKEN": CALLER_TOKENS["QUOTAGATE_ENVOY_TOKEN"]}, "usage_token"),
+        ({**CALLER_TOKENS, "QUOTAGATE_ENVOY_TOKEN": "a token with spaces in it"}, "envoy_token"),
+    ],
+)
+def test_production_refuses_default_short_or_shared_caller_tokens(tokens: dict[str, str], setting: str) -> None:
+    env = {"QUOTAGATE_ENV": "production", "QUOTAGATE_ADMIN_TOKEN": REAL_TOKEN, "QUOTAGATE_LINK_SECRET": LINK_SECRET}
+    text = parse_error({}, env | tokens)
+    assert setting in text and f"QUOTAGATE_{setting.split('_')[0].upper()}_TOKEN" in text, text
+
+
+def test_caller_tokens_come_from_the_environment_or_the_file_and_stay_out_of_repr() -> None:
+    s = parse_settings({}, "<test>", {})  # outside production the public defaults do
+    assert s.envoy_token != s.usage_token
+    s = parse_settings({"envoy_token": "from-the-file-0123456789"}, "<test>", CALLER_TOKENS)
+    assert (s.envoy_token, s.usage_token) == tuple(CALLER_TOKENS.values())  # the environment wins
+    assert not any(token in repr(s) for token in CALLER_TOKENS.values())
 
 
 # -- client_by_key and purchase_hint ----------------------------------------------------------------------------

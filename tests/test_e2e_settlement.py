@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from harness import ADMIN_TOKEN, Stack, make_settings
+from harness import ADMIN_TOKEN, USAGE_AUTH, Stack, make_settings
 
 from quotagate.core.clock import FixedClock
 from quotagate.v1 import admin_pb2, usage_pb2
@@ -100,7 +100,11 @@ async def test_unsettled_reservation_expires_and_is_charged_its_estimate(
     database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path, uid: str
 ) -> None:
     clock = FixedClock(datetime.now(UTC))
-    settings = make_settings(database_url, redis_url, redis_prefix, reservation_ttl_seconds=60)
+    # Usage reported by a callback only (no ext_proc): quotagate cannot tell whether the request reached the
+    # upstream, so an unsettled hold is charged (test_redteam_meter shows the ext_proc deployment's release).
+    settings = make_settings(
+        database_url, redis_url, redis_prefix, reservation_ttl_seconds=60, usage_capture="callback"
+    )
     async with Stack(settings, tmp_path, clock=clock) as stack:
         response = await stack.chat(uid)
         request_id = response.headers["x-request-id"]
@@ -155,7 +159,7 @@ async def test_bad_reports_get_invalid_argument_and_charge_nothing(
 ) -> None:
     async with Stack(make_settings(database_url, redis_url, redis_prefix), tmp_path) as stack:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stack.usage.ReportUsage(report)
+            await stack.usage.ReportUsage(report, metadata=USAGE_AUTH)
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert needle in (caught.value.details() or "")
         events = await stack.quotagate.service.ledger.usage_events("u")  # type: ignore[union-attr]
@@ -171,7 +175,8 @@ async def test_failed_upstream_call_releases_and_charges_nothing(
         reply = await stack.usage.ReportUsage(
             usage_pb2.ReportUsageRequest(
                 request_id=response.headers["x-request-id"], user_id=uid, status=usage_pb2.ReportUsageRequest.FAILED
-            )
+            ),
+            metadata=USAGE_AUTH,
         )
         assert not reply.charged and reply.cost == 0
         balance = (await stack.account(uid)).balance

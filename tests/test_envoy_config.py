@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
+import re
 import subprocess
 from typing import Any
 
@@ -10,12 +12,15 @@ import certifi
 import pytest
 import yaml
 
+from quotagate.core.estimate import ApiKind, api_of
 from quotagate.envoyconf import (
     ASK_USAGE_HEADER,
     AUTHZ_CLUSTER,
     EXT_PROC_FILTER,
     EXTPROC_CLUSTER,
     HTTP_CLUSTER,
+    METERED_PATHS_REGEX,
+    MODELS_PATH_REGEX,
     PRODUCTION_OPTIONS,
     RATELIMIT_CLUSTER,
     RATELIMIT_DOMAIN,
@@ -155,24 +160,32 @@ def test_cluster_type_follows_host_kind() -> None:
     assert cluster(config, AUTHZ_CLUSTER)["type"] == "STATIC"
 
 
-def test_route_sends_everything_upstream_with_long_timeout() -> None:
+def test_metered_routes_go_upstream_with_long_timeout_and_everything_else_gets_envoys_404() -> None:
     config = yaml.safe_load(render_envoy_config(OPTION_SETS["defaults"]))
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert hcm["codec_type"] == "AUTO"
     assert hcm["generate_request_id"] is True
+    # Envoy makes the id of every request itself: no peer is internal, so no client's x-request-id is kept.
+    assert (hcm["preserve_external_request_id"], hcm["use_remote_address"]) == (False, True)
+    assert hcm["internal_address_config"] == {"cidr_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 32}]}
     (vhost,) = hcm["route_config"]["virtual_hosts"]
-    pages, ask_usage, settle_first, route = vhost["routes"]
-    assert route["match"] == {"prefix": "/"}
+    pages, ask_usage, settle_first, route, models, unknown = vhost["routes"]
+    metered = {"safe_regex": {"regex": METERED_PATHS_REGEX}}
+    assert route["match"] == metered
     assert route["route"] == ask_usage["route"] == settle_first["route"]
     assert route["route"] == {"cluster": UPSTREAM_CLUSTER, "timeout": "300s"}
     # Streams Check wants asked for their usage: ext_proc sees the request there (and only there), and the
-    # routing header does not reach the upstream.
+    # routing header does not reach the upstream. Only on metered paths: the header opens no other path.
     assert ask_usage["match"]["headers"] == [{"name": ASK_USAGE_HEADER, "present_match": True}]
+    assert ask_usage["match"]["safe_regex"] == settle_first["match"]["safe_regex"] == metered["safe_regex"]
     assert ask_usage["request_headers_to_remove"] == [ASK_USAGE_HEADER, SETTLE_FIRST_HEADER]
     overrides = ask_usage["typed_per_filter_config"][EXT_PROC_FILTER]["overrides"]
     assert overrides["processing_mode"]["request_header_mode"] == "SEND"
-    ext_proc = next(f for f in http_filters(config) if f["name"] == EXT_PROC_FILTER)["typed_config"]
-    assert ext_proc["processing_mode"]["request_header_mode"] == "SKIP"
+    # Both ext_proc filters see every request's headers: that tells quotagate the request went on after Check
+    # (a hold whose request never did is released when it expires, not charged).
+    for name in (EXT_PROC_FILTER, WATCH_FILTER):
+        ext_proc = next(f for f in http_filters(config) if f["name"] == name)["typed_config"]
+        assert ext_proc["processing_mode"]["request_header_mode"] == "SEND"
     # Answers that wait for their charge (or carry a notice) go to the same filter; all else is only watched.
     assert settle_first["match"]["headers"] == [{"name": SETTLE_FIRST_HEADER, "present_match": True}]
     assert settle_first["request_headers_to_remove"] == [SETTLE_FIRST_HEADER]
@@ -180,9 +193,28 @@ def test_route_sends_everything_upstream_with_long_timeout() -> None:
     assert ask_usage["typed_per_filter_config"][WATCH_FILTER] == off
     assert settle_first["typed_per_filter_config"] == {WATCH_FILTER: off}
     assert route["typed_per_filter_config"] == {EXT_PROC_FILTER: off}
+    # Listing models: GET only, free (no ext_proc), but Check stays on, so a blocked user gets 429 there too.
+    assert models["match"]["safe_regex"] == {"regex": MODELS_PATH_REGEX}
+    assert models["match"]["headers"] == [{"name": ":method", "string_match": {"exact": "GET"}}]
+    assert models["route"]["cluster"] == UPSTREAM_CLUSTER
+    assert models["typed_per_filter_config"] == {EXT_PROC_FILTER: off, WATCH_FILTER: off}
+    # Every other path: Envoy's own OpenAI-style 404; nothing reaches the upstream or asks quotagate.
+    assert unknown["match"] == {"prefix": "/"}
+    assert "route" not in unknown
+    assert unknown["direct_response"]["status"] == 404
+    error = json.loads(unknown["direct_response"]["body"]["inline_string"])["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "unknown_url")
+    assert error["message"]
+    assert unknown["response_headers_to_add"][0]["header"] == {"key": "content-type", "value": "application/json"}
+    assert set(unknown["typed_per_filter_config"]) == {
+        "envoy.filters.http.ext_authz",
+        EXT_PROC_FILTER,
+        WATCH_FILTER,
+        "envoy.filters.http.ratelimit",
+    }
     watch = next(f for f in http_filters(config) if f["name"] == WATCH_FILTER)["typed_config"]
     assert watch["observability_mode"] is True
-    assert watch["processing_mode"]["request_header_mode"] == "SKIP"
+    assert watch["processing_mode"]["request_header_mode"] == "SEND"
     assert watch["processing_mode"]["response_body_mode"] == "STREAMED"
     assert watch["grpc_service"] == ext_proc["grpc_service"]
     ext_authz = next(f for f in http_filters(config) if f["name"] == "envoy.filters.http.ext_authz")["typed_config"]
@@ -265,6 +297,60 @@ def test_ext_proc_has_its_own_cluster_and_per_response_body_modes() -> None:
     )
     assert all(f["name"] != "envoy.filters.http.ext_proc" for f in http_filters(without))
     assert all(c["name"] != EXTPROC_CLUSTER for c in without["static_resources"]["clusters"])
+    # Without ext_proc the same paths are forwarded, and the same 404 answers the rest.
+    (vhost,) = without["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "route_config"
+    ]["virtual_hosts"]
+    _, metered, models, unknown = vhost["routes"]
+    assert metered["match"] == {"safe_regex": {"regex": METERED_PATHS_REGEX}}
+    assert models["match"]["safe_regex"] == {"regex": MODELS_PATH_REGEX}
+    assert unknown["direct_response"]["status"] == 404
+    assert EXT_PROC_FILTER not in unknown["typed_per_filter_config"]
+
+
+# What Envoy forwards and what the core meters are the same paths: each path the core knows matches Envoy's
+# regex for its kind, and a path the core does not know matches neither.
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/chat/completions",
+        "/chat/completions",
+        "/v1/completions",
+        "/completions",
+        "/v1/embeddings",
+        "/embeddings",
+        "/v1/responses",
+        "/responses",
+        "/v1/messages",
+        "/messages",
+        "/openai/deployments/gpt-4o/chat/completions",
+        "/openai/deployments/gpt-4o/completions",
+        "/openai/deployments/text-embedding-3-small/embeddings",
+        "/engines/gpt-4o/chat/completions",
+        "/engines/openai/gpt-4o/completions",
+        "/engines/e/embeddings",
+        "/v1/models",
+        "/models",
+        "/",
+        "/v1",
+        "/v1/chat/completions/",
+        "/v1/audio/speech",
+        "/v1/messages/count_tokens",
+        "/v1/responses/resp_123",
+        "/openai/deployments/x/responses",
+        "/openai/deployments//chat/completions",
+        "/engines/x/models",
+        "/v2/chat/completions",
+        "/health",
+        "/key/generate",
+    ],
+)
+def test_envoys_paths_are_the_paths_the_core_meters(path: str) -> None:
+    kind, _ = api_of(path)
+    metered = re.fullmatch(METERED_PATHS_REGEX, path) is not None
+    models = re.fullmatch(MODELS_PATH_REGEX, path) is not None
+    assert metered == (kind not in (ApiKind.MODELS, ApiKind.OTHER))
+    assert models == (kind is ApiKind.MODELS)
 
 
 def test_rate_limits_count_requests_and_tokens_per_authenticated_user() -> None:

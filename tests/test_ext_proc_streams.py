@@ -17,21 +17,25 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc._cython import cygrpc
-from harness import CLIENT_KEY, Stack, make_settings
+from harness import ADMIN_TOKEN, CLIENT_KEY, ENVOY_AUTH, Stack, make_settings
 
 from quotagate.adapters.ext_proc import RESET_WAIT_SECONDS
-from quotagate.envoyconf import SETTLE_FIRST_HEADER
+from quotagate.v1 import admin_pb2
 
 PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+NEAR_PLAN = "ext-proc-streams-near"
 
 
 @pytest.fixture(params=["unary", "grpc.aio"])
 async def stack(
     request: pytest.FixtureRequest, database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> AsyncIterator[Stack]:
-    settings = make_settings(
-        database_url, redis_url, redis_prefix, plans=[{"id": "ext-proc-streams", "monthly_allowance": 10**9}]
-    )
+    plans = [
+        {"id": "ext-proc-streams", "monthly_allowance": 10**9},
+        # Every request past a threshold: Check sends each answer to the ext_proc filter that holds it.
+        {"id": NEAR_PLAN, "monthly_allowance": 10**6, "warn_threshold": 0.000001, "critical_threshold": 0.000002},
+    ]
+    settings = make_settings(database_url, redis_url, redis_prefix, plans=plans)
     # decision_port 0: Envoy sends every call to the grpc.aio port.
     options = {} if request.param == "unary" else {"decision_port": 0}
     async with Stack(settings, tmp_path, ext_proc=True, envoy_options=options) as running:
@@ -93,8 +97,13 @@ async def test_streams_leave_no_batch_or_task_behind(stack: Stack, batches: Coun
     request = {"model": "demo-small", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
     headers = {"authorization": f"Bearer {CLIENT_KEY}", "x-user-id": uid, "x-demo-completion-tokens": "3"}
     if route == "held":
-        # What Check sets near a threshold; a client sending it only makes its own answers wait.
-        headers[SETTLE_FIRST_HEADER] = "1"
+        # Near a threshold Check routes the answers to the filter that holds them (a client's own x-quota-*
+        # headers are removed by Check).
+        await stack.admin.UpsertAccount(
+            admin_pb2.UpsertAccountRequest(user_id=uid, plan=NEAR_PLAN, reason="Held answers for this test."),
+            metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")],
+        )
+        batches.clear()  # that call's own batches are not the streams'
 
     async def client(n: int) -> None:
         for _ in range(n):
@@ -113,7 +122,7 @@ async def test_streams_leave_no_batch_or_task_behind(stack: Stack, batches: Coun
         assert sum(batches.values()) == 0  # the unary server's streams use no grpc batches at all
     elif route == "held":
         # Envoy resets a held stream as soon as it has the last answer. The wrapper did see the streams' writes
-        # (two answers each: response headers, body; ext_proc does not see the request of a JSON completion).
+        # (three answers each: request headers, response headers, body).
         assert batches["SendInitialMetadata+SendMessage"] >= 160
         assert batches["SendMessage"] >= 160
         assert batches["SendStatusFromServer"] == 0  # no status raced Envoy's reset
@@ -145,7 +154,7 @@ async def half_close_and_wait(channel: grpc.aio.Channel, batches: Counter[str]) 
         request_serializer=pb.ProcessingRequest.SerializeToString,
         response_deserializer=pb.ProcessingResponse.FromString,
     )
-    call = process()
+    call = process(metadata=ENVOY_AUTH)
     # No x-request-id nor user: not a completion, so the response headers are the last thing it asks for.
     await call.write(pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=_headers({":path": "/x"}))))
     assert (await call.read()).HasField("request_headers")
@@ -162,7 +171,7 @@ async def half_close_and_wait(channel: grpc.aio.Channel, batches: Counter[str]) 
 async def test_a_message_that_does_not_parse_is_invalid_argument(stack: Stack) -> None:
     async with ext_proc_channel(stack) as channel:
         process = channel.stream_stream(PROCESS)  # raw bytes both ways
-        call = process()
+        call = process(metadata=ENVOY_AUTH)
         await call.write(b"\x0a\xff")  # field 1, length 255, and nothing after it
         await call.done_writing()
         assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.INVALID_ARGUMENT

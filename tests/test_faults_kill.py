@@ -42,7 +42,10 @@ def _chat(stream: bool, delay_ms: int = 0) -> tuple[dict[str, str], dict[str, ob
 async def test_sigkill_during_streams_charges_estimates_once_after_restart(
     database_url: str, redis_url: str, redis_prefix: str, uid: str, tmp_path: Path
 ) -> None:
-    qg = QuotagateProcess(tmp_path, database_url, redis_url, redis_prefix, reservation_ttl_seconds=TTL)
+    # Checks sent straight to quotagate, as a callback-only deployment: an expired hold is charged its estimate.
+    qg = QuotagateProcess(
+        tmp_path, database_url, redis_url, redis_prefix, reservation_ttl_seconds=TTL, usage_capture="callback"
+    )
     await qg.start()
     upstream, upstream_port = await start_demo_upstream()
     envoy, envoy_port, admin_port = start_envoy_in_front(qg, upstream_port, tmp_path)

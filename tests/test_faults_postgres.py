@@ -15,7 +15,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from faults import Client, QuotagateProcess, check_request, eventually, ledger_of, reconcile
-from harness import Stack, make_settings
+from harness import ENVOY_AUTH, Stack, make_settings
 
 from quotagate.core.clock import SystemClock
 from quotagate.metrics import Metrics
@@ -54,7 +54,10 @@ async def test_postgres_outage_keeps_usage_in_the_outbox_and_writes_it_exactly_o
     own_postgres: tuple[Path, list[str]], redis_url: str, redis_prefix: str, uid: str, tmp_path: Path
 ) -> None:
     data_dir, [database_url] = own_postgres
-    qg = QuotagateProcess(tmp_path, database_url, redis_url, redis_prefix, reservation_ttl_seconds=TTL)
+    # Checks sent straight to quotagate, as a callback-only deployment: an expired hold is charged its estimate.
+    qg = QuotagateProcess(
+        tmp_path, database_url, redis_url, redis_prefix, reservation_ttl_seconds=TTL, usage_capture="callback"
+    )
     await qg.start()
     client = Client(qg.target)
     try:
@@ -305,7 +308,7 @@ async def test_usage_for_a_balance_not_in_redis_is_held_until_the_ledger_has_it(
 
         start_embedded_postgres(data_dir)
         # The balance is loaded from the ledger (which does not have the usage yet) and keeps the hold.
-        reply = await client.authz.Check(check_request(uid, f"{uid}-2"), timeout=10)
+        reply = await client.authz.Check(check_request(uid, f"{uid}-2"), timeout=10, metadata=ENVOY_AUTH)
         headers = {h.header.key: h.header.value for h in reply.ok_response.response_headers_to_add}
         estimate = int(await redis.hget(f"{redis_prefix}res:{uid}-2", "estimate") or 0)
         assert int(headers["x-quota-remaining"]) == 1000 - 100 - 30  # as the decision saw it: the hold counted

@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from faults import Client, QuotagateProcess, check_request, eventually, ledger_of, reconcile
 from google.rpc import code_pb2
+from harness import ENVOY_AUTH
 
 from quotagate.procs import free_port, start_redis, wait_for_port
 
@@ -52,7 +53,7 @@ async def test_redis_restart_under_traffic(
                 label = phase["name"]  # when the call started: calls in flight at the kill count as before
                 inflight[label] += 1
                 try:
-                    reply = await client.authz.Check(check_request(uid, request_id), timeout=10)
+                    reply = await client.authz.Check(check_request(uid, request_id), timeout=10, metadata=ENVOY_AUTH)
                 except grpc.aio.AioRpcError as exc:
                     assert exc.code() == grpc.StatusCode.UNAVAILABLE  # deny: Envoy's failure mode decides
                     outcomes[f"{label}:unavailable"] += 1
@@ -60,9 +61,10 @@ async def test_redis_restart_under_traffic(
                 finally:
                     inflight[label] -= 1
                 assert reply.status.code == code_pb2.OK, reply.status
-                headers = {h.header.key for h in reply.ok_response.headers}
-                # A decision taken with the store names the user to the upstream; a fail-open one adds nothing.
-                kind = "decided" if "x-quota-user" in headers else "fail-open"
+                # A decision taken with the store hands ext_proc what it decided; a fail-open one has nothing to
+                # hand on (both name the user to the upstream, as quotagate knows it).
+                kind = "decided" if reply.dynamic_metadata.fields else "fail-open"
+                assert {h.header.key: h.header.value for h in reply.ok_response.headers}["x-quota-user"] == uid
                 outcomes[f"{label}:{kind}"] += 1
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await client.report(uid, request_id, prompt=2, completion=3)

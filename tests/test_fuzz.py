@@ -29,7 +29,7 @@ from google.protobuf import message_factory
 from google.protobuf.message import Message
 from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2
-from harness import ADMIN_TOKEN, CLIENT_KEY, PERSONAL_KEY
+from harness import ADMIN_TOKEN, CLIENT_KEY, ENVOY_AUTH, PERSONAL_KEY, USAGE_AUTH
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from served import kill_group, start_served
@@ -324,7 +324,7 @@ def test_check_answers_every_request_cleanly(
 ) -> None:
     payload, _ = case
     before = ledger.totals()
-    code, reply = call(target.of(port), "/envoy.service.auth.v3.Authorization/Check", payload)
+    code, reply = call(target.of(port), "/envoy.service.auth.v3.Authorization/Check", payload, ENVOY_AUTH)
     assert code in CLEAN_CALL_CODES, code
     if code is grpc.StatusCode.OK:
         response = external_auth_pb2.CheckResponse.FromString(reply)
@@ -350,7 +350,7 @@ def test_report_usage_refuses_bad_reports_and_charges_nothing_for_them(
 ) -> None:
     request = build(usage_pb2.ReportUsageRequest, values)
     before = ledger.totals()
-    code, reply = call(target.address, "/quotagate.v1.Usage/ReportUsage", raw(request))
+    code, reply = call(target.address, "/quotagate.v1.Usage/ReportUsage", raw(request), USAGE_AUTH)
     assert code in CLEAN_CALL_CODES, (code, values)
     after = ledger.totals()
     if code is not grpc.StatusCode.OK:
@@ -379,7 +379,7 @@ def test_should_rate_limit_answers_every_request_cleanly(
         request.descriptors.add().entries.add(key="user", value=user)
     before = ledger.totals()
     path = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
-    code, reply = call(target.of(port), path, raw(request))
+    code, reply = call(target.of(port), path, raw(request), ENVOY_AUTH)
     assert code in CLEAN_CALL_CODES, (code, values)
     if code is grpc.StatusCode.OK:
         response = rls_pb2.RateLimitResponse.FromString(reply)
@@ -457,6 +457,7 @@ def test_the_server_still_answers_health_after_the_fuzzing(target: Target, port:
                 )
             )
         ),
+        ENVOY_AUTH,
     )
     assert code is grpc.StatusCode.OK
     assert external_auth_pb2.CheckResponse.FromString(reply).status.code == code_pb2.OK

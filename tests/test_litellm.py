@@ -25,7 +25,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 import yaml
-from harness import CLIENT_KEY, Stack, make_settings
+from harness import CLIENT_KEY, USAGE_AUTH, Stack, make_settings
 
 from quotagate.procs import ManagedProcess, free_port, start_litellm, wait_litellm_ready
 from quotagate.up import LITELLM_MISSING
@@ -103,6 +103,7 @@ async def litellm(
         **os.environ,
         "LITELLM_MASTER_KEY": master_key,
         "QUOTAGATE_USAGE_TARGET": settings.grpc_listen,
+        "QUOTAGATE_USAGE_TOKEN": settings.usage_token,
     }
     process = start_litellm(config, port, tmp / "litellm.log", env=env)
     try:
@@ -199,7 +200,8 @@ async def test_the_same_request_reported_again_by_the_other_path_is_not_charged_
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             source="ext_proc",
-        )
+        ),
+        metadata=USAGE_AUTH,
     )
     assert again.charged is False
     assert again.cost == total

@@ -22,7 +22,7 @@ import yaml
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import wrappers_pb2
-from harness import make_settings
+from harness import ENVOY_AUTH, make_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from quotagate.core.clock import FixedClock
@@ -59,7 +59,7 @@ class Rls:
         self, *descriptors: ratelimit_pb2.RateLimitDescriptor, domain: str = "rpc", hits_addend: int = 0
     ) -> rls_pb2.RateLimitResponse:
         request = rls_pb2.RateLimitRequest(domain=domain, descriptors=list(descriptors), hits_addend=hits_addend)
-        response: rls_pb2.RateLimitResponse = await self.stub.ShouldRateLimit(request, timeout=5)
+        response: rls_pb2.RateLimitResponse = await self.stub.ShouldRateLimit(request, timeout=5, metadata=ENVOY_AUTH)
         assert len(response.statuses) == len(descriptors)
         return response
 
@@ -245,7 +245,7 @@ async def test_invalid_requests_are_invalid_argument(rls: Rls) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "domain" in (info.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await rls.stub.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="rpc"), timeout=5)
+        await rls.stub.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="rpc"), timeout=5, metadata=ENVOY_AUTH)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "descriptor" in (info.value.details() or "")
     # The server still answers afterwards.
@@ -290,7 +290,7 @@ async def test_stop_closes_the_redis_connection_of_the_rate_limiter(
             async with grpc.aio.insecure_channel(f"127.0.0.1:{running.grpc_port}") as channel:
                 stub = rls_pb2_grpc.RateLimitServiceStub(channel)
                 request = rls_pb2.RateLimitRequest(domain="rpc", descriptors=[desc(("user", "oscar"))])
-                response = await stub.ShouldRateLimit(request, timeout=5)
+                response = await stub.ShouldRateLimit(request, timeout=5, metadata=ENVOY_AUTH)
                 assert response.statuses[0].limit_remaining == 4  # counted in Redis
         finally:
             await running.stop()
@@ -316,7 +316,7 @@ async def test_a_limit_above_32_bits_is_reported_capped_not_as_an_error(
             stub = rls_pb2_grpc.RateLimitServiceStub(channel)
             request = rls_pb2.RateLimitRequest(domain="big", hits_addend=5000)
             request.descriptors.add().entries.add(key="user", value="u1")
-            reply = await stub.ShouldRateLimit(request)
+            reply = await stub.ShouldRateLimit(request, metadata=ENVOY_AUTH)
         assert reply.overall_code == rls_pb2.RateLimitResponse.OK
         assert reply.statuses[0].current_limit.requests_per_unit == 2**32 - 1
         assert reply.statuses[0].limit_remaining == 2**32 - 1

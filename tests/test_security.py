@@ -16,7 +16,7 @@ import asyncpg
 import grpc
 import pytest
 from google.rpc import code_pb2
-from harness import ADMIN_TOKEN, CLIENT_KEY, PERSONAL_KEY, Stack, make_settings
+from harness import ADMIN_TOKEN, CLIENT_KEY, PERSONAL_KEY, USAGE_AUTH, Stack, make_settings
 from served import check_once, check_request, kill_group, start_served
 
 import quotagate
@@ -196,7 +196,8 @@ async def test_no_secret_reaches_the_logs_even_at_debug(
             assert account.user_id == uid
             usage = usage_pb2_grpc.UsageStub(channel)
             await usage.ReportUsage(
-                usage_pb2.ReportUsageRequest(request_id=f"{uid}-r", user_id=uid, model="m", prompt_tokens=3)
+                usage_pb2.ReportUsageRequest(request_id=f"{uid}-r", user_id=uid, model="m", prompt_tokens=3),
+                metadata=USAGE_AUTH,
             )
         assert await served.terminate() == 0
     finally:

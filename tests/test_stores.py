@@ -186,10 +186,10 @@ async def test_strict_admits_exactly_what_is_left(hot: HotState, uid: str) -> No
     one_more = await reserve(hot, hold(uid, 1))
     assert one_more is not None and not one_more.admitted
     assert one_more.view.reserved == 40
-    # Nothing billable is admitted even with nothing left, and holds nothing.
+    # Nothing billable (listing models) is no pass either with nothing left: a blocked user meets 429 everywhere.
     free = hold(uid, 0)
     nothing = await reserve(hot, free)
-    assert nothing is not None and nothing.admitted
+    assert nothing is not None and not nothing.admitted
     assert await reserved(hot, uid) == 40
     assert await hot.peek_reservation(free.request_id) is None
 
@@ -282,19 +282,35 @@ async def test_load_refuses_older_accepts_equal_and_keeps_reserved(hot: HotState
     assert (view.allowance_used, view.reserved, view.limits.status) == (130, 30, AccountStatus.SUSPENDED)
 
 
-async def test_duplicate_reserve_is_reported_and_holds_nothing_more(hot: HotState, uid: str) -> None:
+async def test_duplicate_reserve_is_refused_and_holds_nothing_more(hot: HotState, uid: str) -> None:
     await hot.load(snap(uid, version=1, used=900))  # left 100
     original = hold(uid, 30, request_id=rid())
     first = await reserve(hot, original)
     assert first is not None and first.admitted and not first.duplicate
+    # A repeated request id is never a pass: it would ride on the first request's hold and settlement.
     again = await reserve(hot, original)
-    assert again is not None and again.duplicate and again.admitted
+    assert again is not None and again.duplicate and not again.admitted
     assert again.view.reserved == 30
     # Even with an estimate that would not fit any more, a repeat is a duplicate and holds nothing.
     bigger = await reserve(hot, hold(uid, 500, request_id=original.request_id))
     assert bigger is not None and bigger.duplicate
     assert await reserved(hot, uid) == 30
     assert await hot.peek_reservation(original.request_id) == original
+
+
+async def test_a_reservation_is_marked_forwarded_once_envoy_sent_its_request_on(hot: HotState, uid: str) -> None:
+    await hot.load(snap(uid, version=1, used=0))
+    original = hold(uid, 30, request_id=rid())
+    await reserve(hot, original)
+    assert (await hot.peek_reservation(original.request_id)) == original  # not forwarded yet
+    assert await hot.mark_forwarded(original.request_id)
+    marked = await hot.peek_reservation(original.request_id)
+    assert marked is not None and marked.forwarded and marked.estimate == 30
+    # A request already settled (or never reserved) leaves nothing behind.
+    await hot.settle(original.request_id, None)
+    assert not await hot.mark_forwarded(original.request_id)
+    assert await hot.peek_reservation(original.request_id) is None
+    assert not await hot.mark_forwarded(rid())
 
 
 async def test_stale_when_a_credit_expiry_has_passed(hot: HotState, uid: str) -> None:
@@ -409,8 +425,7 @@ async def test_redis_flushed_hot_state_is_missing_not_fresh(
     redis_hot: RedisHotState, redis_prefix: str, uid: str
 ) -> None:
     await redis_hot.load(snap(uid, version=3, used=1000))  # nothing left
-    held = hold(uid, 0)
-    assert (await reserve(redis_hot, held)).admitted
+    assert (await reserve(redis_hot, hold(uid, 0))).admitted is False
     assert (await reserve(redis_hot, hold(uid, 10))).admitted is False
     keys = [k async for k in redis_hot.client.scan_iter(match=redis_prefix + "*")]
     assert keys

@@ -100,7 +100,12 @@ def test_production_refuses_stripe_without_its_secrets() -> None:
         "stripe": {"enabled": True},
         "packages": [{"id": "p", "tokens": 5, "price": 9}],
     }
-    env = {"QUOTAGATE_ADMIN_TOKEN": "a-long-production-admin-token"}
+    env = {
+        "QUOTAGATE_ADMIN_TOKEN": "a-long-production-admin-token",
+        # Production also needs the callers' own tokens (checked before Stripe's secrets).
+        "QUOTAGATE_ENVOY_TOKEN": "a-long-production-envoy-token-0123456789",
+        "QUOTAGATE_USAGE_TOKEN": "a-long-production-usage-token-0123456789",
+    }
     with pytest.raises(ConfigError, match="QUOTAGATE_STRIPE_SECRET_KEY"):
         parse_settings(base, "<test>", env)
     with pytest.raises(ConfigError, match="QUOTAGATE_STRIPE_WEBHOOK_SECRET"):
@@ -152,13 +157,14 @@ def test_events_are_read_into_commands() -> None:
                     "id": "pi_2",
                     "amount": 12000,
                     "currency": "brl",
-                    "metadata": {"user_id": "ana", "package_id": "tokens_500k", "tokens": "500000"},
+                    "metadata": {"user_id": "ana", "package_id": "tokens_500k", "checkout_ref": "ref1"},
                     "last_payment_error": {"message": "Insufficient funds."},
                 }
             },
         }
     )
-    assert failed == PaymentFailed("pi_2", "ana", "tokens_500k", 500_000, 12000, "brl", "Insufficient funds.")
+    # The metadata's user is not read: quotagate's checkout row, found by the reference, names the user.
+    assert failed == PaymentFailed("pi_2", "ref1", 12000, "brl", "Insufficient funds.")
 
     refunded = command_of(
         {

@@ -82,17 +82,28 @@ async def new_user(running: Running, uid: str) -> str:
 async def test_a_declined_card_notifies_once_and_grants_nothing(
     running: tuple[Running, StripeStandIn], mail: Mail, uid: str
 ) -> None:
-    server, _ = running
+    server, standin = running
     address = await new_user(server, uid)
+    await checkout(server, uid)
+    # The PaymentIntent carries the metadata quotagate gave Stripe at checkout, reference included.
+    form = standin.requests[-1]["form"]
+    prefix = "payment_intent_data[metadata]["
+    metadata = {k[len(prefix) : -1]: str(v) for k, v in form.items() if k.startswith(prefix)}
+    assert metadata["user_id"] == uid and len(metadata["checkout_ref"]) == 32
     intent = {
         "id": f"pi_{uid}",
         "object": "payment_intent",
         "amount": 5000,
         "currency": "brl",
         "status": "requires_payment_method",
-        "metadata": {"user_id": uid, "package_id": "tokens_200k", "tokens": "200000"},
+        "metadata": metadata,
         "last_payment_error": {"code": "card_declined", "message": "Your card was declined."},
     }
+    # A failure naming the user but no checkout of quotagate's (the old behaviour mailed whoever it named).
+    forged = {**intent, "id": f"pi_forged_{uid}", "metadata": {**metadata, "checkout_ref": "0" * 32}}
+    response = await post(server, event("payment_intent.payment_failed", forged))
+    assert response.status_code == 200 and response.json()["result"] == "ignored: not a quotagate payment"
+
     payload = event("payment_intent.payment_failed", intent)
     results = [(await post(server, payload)).json()["result"] for _ in range(3)]
     assert results == ["payment failed", "payment failure seen before", "payment failure seen before"]
@@ -115,15 +126,20 @@ async def test_a_declined_card_notifies_once_and_grants_nothing(
     assert failed.failure_message == "Your card was declined."
 
 
-async def test_a_paid_session_sends_credits_added(running: tuple[Running, StripeStandIn], mail: Mail, uid: str) -> None:
-    server, standin = running
-    address = await new_user(server, uid)
+async def checkout(server: Running, uid: str) -> str:
+    """Follows the user's signed purchase link; returns the Checkout Session id."""
     async with httpx.AsyncClient(timeout=30) as client:
         link = server.service.links.purchase_url(uid, server.service.clock.now())
         path_and_query = link.split("/v1/", 1)[1]
         response = await client.get(f"http://127.0.0.1:{server.http_port}/v1/{path_and_query}&package=tokens_200k")
     assert response.status_code == 303
-    session_id = response.headers["location"].rsplit("/", 1)[1]
+    return response.headers["location"].rsplit("/", 1)[1]
+
+
+async def test_a_paid_session_sends_credits_added(running: tuple[Running, StripeStandIn], mail: Mail, uid: str) -> None:
+    server, standin = running
+    address = await new_user(server, uid)
+    session_id = await checkout(server, uid)
     # Stripe was told the buyer's e-mail, so Checkout asks for nothing twice.
     assert standin.requests[-1]["form"]["customer_email"] == address
     assert (await post(server, event("checkout.session.completed", standin.pay(session_id)))).status_code == 200

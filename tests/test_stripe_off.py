@@ -62,6 +62,8 @@ async def test_the_webhook_without_a_secret_takes_nothing(stack: Stack, uid: str
         )
     assert response.status_code == 400
     assert "not configured" in response.json()["error"]["message"]
-    # Not even routed through Envoy: the webhook is on quotagate's own port only.
+    # Not even routed through Envoy: the webhook is on quotagate's own port only, and Envoy answers every path it
+    # does not meter with its own 404.
     through_envoy = await stack.http.post("/webhooks/stripe", content=payload, headers={"stripe-signature": "x"})
-    assert through_envoy.status_code == 401
+    assert through_envoy.status_code == 404
+    assert through_envoy.json()["error"]["code"] == "unknown_url"

@@ -8,12 +8,19 @@ import re
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import httpx
+import pytest
 
+from quotagate.config import DEFAULT_LINK_SECRET, load_settings
+from quotagate.links import BadLink, LinkSigner
 from quotagate.procs import free_port
+from quotagate.secrets_file import state_secret
+from quotagate.up import LINK_SECRET_FILE, demo_config_path, with_own_link_secret
 from quotagate.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -97,3 +104,44 @@ async def test_up_runs_the_stack_reaches_blocked_and_stops_on_ctrl_c(tmp_path: P
         except httpx.ConnectError:
             still_listening = False
     assert not still_listening, "Envoy kept running after Ctrl-C"
+
+
+# -- the secrets `up` makes for a state dir (unit level: no stack needed) -------------------------------------
+
+
+def test_a_state_secret_is_made_once_private_and_reused_and_differs_between_state_dirs(tmp_path: Path) -> None:
+    first = state_secret(tmp_path / "a", "link-secret")
+    assert len(first) >= 32
+    assert (tmp_path / "a" / "link-secret").stat().st_mode & 0o777 == 0o600
+    assert state_secret(tmp_path / "a", "link-secret") == first  # the next run
+    assert state_secret(tmp_path / "b", "link-secret") != first
+    assert state_secret(tmp_path / "a", "grpc-token") != first  # one secret per name
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["grpc-token", "link-secret"]  # no drafts left
+
+
+def test_runs_starting_together_agree_on_one_secret_and_an_empty_file_is_replaced(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        made = set(pool.map(lambda _: state_secret(tmp_path, "link-secret"), range(32)))
+    assert len(made) == 1
+    (tmp_path / "empty").touch()
+    assert len(state_secret(tmp_path, "empty")) >= 32
+
+
+def test_up_signs_links_with_the_state_dirs_secret_not_the_public_default(tmp_path: Path) -> None:
+    def up_settings(state: Path, **env: str) -> LinkSigner:
+        state.mkdir(exist_ok=True)
+        settings = with_own_link_secret(load_settings(demo_config_path(state), env), state)
+        return LinkSigner(settings.link_secret.encode(), settings.public_url)
+
+    now = datetime.now(UTC)
+    signer = up_settings(tmp_path / "one")
+    forged = LinkSigner(DEFAULT_LINK_SECRET.encode(), signer.public_url).token("alice@example.com", now)
+    with pytest.raises(BadLink):
+        signer.verify(forged, now)
+    assert signer.secret.decode() == (tmp_path / "one" / LINK_SECRET_FILE).read_text().strip()
+    assert up_settings(tmp_path / "one").secret == signer.secret  # the same links work after a restart
+    assert up_settings(tmp_path / "two").secret != signer.secret
+    # A secret the operator gave is kept, and no file is made.
+    given = up_settings(tmp_path / "three", QUOTAGATE_LINK_SECRET="the-operators-own-secret")
+    assert given.secret == b"the-operators-own-secret"
+    assert not (tmp_path / "three" / LINK_SECRET_FILE).exists()

@@ -11,8 +11,10 @@ import pytest
 from quotagate.core.errors import InvalidRequest
 from quotagate.core.estimate import (
     MAX_TOKENS_CEILING,
+    ApiKind,
     CompletionRequest,
     EstimateSettings,
+    api_of,
     estimate_cost,
     parse_body,
 )
@@ -140,7 +142,7 @@ def test_parse_body_valid_chat_completion() -> None:
         max_tokens=256,
         stream=True,
     )
-    req = parse_body(raw)
+    req = parse_body(raw, "/v1/chat/completions")
     assert req == CompletionRequest(
         model="gpt-4o", prompt_chars=len("Be brief.") + len("Hello there"), max_tokens=256, stream=True
     )
@@ -190,17 +192,119 @@ def test_parse_body_completions_prompt_and_embeddings_input() -> None:
     assert embeddings is not None and embeddings.prompt_chars == 5
 
 
-def test_parse_body_missing_model_is_none() -> None:
-    assert parse_body(body(messages=[{"role": "user", "content": "hi"}])) is None
+def test_parse_body_missing_model_is_still_billable() -> None:
+    # A body naming no model was free before (a blocked user got 200s); now it is estimated like any other.
+    req = parse_body(body(messages=[{"role": "user", "content": "hi"}]), "/v1/chat/completions")
+    assert req is not None and req.model == "" and req.prompt_chars == 2 and req.api is ApiKind.CHAT
 
 
-def test_parse_body_null_model_is_none() -> None:
-    assert parse_body(body(model=None)) is None
+def test_parse_body_null_model_is_still_billable() -> None:
+    req = parse_body(body(model=None))
+    assert req is not None and req.model == ""
 
 
 @pytest.mark.parametrize("raw", [b"", b"   ", b"\n\t "])
-def test_parse_body_empty_is_none(raw: bytes) -> None:
-    assert parse_body(raw) is None
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/engines/m/embeddings", "", "/odd"])
+def test_parse_body_empty_is_estimated_at_the_floor(raw: bytes, path: str) -> None:
+    req = parse_body(raw, path)
+    assert req is not None and req.prompt_chars == 0
+    settings = EstimateSettings(minimum=37, default_completion_tokens=0)
+    assert estimate_cost(req, UNIT, settings) == 37
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/models", "/v1/models?x=1"])
+@pytest.mark.parametrize("raw", [b"", b'{"model": "m"}'])
+def test_listing_models_is_the_only_free_request(path: str, raw: bytes) -> None:
+    assert parse_body(raw, path) is None
+
+
+# -- api_of and the other APIs' bodies -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "kind", "model"),
+    [
+        ("/v1/chat/completions", ApiKind.CHAT, ""),
+        ("/chat/completions", ApiKind.CHAT, ""),
+        ("/v1/completions", ApiKind.COMPLETIONS, ""),
+        ("/embeddings", ApiKind.EMBEDDINGS, ""),
+        ("/v1/responses", ApiKind.RESPONSES, ""),
+        ("/messages", ApiKind.MESSAGES, ""),
+        ("/v1/models", ApiKind.MODELS, ""),
+        ("/openai/deployments/gpt-4o/chat/completions?api-version=2024-02-01", ApiKind.CHAT, "gpt-4o"),
+        ("/openai/deployments/gpt-35/completions", ApiKind.COMPLETIONS, "gpt-35"),
+        ("/engines/ada/embeddings", ApiKind.EMBEDDINGS, "ada"),
+        ("/engines/openai/gpt-4o/chat/completions", ApiKind.CHAT, "openai/gpt-4o"),  # LiteLLM's {model:path}
+        ("/engines/gpt%2F4/chat/completions", ApiKind.CHAT, "gpt/4"),
+        ("/v1/messages/count_tokens", ApiKind.OTHER, ""),
+        ("/openai/deployments/m/responses", ApiKind.OTHER, ""),
+        ("", ApiKind.OTHER, ""),
+    ],
+)
+def test_api_of_reads_the_kind_and_the_model_from_the_path(path: str, kind: ApiKind, model: str) -> None:
+    assert api_of(path) == (kind, model)
+
+
+def test_the_paths_model_wins_over_the_bodys() -> None:
+    raw = body(model="cheap", messages=[{"role": "user", "content": "hi"}])
+    req = parse_body(raw, "/openai/deployments/expensive/chat/completions")
+    assert req is not None and (req.model, req.api) == ("expensive", ApiKind.CHAT)
+    assert "model" in _invalid_at(body(), "/engines/" + "m" * 257 + "/chat/completions")
+
+
+def test_anthropic_messages_count_system_and_content_blocks() -> None:
+    raw = body(
+        model="claude",
+        max_tokens=300,
+        system=[{"type": "text", "text": "Be brief."}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
+        stream=True,
+    )
+    req = parse_body(raw, "/v1/messages")
+    assert req is not None
+    assert (req.api, req.prompt_chars, req.max_tokens, req.stream) == (ApiKind.MESSAGES, 14, 300, True)
+    # Anthropic streams always carry their usage: nothing to ask for.
+    assert not req.needs_usage_asked
+
+
+def test_responses_count_instructions_and_input_items() -> None:
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "abcd"}]}, {"role": "user", "content": "ef"}]
+    req = parse_body(body(model="m", instructions="xyz", input=items, max_output_tokens=64, stream=True), "/responses")
+    assert req is not None
+    assert (req.api, req.prompt_chars, req.max_tokens) == (ApiKind.RESPONSES, 9, 64)
+    assert not req.needs_usage_asked
+    assert "max_output_tokens" in _invalid_at(body(model="m", max_output_tokens=0), "/v1/responses")
+
+
+def test_only_chat_and_completions_streams_are_asked_for_their_usage() -> None:
+    streamed = body(model="m", stream=True, prompt="p")
+    completions = parse_body(streamed, "/v1/completions")
+    assert completions is not None and completions.needs_usage_asked
+    asked = parse_body(body(model="m", stream=True, stream_options={"include_usage": True}), "/v1/completions")
+    assert asked is not None and not asked.needs_usage_asked
+    embeddings = parse_body(streamed, "/v1/embeddings")
+    assert embeddings is not None and not embeddings.needs_usage_asked
+
+
+def test_embeddings_estimate_no_completion() -> None:
+    req = parse_body(body(model="m", input="x" * 400), "/v1/embeddings")
+    assert req is not None
+    settings = EstimateSettings(chars_per_token=4.0, prompt_margin=1.0, default_completion_tokens=1000, minimum=1)
+    assert estimate_cost(req, UNIT, settings) == 100  # the prompt only; a chat body would add 1000
+
+
+def test_deeply_nested_input_is_counted_only_near_the_top() -> None:
+    nested: Any = "x" * 10
+    for _ in range(10):
+        nested = [{"content": nested}]
+    req = parse_body(body(model="m", input=nested), "/v1/responses")
+    assert req is not None and req.prompt_chars == 0
+
+
+def _invalid_at(raw: bytes, path: str) -> str:
+    with pytest.raises(InvalidRequest) as info:
+        parse_body(raw, path)
+    return str(info.value)
 
 
 def _invalid(raw: bytes) -> str:

@@ -21,6 +21,10 @@ from quotagate.core.model import AdmissionMode, ModelWeight, Plan
 
 DEFAULT_LINK_SECRET = "quotagate-development-link-secret"  # refused in production, like the admin token
 DEFAULT_ADMIN_TOKEN = "change-me"  # accepted only outside production, so a demo works out of the box
+# What Envoy sends on its gRPC calls, and what a usage reporter (the LiteLLM callback) sends with ReportUsage;
+# the public defaults are refused in production, like the admin token.
+DEFAULT_ENVOY_TOKEN = "quotagate-development-envoy-token"
+DEFAULT_USAGE_TOKEN = "quotagate-development-usage-token"
 MIN_PRODUCTION_TOKEN_CHARS = 16
 
 
@@ -59,6 +63,15 @@ class AdminListener:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
+class FailedAuthLimit:
+    """`admin.failed_auth`: a peer (an IP) that sends `max_failures` wrong admin tokens within `window_seconds`
+    is refused, token unchecked, for one window. Counted per serving process."""
+
+    max_failures: int = 10
+    window_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -134,12 +147,19 @@ class Settings:
     estimate: EstimateSettings = field(default_factory=EstimateSettings)
     reservation_ttl_seconds: int = 600
     on_store_error: str = "deny"
+    # How usage reaches quotagate: "ext_proc" (Envoy's ext_proc sees every forwarded request, as in the shipped
+    # Envoy config) or "callback" (only a usage report, e.g. LiteLLM's callback). With ext_proc, a hold whose
+    # request never left Envoy is released when it expires; with callback quotagate cannot tell, and charges it.
+    usage_capture: str = "ext_proc"
     credits_email: str = ""
     purchase_url: str = ""
     # Where people reach Envoy from a browser; personal links (balance, purchase) start with it.
     public_url: str = "http://127.0.0.1:10000"
     # Signs the personal links; production refuses the default.
     link_secret: str = DEFAULT_LINK_SECRET
+    # Bearer tokens: Envoy's on Check, ShouldRateLimit and ext_proc; a usage reporter's on ReportUsage.
+    envoy_token: str = field(default=DEFAULT_ENVOY_TOKEN, repr=False)
+    usage_token: str = field(default=DEFAULT_USAGE_TOKEN, repr=False)
     clients: tuple[Client, ...] = ()
     # Secrets (and URLs that may carry passwords) are left out of repr, so printing settings leaks nothing.
     upstream_api_key: str = field(default="", repr=False)
@@ -157,6 +177,7 @@ class Settings:
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
     stripe: StripeSettings = field(default_factory=StripeSettings)
     admin: AdminListener = field(default_factory=AdminListener)
+    admin_failed_auth: FailedAuthLimit = field(default_factory=FailedAuthLimit)
     packages: tuple[Package, ...] = ()
     notices: NoticeSettings = field(default_factory=NoticeSettings)
     source: str = "<defaults>"
@@ -416,6 +437,18 @@ def _admin_listener(section: _Section, env: Mapping[str, str], base: Path) -> Ad
     return AdminListener(listen, files["cert"], files["key"], files["client_ca"])
 
 
+def _failed_auth(section: _Section) -> FailedAuthLimit:
+    defaults = FailedAuthLimit()
+    result = FailedAuthLimit(
+        max_failures=_positive_int(section, "max_failures", defaults.max_failures, 1),
+        window_seconds=section.take("window_seconds", float, defaults.window_seconds),
+    )
+    if result.window_seconds <= 0:
+        raise section.fail("window_seconds", "must be positive")
+    section.done()
+    return result
+
+
 # ISO 4217 codes Stripe Checkout takes in lower case; the customer sells in reais.
 _CURRENCIES = ("brl", "usd", "eur")
 
@@ -477,7 +510,9 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     upstream_key = upstream.take("api_key", str, "")
     upstream.done()
     notifications = _notifications(top.sub("notifications"), env)
-    admin = _admin_listener(top.sub("admin"), env, Path(source).parent)
+    admin_section = top.sub("admin")
+    admin_failed_auth = _failed_auth(admin_section.sub("failed_auth"))
+    admin = _admin_listener(admin_section, env, Path(source).parent)
     stripe = _stripe(top.sub("stripe"), env)
     packages = _packages(top)
     notices = _notices(top.sub("notices"))
@@ -491,10 +526,13 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         estimate=estimate,
         reservation_ttl_seconds=_positive_int(top, "reservation_ttl_seconds", 600, 1),
         on_store_error=top.take_choice("on_store_error", _deny_or_allow, "deny", "deny, allow"),
+        usage_capture=top.take_choice("usage_capture", _usage_capture, defaults.usage_capture, "ext_proc, callback"),
         credits_email=top.take("credits_email", str, ""),
         purchase_url=top.take("purchase_url", str, ""),
         public_url=env.get("QUOTAGATE_PUBLIC_URL", top.take("public_url", str, defaults.public_url)).rstrip("/"),
         link_secret=env.get("QUOTAGATE_LINK_SECRET", top.take("link_secret", str, defaults.link_secret)),
+        envoy_token=env.get("QUOTAGATE_ENVOY_TOKEN", top.take("envoy_token", str, defaults.envoy_token)),
+        usage_token=env.get("QUOTAGATE_USAGE_TOKEN", top.take("usage_token", str, defaults.usage_token)),
         clients=tuple(_client(item) for item in top.items("clients")),
         upstream_api_key=env.get("QUOTAGATE_UPSTREAM_API_KEY", upstream_key),
         admin_tokens=tuple(_admin_token(item) for item in top.items("admin_tokens")),
@@ -509,6 +547,7 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         notifications=notifications,
         stripe=stripe,
         admin=admin,
+        admin_failed_auth=admin_failed_auth,
         packages=packages,
         notices=notices,
         source=source,
@@ -529,9 +568,31 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         raise ConfigError(f"{source}: admin_tokens: production needs an admin token (QUOTAGATE_ADMIN_TOKEN)")
     if settings.production and settings.link_secret == DEFAULT_LINK_SECRET:
         raise ConfigError(f"{source}: link_secret: production needs a secret of its own (QUOTAGATE_LINK_SECRET)")
+    _check_caller_tokens(settings)
     if settings.stripe.enabled:
         _check_stripe(settings)
     return settings
+
+
+def _check_caller_tokens(settings: Settings) -> None:
+    source = settings.source
+    tokens = (
+        ("envoy_token", "QUOTAGATE_ENVOY_TOKEN", settings.envoy_token, DEFAULT_ENVOY_TOKEN),
+        ("usage_token", "QUOTAGATE_USAGE_TOKEN", settings.usage_token, DEFAULT_USAGE_TOKEN),
+    )
+    for key, variable, token, default in tokens:
+        # It travels as an HTTP/2 header value (`authorization: Bearer <token>`).
+        if not token or not all("!" <= c <= "~" for c in token):
+            raise ConfigError(f"{source}: {key}: must be printable ASCII without spaces ({variable})")
+        if settings.production and token == default:
+            raise ConfigError(f"{source}: {key}: production needs a token of its own ({variable})")
+        if settings.production and len(token) < MIN_PRODUCTION_TOKEN_CHARS:
+            raise ConfigError(
+                f"{source}: {key}: production needs at least {MIN_PRODUCTION_TOKEN_CHARS} characters ({variable})"
+            )
+    # Separate tokens, so the one Envoy holds cannot report usage and a reporter's cannot answer for Envoy.
+    if settings.envoy_token == settings.usage_token:
+        raise ConfigError(f"{source}: usage_token: must differ from envoy_token (QUOTAGATE_USAGE_TOKEN)")
 
 
 def _check_stripe(settings: Settings) -> None:
@@ -549,6 +610,12 @@ def _paths(section: _Section, name: str, base: Path) -> tuple[Path, ...]:
     if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
         raise section.fail(name, "expected a path or a list of paths")
     return tuple(p if p.is_absolute() else base / p for p in (Path(i) for i in items))
+
+
+def _usage_capture(value: str) -> str:
+    if value not in ("ext_proc", "callback"):
+        raise ValueError(value)
+    return value
 
 
 def _deny_or_allow(value: str) -> str:

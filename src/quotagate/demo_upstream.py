@@ -1,9 +1,16 @@
 """A fake OpenAI-compatible LLM server for ``quotagate up`` and end-to-end tests.
 
-It answers ``POST /v1/chat/completions`` (plain JSON or SSE streaming) and ``GET /v1/models``
-with deterministic token usage, so tests can predict exactly what quotagate will charge:
+It answers the APIs LiteLLM serves, each in its own shape (plain JSON or SSE streaming), with deterministic
+token usage, so tests can predict exactly what quotagate will charge:
 
-* ``prompt_tokens = max(1, ceil(characters in all message contents / 4))``
+* ``POST /v1/chat/completions`` and ``/v1/completions`` (OpenAI; usage in the last chunk when asked with
+  ``stream_options.include_usage``), ``/v1/embeddings`` (usage without completion tokens),
+  ``/v1/responses`` (OpenAI Responses; ``input_tokens`` / ``output_tokens``, streamed in
+  ``response.completed``) and ``/v1/messages`` (Anthropic; streamed in ``message_start`` and
+  ``message_delta``); each also without ``/v1``, and the first three under ``/openai/deployments/{model}/``
+  and ``/engines/{model}/`` (the path's model wins over the body's); ``GET /v1/models`` and ``/models``.
+* ``prompt_tokens = max(1, ceil(characters of the prompt / 4))`` (message contents, ``prompt``, ``input``,
+  ``instructions``, ``system``)
 * ``completion_tokens = min(max_tokens or 16, 16)``, or exactly ``N`` when the request carries
   ``x-demo-completion-tokens: N``.  The reply holds one word per completion token.
 
@@ -11,6 +18,8 @@ Other test hooks (request headers):
 
 * ``x-demo-status: 4xx|5xx`` answers that status with an OpenAI-style error body.
 * ``x-demo-chunk-delay-ms: N`` sleeps N ms between SSE events of a streamed reply.
+* ``x-demo-answer-delay-ms: N`` sleeps N ms before a chat completion that is not streamed is answered (a
+  provider writing the whole answer before its headers).
 
 Every request outside ``/_demo/`` is recorded (method, path, lower-cased headers, parsed JSON
 body); ``GET /_demo/requests`` returns them oldest first as a JSON list and
@@ -112,14 +121,33 @@ def _prompt_tokens(messages: list[Any]) -> int:
     return max(1, (chars + 3) // 4)
 
 
+def _text_chars(value: object) -> int:
+    """Characters of a prompt, input or instructions: a string, a list of strings, or items with content."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_chars(item) for item in value)
+    if isinstance(value, dict):
+        return _text_chars(value.get("text")) + _text_chars(value.get("content"))
+    return 0
+
+
+def _body_prompt_tokens(body: dict[str, Any]) -> int:
+    messages = body.get("messages")
+    chars = sum(_text_chars(body.get(name)) for name in ("prompt", "input", "instructions", "system"))
+    if isinstance(messages, list):
+        chars += sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))
+    return max(1, (chars + 3) // 4)
+
+
 def _completion_tokens(request: web.Request, body: dict[str, Any]) -> int:
     forced = _int_header(request, "x-demo-completion-tokens", minimum=0)
     if forced is not None:
         return forced
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
-        # Newer OpenAI clients send this name instead.
-        max_tokens = body.get("max_completion_tokens")
+        # Newer OpenAI clients send this name instead; the Responses API its own.
+        max_tokens = body.get("max_completion_tokens", body.get("max_output_tokens"))
     if max_tokens is None:
         return DEFAULT_COMPLETION_TOKENS
     # bool is an int subclass; JSON true is not a token count.
@@ -148,7 +176,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         _check_forced_status(request)
         body = await _read_json_object(request)
-        model = body.get("model")
+        model = request.match_info.get("model") or body.get("model")  # an Azure-style path names it
         if not isinstance(model, str) or not model:
             raise _RequestError(400, "'model' must be a non-empty string")
         messages = body.get("messages")
@@ -163,6 +191,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
         include_usage = include_usage and not no_usage
         delay_ms = _int_header(request, "x-demo-chunk-delay-ms", minimum=0) or 0
+        answer_delay_ms = _int_header(request, "x-demo-answer-delay-ms", minimum=0) or 0
     except _RequestError as exc:
         return _error_response(exc.status, exc.message)
 
@@ -176,6 +205,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     }
 
     if not stream:
+        await asyncio.sleep(answer_delay_ms / 1000)
         return web.json_response(
             {
                 "id": completion_id,
@@ -231,6 +261,158 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _sse(events: list[dict[str, Any]], *, named: bool) -> list[str]:
+    """SSE events; `named` ones carry an `event:` line with their type, as the Responses and Anthropic APIs send."""
+    return [(f"event: {e['type']}\n" if named else "") + f"data: {json.dumps(e)}\n\n" for e in events]
+
+
+async def _send_stream(request: web.Request, events: list[str], delay_ms: int) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    try:
+        for i, event in enumerate(events):
+            if i and delay_ms:
+                await asyncio.sleep(delay_ms / 1000)
+            await response.write(event.encode())
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client (or Envoy) hung up mid-stream
+    return response
+
+
+async def _read_other_api(request: web.Request, *, needs_model: bool = True) -> tuple[dict[str, Any], str]:
+    """The body and the model of a request to one of the other APIs (the path's model wins, as in LiteLLM)."""
+    _check_forced_status(request)
+    body = await _read_json_object(request)
+    model = request.match_info.get("model") or body.get("model")
+    if needs_model and (not isinstance(model, str) or not model):
+        raise _RequestError(400, "'model' must be a non-empty string")
+    return body, str(model or "")
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI's legacy completions: `prompt` in, `choices[].text` out."""
+    try:
+        body, model = await _read_other_api(request)
+        prompt_tokens, completion_tokens = _body_prompt_tokens(body), _completion_tokens(request, body)
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        delay_ms = _int_header(request, "x-demo-chunk-delay-ms", minimum=0) or 0
+    except _RequestError as exc:
+        return _error_response(exc.status, exc.message)
+    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model}
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    words = _words(completion_tokens)
+    if body.get("stream") is not True:
+        choice = {"index": 0, "text": "".join(words), "finish_reason": "stop"}
+        return web.json_response({**base, "choices": [choice], "usage": usage})
+    chunks = [{**base, "choices": [{"index": 0, "text": w, "finish_reason": None}]} for w in words]
+    chunks.append({**base, "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]})
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": usage})
+    return await _send_stream(request, [*_sse(chunks, named=False), "data: [DONE]\n\n"], delay_ms)
+
+
+async def _embeddings(request: web.Request) -> web.Response:
+    """Embeddings report prompt and total tokens only: there is no completion."""
+    try:
+        body, model = await _read_other_api(request)
+        prompt_tokens = _body_prompt_tokens(body)
+    except _RequestError as exc:
+        return _error_response(exc.status, exc.message)
+    inputs = body.get("input")
+    count = len(inputs) if isinstance(inputs, list) else 1
+    data = [{"object": "embedding", "index": i, "embedding": [0.0, 0.5, 1.0]} for i in range(count)]
+    usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+    return web.json_response({"object": "list", "model": model, "data": data, "usage": usage})
+
+
+async def _responses(request: web.Request) -> web.StreamResponse:
+    """OpenAI's Responses API: usage as input_tokens / output_tokens, streamed in `response.completed`."""
+    try:
+        body, model = await _read_other_api(request)
+        prompt_tokens, completion_tokens = _body_prompt_tokens(body), _completion_tokens(request, body)
+        delay_ms = _int_header(request, "x-demo-chunk-delay-ms", minimum=0) or 0
+    except _RequestError as exc:
+        return _error_response(exc.status, exc.message)
+    words = _words(completion_tokens)
+    item_id = f"msg_{uuid.uuid4().hex}"
+    message = {
+        "id": item_id,
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": "".join(words), "annotations": []}],
+    }
+    usage = {
+        "input_tokens": prompt_tokens,
+        "output_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    done = {
+        "id": f"resp_{uuid.uuid4().hex}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": model,
+        "status": "completed",
+        "output": [message],
+        "usage": usage,
+    }
+    if body.get("stream") is not True:
+        return web.json_response(done)
+    started = {**done, "status": "in_progress", "output": [], "usage": None}
+    events: list[dict[str, Any]] = [{"type": "response.created", "response": started}]
+    events += [{"type": "response.output_text.delta", "item_id": item_id, "delta": w} for w in words]
+    events.append({"type": "response.completed", "response": done})
+    return await _send_stream(request, _sse(events, named=True), delay_ms)
+
+
+async def _messages(request: web.Request) -> web.StreamResponse:
+    """Anthropic's Messages API: usage as input_tokens / output_tokens; streamed, the input in `message_start`
+    and the output so far in `message_delta`."""
+    try:
+        body, model = await _read_other_api(request)
+        prompt_tokens, completion_tokens = _body_prompt_tokens(body), _completion_tokens(request, body)
+        delay_ms = _int_header(request, "x-demo-chunk-delay-ms", minimum=0) or 0
+    except _RequestError as exc:
+        return _error_response(exc.status, exc.message)
+    words = _words(completion_tokens)
+    message = {
+        "id": f"msg_{uuid.uuid4().hex}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": "".join(words)}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens},
+    }
+    if body.get("stream") is not True:
+        return web.json_response(message)
+    # message_start states the input (and one output token so far), message_delta the output in the end.
+    start_usage = {"input_tokens": prompt_tokens, "output_tokens": 1}
+    start = {**message, "content": [], "stop_reason": None, "usage": start_usage}
+    block = {"type": "text", "text": ""}
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": block},
+    ]
+    events += [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}} for w in words]
+    end_usage = {"output_tokens": completion_tokens}
+    events += [
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": end_usage},
+        {"type": "message_stop"},
+    ]
+    return await _send_stream(request, _sse(events, named=True), delay_ms)
+
+
 async def _models(request: web.Request) -> web.Response:
     try:
         _check_forced_status(request)
@@ -277,8 +459,17 @@ def build_app() -> web.Application:
     app = web.Application(middlewares=[_record_requests])
     recorded: deque[dict[str, Any]] = deque(maxlen=MAX_RECORDED_REQUESTS)
     app[RECORDED_REQUESTS] = recorded
-    app.router.add_post("/v1/chat/completions", _chat_completions)
-    app.router.add_get("/v1/models", _models)
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/chat/completions", _chat_completions)
+        app.router.add_post(f"{prefix}/completions", _completions)
+        app.router.add_post(f"{prefix}/embeddings", _embeddings)
+        app.router.add_post(f"{prefix}/responses", _responses)
+        app.router.add_post(f"{prefix}/messages", _messages)
+        app.router.add_get(f"{prefix}/models", _models)
+    for prefix in ("/openai/deployments", "/engines"):
+        app.router.add_post(prefix + "/{model:.+}/chat/completions", _chat_completions)
+        app.router.add_post(prefix + "/{model:.+}/completions", _completions)
+        app.router.add_post(prefix + "/{model:.+}/embeddings", _embeddings)
     app.router.add_get("/_demo/requests", _get_recorded)
     app.router.add_delete("/_demo/requests", _clear_recorded)
     return app

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import json
 import pathlib
 import shlex
 import sys
@@ -22,16 +23,22 @@ from typing import Any
 import yaml
 from envoy.type.v3 import http_status_pb2
 
+from quotagate.config import DEFAULT_ENVOY_TOKEN
+
 _ENVOY_STATUS_CODES: frozenset[int] = frozenset(v for v in http_status_pb2.StatusCode.values() if v >= 100)
 
 __all__ = [
     "AUTHZ_CLUSTER",
+    "ENVOY_TOKEN_PLACEHOLDER",
     "EXTPROC_CLUSTER",
     "EXT_PROC_FILTER",
     "HTTP_CLUSTER",
+    "METERED_PATHS_REGEX",
+    "MODELS_PATH_REGEX",
     "PRODUCTION_OPTIONS",
     "RATELIMIT_CLUSTER",
     "RATELIMIT_DOMAIN",
+    "UNKNOWN_PATH_BODY",
     "UPSTREAM_CLUSTER",
     "USER_PAGES_PREFIX",
     "WATCH_FILTER",
@@ -57,6 +64,29 @@ ASK_USAGE_HEADER = "x-quota-ask-usage"
 # request to the ext_proc that holds each answer. Every other response is only watched (WATCH_FILTER), in
 # observability mode, so the client never waits for quotagate after Check.
 SETTLE_FIRST_HEADER = "x-quota-settle-first"
+# What envoy/envoy.yaml carries in place of Envoy's token (a static config cannot read the environment):
+# envoy/start.sh puts QUOTAGATE_ENVOY_TOKEN there when the container starts.
+ENVOY_TOKEN_PLACEHOLDER = "@QUOTAGATE_ENVOY_TOKEN@"
+# The paths Envoy forwards to the LLM upstream (RE2, matched against the whole path without its query). Metered:
+# OpenAI's chat completions, completions, embeddings and Responses and Anthropic's Messages, with and without
+# /v1, and the Azure-style routes that name the model in the path (greedy, like LiteLLM's `{model:path}`).
+# Factored so that RE2's program stays under Envoy's default size limit (100).
+METERED_PATHS_REGEX = (
+    "(?:/v1)?/(?:responses|messages)|(?:/v1|/(?:openai/deployments|engines)/.+)?/(?:(?:chat/)?completions|embeddings)"
+)
+# Free, but behind Check (GET only).
+MODELS_PATH_REGEX = "(?:/v1)?/models"
+# What every other path gets from Envoy itself, OpenAI-style.
+UNKNOWN_PATH_BODY = json.dumps(
+    {
+        "error": {
+            "message": "Unknown path: this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings, "
+            "/v1/responses, /v1/messages and GET /v1/models.",
+            "type": "invalid_request_error",
+            "code": "unknown_url",
+        }
+    }
+)
 # The filters' names, which routes use to turn them on or off.
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 WATCH_FILTER = "quotagate.ext_proc.watch"
@@ -111,6 +141,8 @@ class EnvoyOptions:
     # The host defaults to authz_host.
     http_port: int = 8080
     http_host: str = ""
+    # quotagate's envoy_token (QUOTAGATE_ENVOY_TOKEN), sent on every gRPC call Envoy makes to it.
+    envoy_token: str = DEFAULT_ENVOY_TOKEN
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "admin_port", "authz_port", "upstream_port", "http_port"):
@@ -126,6 +158,8 @@ class EnvoyOptions:
             raise ValueError("max_request_bytes must be positive")
         if self.authz_timeout_ms <= 0:
             raise ValueError("authz_timeout_ms must be positive")
+        if not self.envoy_token or not all("!" <= c <= "~" for c in self.envoy_token):
+            raise ValueError("envoy_token must be printable ASCII without spaces (it is sent as a header)")
 
 
 # docker-compose: quotagate and LiteLLM are reached by their service names.
@@ -138,6 +172,7 @@ PRODUCTION_OPTIONS = EnvoyOptions(
     decision_port=50053,
     upstream_host="litellm",
     upstream_port=4000,
+    envoy_token=ENVOY_TOKEN_PLACEHOLDER,
 )
 
 
@@ -174,6 +209,14 @@ def _cluster(name: str, host: str, port: int, connect_timeout: str) -> dict[str,
         # "localhost" may resolve to ::1 first while the service only listens on IPv4.
         cluster["dns_lookup_family"] = "V4_PREFERRED"
     return cluster
+
+
+def _grpc_service(cluster: str, opts: EnvoyOptions) -> dict[str, Any]:
+    """A gRPC service on quotagate, with the token that tells quotagate the call comes from this Envoy."""
+    return {
+        "envoy_grpc": {"cluster_name": cluster},
+        "initial_metadata": [{"key": "authorization", "value": f"Bearer {opts.envoy_token}"}],
+    }
 
 
 def _grpc_cluster(name: str, opts: EnvoyOptions, limit: int) -> dict[str, Any]:
@@ -238,7 +281,7 @@ def _ratelimit_filter(opts: EnvoyOptions) -> dict[str, Any]:
             "failure_mode_deny": False,
             "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
             "rate_limit_service": {
-                "grpc_service": {"envoy_grpc": {"cluster_name": RATELIMIT_CLUSTER}},
+                "grpc_service": _grpc_service(RATELIMIT_CLUSTER, opts),
                 "transport_api_version": "V3",
             },
             # Filter-level rate_limits: Envoy 1.40 ignores hits_addend in route-level ones (ENVOY-NOTES).
@@ -254,12 +297,12 @@ def _ratelimit_filter(opts: EnvoyOptions) -> dict[str, Any]:
     }
 
 
-def _ext_proc_config(**settings: Any) -> dict[str, Any]:
+def _ext_proc_config(opts: EnvoyOptions, **settings: Any) -> dict[str, Any]:
     """What both ext_proc filters share: the service, failing open, and what Check learnt (user, model, prompt
     size, whether to ask for usage), which reaches ext_proc through the forwarded metadata."""
     return {
         "@type": _EXT_PROC_TYPE,
-        "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "5s"},
+        "grpc_service": {**_grpc_service(EXTPROC_CLUSTER, opts), "timeout": "5s"},
         # Usage capture must not break a chat: if quotagate is gone mid-stream the client still gets its
         # answer, and the reservation is charged at its estimate when it expires.
         "failure_mode_allow": True,
@@ -268,33 +311,37 @@ def _ext_proc_config(**settings: Any) -> dict[str, Any]:
     }
 
 
-def _ext_proc_filter() -> dict[str, Any]:
+def _ext_proc_filter(opts: EnvoyOptions) -> dict[str, Any]:
     return {
         "name": EXT_PROC_FILTER,
         "typed_config": _ext_proc_config(
+            opts,
             # The response body mode is chosen per response from its content type (STREAMED for SSE,
-            # BUFFERED for JSON, else NONE). The request is not sent: what ext_proc needs of it comes with
-            # Check's metadata, except on the route for streams that must be asked for their usage.
-            processing_mode=_processing_mode(request_headers=False),
+            # BUFFERED for JSON, else NONE). The request headers tell quotagate that Envoy went on with the
+            # request after Check (service.mark_forwarded); the body is sent only on the route for streams
+            # that must be asked for their usage. The rest comes with Check's metadata.
+            processing_mode=_processing_mode(request_headers=True),
             allow_mode_override=True,
             message_timeout="2s",
         ),
     }
 
 
-def _watch_filter() -> dict[str, Any]:
+def _watch_filter(opts: EnvoyOptions) -> dict[str, Any]:
     """The same service in observability mode: Envoy sends the response and does not wait for any answer, so
     it adds nothing to the client's latency. Used where nothing needs changing and the answer need not wait
     for the charge (far from every threshold, the common case)."""
     return {
         "name": WATCH_FILTER,
         "typed_config": _ext_proc_config(
+            opts,
             observability_mode=True,
             stat_prefix="watch",
             # No mode_override in observability mode: every response body is streamed to quotagate, which
             # ends the stream itself as soon as it has seen what it needs (the headers of an answer it does
-            # not read, or the body's end).
-            processing_mode={**_processing_mode(request_headers=False), "response_body_mode": "STREAMED"},
+            # not read, or the body's end). The request headers, which Envoy does not wait for either, tell
+            # quotagate the request went on after Check (service.mark_forwarded).
+            processing_mode={**_processing_mode(request_headers=True), "response_body_mode": "STREAMED"},
         ),
     }
 
@@ -312,16 +359,20 @@ def _processing_mode(*, request_headers: bool) -> dict[str, str]:
 
 
 def _upstream_routes(opts: EnvoyOptions) -> list[dict[str, Any]]:
+    """The routes to the LLM upstream: the metered APIs, the free model list, and Envoy's own 404 for every
+    other path, so nothing reaches the upstream that quotagate does not meter (core.estimate.api_of reads the
+    same paths)."""
     route = {"cluster": UPSTREAM_CLUSTER, "timeout": _ROUTE_TIMEOUT}
+    metered_path = {"safe_regex": {"regex": METERED_PATHS_REGEX}}
     if not opts.ext_proc:
-        return [{"match": {"prefix": "/"}, "route": route}]
+        return [{"match": metered_path, "route": route}, _models_route({}), _unknown_path_route(opts)]
     # ExtProcPerRoute, not the generic FilterConfig: Envoy settles which filters a request has from the route
     # it first matched, before Check's headers pick the final route; ext_proc reads its own per-route
     # config when the request reaches it.
     disabled = {"@type": _EXT_PROC_ROUTE_TYPE, "disabled": True}
     # A stream Check wants asked for its usage: ext_proc sees the request headers, and reads the body from there.
     ask_usage = {
-        "match": {"prefix": "/", "headers": [{"name": ASK_USAGE_HEADER, "present_match": True}]},
+        "match": {**metered_path, "headers": [{"name": ASK_USAGE_HEADER, "present_match": True}]},
         "route": route,
         "request_headers_to_remove": [ASK_USAGE_HEADER, SETTLE_FIRST_HEADER],
         "typed_per_filter_config": {
@@ -334,18 +385,54 @@ def _upstream_routes(opts: EnvoyOptions) -> list[dict[str, Any]]:
     }
     # An answer that must wait for its charge, or carry a notice: ext_proc holds the response.
     settle_first = {
-        "match": {"prefix": "/", "headers": [{"name": SETTLE_FIRST_HEADER, "present_match": True}]},
+        "match": {**metered_path, "headers": [{"name": SETTLE_FIRST_HEADER, "present_match": True}]},
         "route": route,
         "request_headers_to_remove": [SETTLE_FIRST_HEADER],
         "typed_per_filter_config": {WATCH_FILTER: disabled},
     }
-    # Everything else is only watched.
+    # Every other metered answer is only watched.
     default = {
-        "match": {"prefix": "/"},
+        "match": metered_path,
         "route": route,
         "typed_per_filter_config": {EXT_PROC_FILTER: disabled},
     }
-    return [ask_usage, settle_first, default]
+    models = _models_route({EXT_PROC_FILTER: disabled, WATCH_FILTER: disabled})
+    return [ask_usage, settle_first, default, models, _unknown_path_route(opts)]
+
+
+def _models_route(per_filter: dict[str, Any]) -> dict[str, Any]:
+    # Listing models costs nothing and has no usage to read, but goes through Check: a blocked user gets 429.
+    return {
+        "match": {
+            "safe_regex": {"regex": MODELS_PATH_REGEX},
+            "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+        },
+        "route": {"cluster": UPSTREAM_CLUSTER, "timeout": "30s"},
+        **({"typed_per_filter_config": per_filter} if per_filter else {}),
+    }
+
+
+def _unknown_path_route(opts: EnvoyOptions) -> dict[str, Any]:
+    """Envoy's own 404 for every path that is not metered: nothing reaches the upstream, and neither Check nor
+    the rate limits are asked (there is nothing to decide)."""
+    disabled = {"@type": _FILTER_CONFIG_TYPE, "disabled": True}
+    per_filter = {"envoy.filters.http.ext_authz": disabled}
+    if opts.ext_proc:
+        per_filter[EXT_PROC_FILTER] = disabled
+        per_filter[WATCH_FILTER] = disabled
+    if opts.rate_limit:
+        per_filter["envoy.filters.http.ratelimit"] = disabled
+    return {
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": UNKNOWN_PATH_BODY}},
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        "typed_per_filter_config": per_filter,
+    }
 
 
 def _upstream_cluster(opts: EnvoyOptions) -> dict[str, Any]:
@@ -379,10 +466,7 @@ def _ext_authz_filter(opts: EnvoyOptions) -> dict[str, Any]:
         "name": "envoy.filters.http.ext_authz",
         "typed_config": {
             "@type": _EXT_AUTHZ_TYPE,
-            "grpc_service": {
-                "envoy_grpc": {"cluster_name": AUTHZ_CLUSTER},
-                "timeout": _duration_ms(opts.authz_timeout_ms),
-            },
+            "grpc_service": {**_grpc_service(AUTHZ_CLUSTER, opts), "timeout": _duration_ms(opts.authz_timeout_ms)},
             "transport_api_version": "V3",
             # quotagate reads the model and max_tokens from the JSON body; a partial body is useless to it,
             # so a larger request is refused with 413 instead.
@@ -397,6 +481,10 @@ def _ext_authz_filter(opts: EnvoyOptions) -> dict[str, Any]:
             # Without this Envoy answers 403 when quotagate is unreachable, which looks like a quota denial.
             "status_on_error": {"code": opts.status_on_error},
             "include_peer_certificate": False,
+            # Header values as sent (header_map): Envoy's headers map joins repeated headers with commas and
+            # turns bytes that are not UTF-8 into '!', so two x-user-id values or two different non-UTF-8 ones
+            # would name one account there (ext_authz.request_headers refuses them).
+            "encode_raw_headers": True,
         },
     }
 
@@ -430,8 +518,14 @@ def _listener(opts: EnvoyOptions) -> dict[str, Any]:
         "codec_type": "AUTO",
         # x-request-id is the correlation key shared by Check and the logs.
         "generate_request_id": True,
-        # Clients cannot choose the id (it keys their reservation), but they get it back for support questions.
+        # Clients cannot choose the id (it keys their reservation and ledger row), but they get it back for
+        # support questions. Envoy replaces a client's id only on a request it takes as external, which needs
+        # use_remote_address; and with no internal ranges given it takes loopback and private peers (LibreChat
+        # in the same network) as internal and keeps their ids. So no peer is internal: the one range listed
+        # is the unspecified address, which no client can have.
         "preserve_external_request_id": False,
+        "use_remote_address": True,
+        "internal_address_config": {"cidr_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 32}]},
         "always_set_request_id_in_response": True,
         "route_config": {
             "name": "local_route",
@@ -445,7 +539,7 @@ def _listener(opts: EnvoyOptions) -> dict[str, Any]:
         },
         "http_filters": [
             _ext_authz_filter(opts),
-            *([_ext_proc_filter(), _watch_filter()] if opts.ext_proc else []),
+            *([_ext_proc_filter(opts), _watch_filter(opts)] if opts.ext_proc else []),
             # After Check and ext_proc: its users are authenticated, and ext_proc sees its 429s and releases
             # the reservation Check made.
             *([_ratelimit_filter(opts)] if opts.rate_limit else []),
@@ -530,6 +624,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate-limit-timeout-ms", type=int)
     parser.add_argument("--http-host", help="quotagate's HTTP port host (default: the authz host)")
     parser.add_argument("--http-port", type=int, help="quotagate's HTTP port (balance and purchase pages)")
+    parser.add_argument(
+        "--envoy-token",
+        help=f"quotagate's envoy_token, sent on Envoy's gRPC calls (--production: {ENVOY_TOKEN_PLACEHOLDER}, "
+        "which envoy/start.sh replaces with QUOTAGATE_ENVOY_TOKEN)",
+    )
     args = parser.parse_args(argv)
     if not args.production and (args.upstream_host is None or args.upstream_port is None):
         parser.error("--upstream-host and --upstream-port are required without --production")

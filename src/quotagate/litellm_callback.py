@@ -20,7 +20,10 @@ and not from ``async_log_failure_event``: LiteLLM calls the latter for every fai
 fallback model then answers, and a FAILED report there would settle the request at zero before the successful
 attempt is reported.
 
-``QUOTAGATE_USAGE_TARGET`` is quotagate's gRPC address (default ``127.0.0.1:50051``). Each report waits at most
+``QUOTAGATE_USAGE_TARGET`` is quotagate's gRPC address (default ``127.0.0.1:50051``) and
+``QUOTAGATE_USAGE_TOKEN`` quotagate's ``usage_token``, sent as ``authorization: Bearer <token>`` (quotagate
+refuses a report without it, UNAUTHENTICATED; without the variable the callback sends the development default,
+which only a quotagate outside production accepts). Each report waits at most
 two seconds; errors are logged and never raised into LiteLLM (an unsettled reservation expires and is charged
 its estimate, so a lost report is never a free request).
 
@@ -40,11 +43,20 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from litellm.integrations.custom_logger import CustomLogger
 
+from quotagate.config import DEFAULT_USAGE_TOKEN
 from quotagate.v1 import usage_pb2, usage_pb2_grpc
 
-__all__ = ["DEFAULT_TARGET", "REPORT_TIMEOUT_SECONDS", "TARGET_ENV", "QuotagateUsageReporter", "handler"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "REPORT_TIMEOUT_SECONDS",
+    "TARGET_ENV",
+    "TOKEN_ENV",
+    "QuotagateUsageReporter",
+    "handler",
+]
 
 TARGET_ENV = "QUOTAGATE_USAGE_TARGET"
+TOKEN_ENV = "QUOTAGATE_USAGE_TOKEN"
 DEFAULT_TARGET = "127.0.0.1:50051"
 REPORT_TIMEOUT_SECONDS = 2.0
 SOURCE = "litellm"
@@ -141,9 +153,12 @@ def _timestamp(value: object) -> Timestamp | None:
 class QuotagateUsageReporter(CustomLogger):
     """Reports each LiteLLM proxy call to quotagate's Usage service (see the module docstring)."""
 
-    def __init__(self, target: str | None = None, timeout: float = REPORT_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self, target: str | None = None, timeout: float = REPORT_TIMEOUT_SECONDS, token: str | None = None
+    ) -> None:
         super().__init__()
         self._target = target
+        self._token = token
         self._timeout = timeout
         self._channel: grpc.aio.Channel | None = None
         self._stub: usage_pb2_grpc.UsageStub | None = None
@@ -152,6 +167,10 @@ class QuotagateUsageReporter(CustomLogger):
     @property
     def target(self) -> str:
         return self._target or os.environ.get(TARGET_ENV, "").strip() or DEFAULT_TARGET
+
+    @property
+    def token(self) -> str:
+        return self._token or os.environ.get(TOKEN_ENV, "").strip() or DEFAULT_USAGE_TOKEN
 
     def _usage_stub(self) -> usage_pb2_grpc.UsageStub:
         # A grpc.aio channel belongs to the event loop that created it; LiteLLM runs its hooks on the proxy's loop.
@@ -166,7 +185,7 @@ class QuotagateUsageReporter(CustomLogger):
         """Send one report; None (and a log line) when it could not be delivered. Never raises."""
         try:
             response: usage_pb2.ReportUsageResponse = await self._usage_stub().ReportUsage(
-                request, timeout=self._timeout
+                request, timeout=self._timeout, metadata=(("authorization", f"Bearer {self.token}"),)
             )
         except grpc.aio.AioRpcError as exc:
             log.warning(

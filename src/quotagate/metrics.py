@@ -35,6 +35,11 @@ class Metrics:
             "Reservations never settled and charged at their estimate.",
             registry=self.registry,
         )
+        self.reservations_released = Counter(
+            "quotagate_reservations_released_total",
+            "Reservations never settled whose request never reached the upstream, released without a charge.",
+            registry=self.registry,
+        )
         self.ratelimit_hits = Counter(
             "quotagate_ratelimit_hits_total", "Rate-limit checks per configured limit.", ["key"], registry=self.registry
         )
@@ -64,9 +69,23 @@ class Metrics:
             ["policy"],
             registry=self.registry,
         )
+        self.unauthenticated_calls = Counter(
+            "quotagate_unauthenticated_calls_total",
+            "gRPC calls refused for a missing or wrong caller token, by service (authorization, ratelimit, "
+            "ext_proc, usage).",
+            ["service"],
+            registry=self.registry,
+        )
         self.outbox_records = Gauge(
             "quotagate_usage_outbox_records",
             "Settled usage waiting in the Redis outbox for PostgreSQL (as of this process's last drain).",
+            registry=self.registry,
+        )
+        self.admin_auth_failures = Counter(
+            "quotagate_admin_auth_failures_total",
+            "Admin calls refused by their token: unknown_token (a wrong token, counted against the peer's budget) "
+            "or blocked (a peer past admin.failed_auth.max_failures, refused without comparing its token).",
+            ["reason"],
             registry=self.registry,
         )
         self.worker_info = Gauge(

@@ -316,6 +316,9 @@ class QuotaService:
             await self.hot.load(await self._snapshot(user, cycle, now))
         else:
             raise RuntimeError(f"hot state for {user.user_id!r} could not be loaded")
+        if result.duplicate:
+            # Envoy makes a new id per request: a repeated one is a client's, never a pass on another's hold.
+            raise InvalidRequest(f"request id {request_id!r} is already in use by a request in flight")
         self._remember_plan(user.user_id, result.view.limits.plan_id)
         if result.admitted:
             verdict = Verdict.ALLOW
@@ -532,13 +535,18 @@ class QuotaService:
         return True
 
     async def expire_due(self, limit: int = 200) -> int:
-        """Charges reservations whose TTL passed unsettled at their estimate; returns how many."""
+        """Settles reservations whose TTL passed unsettled: at their estimate when their request went to the
+        upstream (or quotagate cannot tell, usage_capture: callback), at nothing when it never left Envoy. Returns
+        how many were charged."""
         now = self.clock.now()
         charged = 0
         for request_id in await self.hot.due_reservations(now.timestamp(), limit):
             reservation = await self.hot.peek_reservation(request_id)
             if reservation is None:
                 await self.hot.settle(request_id, None)  # drops the stray index entry
+                continue
+            if not reservation.forwarded and self.settings.usage_capture == "ext_proc":
+                await self._release_unforwarded(reservation, now)
                 continue
             usage = UsageRecord(
                 request_id=request_id,
@@ -564,6 +572,35 @@ class QuotaService:
                     },
                 )
         return charged
+
+    async def _release_unforwarded(self, reservation: Reservation, now: datetime) -> None:
+        """Releases the hold of a request that Envoy never sent on (Check timed out, the client reset): nothing
+        was served, so nothing is charged; the ledger keeps a row at 0 saying so."""
+        usage = UsageRecord(
+            request_id=reservation.request_id,
+            user_id=reservation.user_id,
+            model=reservation.model,
+            prompt_tokens=0,
+            completion_tokens=0,
+            cost=0,
+            occurred_at=datetime.fromtimestamp(reservation.expires_at, now.tzinfo),
+            source="unforwarded",
+            succeeded=False,
+        )
+        await self._settle(usage, now)
+        self.metrics.reservations_released.inc()
+        log.info(
+            "reservation expired; its request never reached the upstream, released",
+            extra={"request_id": reservation.request_id, "user_id": reservation.user_id},
+        )
+
+    async def mark_forwarded(self, request_id: str) -> None:
+        """Notes that Envoy sent the request on after Check (see expire_due). A failure is only logged: the hold
+        is then charged at its estimate if it expires, as without ext_proc."""
+        try:
+            await self.hot.mark_forwarded(request_id)
+        except StoreUnavailable as exc:
+            log.warning("request not marked as forwarded: %s", exc, extra={"request_id": request_id})
 
     # -- balances -------------------------------------------------------------------------------------
 

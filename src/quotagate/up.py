@@ -12,12 +12,18 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from quotagate.config import load_settings
+from quotagate.config import (
+    DEFAULT_ENVOY_TOKEN,
+    DEFAULT_LINK_SECRET,
+    DEFAULT_USAGE_TOKEN,
+    Settings,
+    load_settings,
+)
 from quotagate.demo_upstream import start_demo_upstream
 from quotagate.envoyconf import EnvoyOptions, write_envoy_config
 from quotagate.procs import (
@@ -32,9 +38,13 @@ from quotagate.procs import (
     wait_for_port,
     wait_litellm_ready,
 )
+from quotagate.secrets_file import state_secret
 from quotagate.server import Running, start
 
 DEMO_ADMIN_TOKEN = "demo-admin-token"
+LINK_SECRET_FILE = "link-secret"  # in the state dir, made by the first run
+ENVOY_TOKEN_FILE = "envoy-token"  # likewise: what Envoy sends on its gRPC calls
+USAGE_TOKEN_FILE = "usage-token"  # and what LiteLLM's usage callback sends with ReportUsage
 log = logging.getLogger("quotagate.up")
 
 
@@ -63,6 +73,23 @@ def litellm_config_path(state_dir: Path) -> Path:
     path = state_dir / "litellm-demo.yaml"
     path.write_text(resources.files("quotagate").joinpath("templates", "litellm-demo.yaml").read_text("utf-8"))
     return path
+
+
+def with_own_link_secret(settings: Settings, state_dir: Path) -> Settings:
+    """The public default would let anyone forge balance links: unless one was given, a secret of the state dir."""
+    if settings.link_secret != DEFAULT_LINK_SECRET:
+        return settings
+    return replace(settings, link_secret=state_secret(state_dir, LINK_SECRET_FILE))
+
+
+def with_own_tokens(settings: Settings, state_dir: Path) -> Settings:
+    """The caller tokens (Envoy's, the usage reporter's) of the state dir, unless the config or the environment
+    gives them: the public defaults would let anything that reaches the ports call in."""
+    if settings.envoy_token == DEFAULT_ENVOY_TOKEN:
+        settings = replace(settings, envoy_token=state_secret(state_dir, ENVOY_TOKEN_FILE))
+    if settings.usage_token == DEFAULT_USAGE_TOKEN:
+        settings = replace(settings, usage_token=state_secret(state_dir, USAGE_TOKEN_FILE))
+    return settings
 
 
 def litellm_installed() -> bool:
@@ -116,7 +143,7 @@ async def run_up(opts: UpOptions) -> int:
             "QUOTAGATE_PUBLIC_URL": os.environ.get("QUOTAGATE_PUBLIC_URL", f"http://127.0.0.1:{opts.port}"),
             **({"QUOTAGATE_UPSTREAM_API_KEY": litellm_key} if litellm_key is not None else {}),
         }
-        settings = load_settings(config_path, env)
+        settings = with_own_tokens(with_own_link_secret(load_settings(config_path, env), state), state)
         running = await start(settings)
         cleanups.append(("quotagate", running))
         lines.append(
@@ -134,7 +161,12 @@ async def run_up(opts: UpOptions) -> int:
                 litellm_config,
                 upstream_port,
                 state / "litellm.log",
-                env={**os.environ, "LITELLM_MASTER_KEY": litellm_key, "QUOTAGATE_USAGE_TARGET": usage_target},
+                env={
+                    **os.environ,
+                    "LITELLM_MASTER_KEY": litellm_key,
+                    "QUOTAGATE_USAGE_TARGET": usage_target,
+                    "QUOTAGATE_USAGE_TOKEN": settings.usage_token,
+                },
             )
             cleanups.append(("litellm", litellm))
             await wait_litellm_ready(upstream_port, timeout=120, process=litellm)
@@ -145,6 +177,7 @@ async def run_up(opts: UpOptions) -> int:
                 f"            master key {litellm_key}",
                 "            (Envoy sends it to LiteLLM in place of the client's key)",
                 f"            usage callback QUOTAGATE_USAGE_TARGET={usage_target} (quotagate.litellm_callback)",
+                f"            with QUOTAGATE_USAGE_TOKEN from {state / USAGE_TOKEN_FILE}",
             ]
         elif opts.upstream:
             parts = urlsplit(opts.upstream)
@@ -169,9 +202,11 @@ async def run_up(opts: UpOptions) -> int:
                 authz_port=running.grpc_port,
                 decision_port=running.decision_port,
                 http_port=running.http_port,
+                envoy_token=settings.envoy_token,
             ),
             state / "envoy.yaml",
         )
+        envoy_config.chmod(0o600)  # it holds Envoy's token
         envoy = start_envoy(envoy_config, state / "envoy.log")
         cleanups.append(("envoy", envoy))
         await wait_envoy_ready(admin_port, process=envoy)

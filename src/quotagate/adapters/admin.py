@@ -6,7 +6,8 @@ import base64
 import binascii
 import hmac
 import logging
-from collections.abc import AsyncIterator, Iterable
+import math
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -16,9 +17,11 @@ from quotagate.adapters.errors import PermissionDenied, Unauthenticated, grpc_er
 from quotagate.billing.service import Billing
 from quotagate.billing.store import PaymentRecord
 from quotagate.config import AdminToken, Settings, sha256_hex
+from quotagate.core.auth_failures import FailedAuthLimiter, peer_key
 from quotagate.core.errors import InvalidRequest
 from quotagate.core.model import AccountStatus, Balance, ModelWeight, Plan
 from quotagate.core.plans import PlanChanges
+from quotagate.metrics import Metrics
 from quotagate.service import QuotaService, page_size, validate_id
 from quotagate.store.ports import AccountChanges, AccountRecord, ClientKeyRecord, PlanRecord, UsageTotals
 from quotagate.v1 import admin_pb2, admin_pb2_grpc
@@ -26,6 +29,10 @@ from quotagate.v1 import admin_pb2, admin_pb2_grpc
 log = logging.getLogger("quotagate.rpc")
 
 _ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
+
+
+class UnknownAdminToken(Unauthenticated):
+    """A token was presented and matched none: a guess, counted against the peer's budget."""
 
 
 def authorize(settings: Settings, context: grpc.aio.ServicerContext, needed: str) -> AdminToken:
@@ -45,22 +52,51 @@ def authorize(settings: Settings, context: grpc.aio.ServicerContext, needed: str
         if hmac.compare_digest(token.token_sha256, digest):
             found = token
     if found is None:
-        raise Unauthenticated("unknown admin token")
+        raise UnknownAdminToken("unknown admin token")
     if _ROLE_RANK[found.role] < _ROLE_RANK[needed]:
         raise PermissionDenied(f"token {found.name!r} has role {found.role}; this call needs {needed}")
     return found
+
+
+class AdminAuth:
+    """authorize() with a budget of wrong tokens per peer IP (admin.failed_auth): past it the peer is refused
+    without its token being compared until the window passes, so guessing costs a window per few tries."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        limit = settings.admin_failed_auth
+        self._failures = FailedAuthLimiter(limit.max_failures, limit.window_seconds, clock)
+
+    def check(self, context: grpc.aio.ServicerContext, needed: str) -> AdminToken:
+        peer = peer_key(context.peer() or "")
+        wait = self._failures.retry_after(peer)
+        if wait > 0:
+            self._metrics.admin_auth_failures.labels("blocked").inc()
+            seconds = math.ceil(wait)
+            context.set_trailing_metadata((("retry-after", str(seconds)),))
+            raise Unauthenticated(f"too many failed attempts, retry after {seconds} s")
+        try:
+            return authorize(self._settings, context, needed)
+        except UnknownAdminToken:
+            self._metrics.admin_auth_failures.labels("unknown_token").inc()
+            if self._failures.failed(peer) > 0:
+                log.warning("admin peer %s refused for a while: too many wrong admin tokens", peer)
+            raise
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(self, service: QuotaService, billing: Billing | None = None) -> None:
         self._service = service
         self._billing = billing
+        # The service's clock, so a test that pins time also decides when a blocked peer may try again.
+        self._auth = AdminAuth(service.settings, service.metrics, lambda: service.clock.now().timestamp())
 
     @grpc_errors
     async def GetAccount(
         self, request: admin_pb2.GetAccountRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Account:
-        authorize(self._service.settings, context, "viewer")
+        self._auth.check(context, "viewer")
         return await self._account(request.user_id)
 
     async def _account(self, user_id: str) -> admin_pb2.Account:
@@ -71,7 +107,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ListAccounts(
         self, request: admin_pb2.ListAccountsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListAccountsResponse:
-        authorize(self._service.settings, context, "viewer")
+        self._auth.check(context, "viewer")
         items, last = await self._service.list_accounts(
             request.state.strip().lower(),
             request.plan.strip(),
@@ -88,7 +124,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def AdjustCredits(
         self, request: admin_pb2.AdjustCreditsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.AdjustCreditsResponse:
-        token = authorize(self._service.settings, context, "operator")
+        token = self._auth.check(context, "operator")
         removed, balance = await self._service.adjust(request.user_id, request.amount, request.reason, token.name)
         return admin_pb2.AdjustCreditsResponse(removed=removed, balance=balance_message(balance))
 
@@ -96,7 +132,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def GetUsage(
         self, request: admin_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetUsageResponse:
-        authorize(self._service.settings, context, "viewer")
+        self._auth.check(context, "viewer")
         start, end, rows = await self._service.usage(
             request.user_id,
             request.cycle.strip(),
@@ -124,7 +160,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ExportUsageRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[admin_pb2.ExportChunk]:
         try:
-            authorize(self._service.settings, context, "viewer")
+            self._auth.check(context, "viewer")
             chunks = self._service.export_usage(
                 request.user_id,
                 request.cycle.strip(),
@@ -146,7 +182,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ListAuditLog(
         self, request: admin_pb2.ListAuditLogRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListAuditLogResponse:
-        authorize(self._service.settings, context, "viewer")
+        self._auth.check(context, "viewer")
         size = page_size(request.page_size)
         rows = await self._service.queries().audit_log(
             request.target.strip(), request.action.strip(), _id_token(request.page_token, "l"), size + 1
@@ -172,7 +208,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ListLedger(
         self, request: admin_pb2.ListLedgerRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListLedgerResponse:
-        authorize(self._service.settings, context, "viewer")
+        self._auth.check(context, "viewer")
         size = page_size(request.page_size)
         user_id = validate_id("user_id", request.user_id)
         rows = await self._service.queries().ledger_entries(user_id, _id_token(request.page_token, "e"), size + 1)
@@ -199,7 +235,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ResetCycle(
         self, request: admin_pb2.ResetCycleRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Account:
-        token = authorize(self._service.settings, context, "admin")
+        token = self._auth.check(context, "admin")
         await self._service.reset_cycle(request.user_id, request.reason, token.name)
         return await self._account(request.user_id)
 
@@ -207,7 +243,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def UpsertAccount(
         self, request: admin_pb2.UpsertAccountRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Account:
-        token = authorize(self._service.settings, context, "admin")
+        token = self._auth.check(context, "admin")
         if request.clear_allowance_override and request.HasField("allowance_override"):
             raise InvalidRequest("give allowance_override or clear_allowance_override, not both")
         changes = AccountChanges(
@@ -224,7 +260,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def CreateClientKey(
         self, request: admin_pb2.CreateClientKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CreateClientKeyResponse:
-        token = authorize(self._service.settings, context, "admin")
+        token = self._auth.check(context, "admin")
         secret, record = await self._service.create_client_key(
             request.name, request.trusted, request.user_id, request.reason, token.name
         )
@@ -234,7 +270,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ListClientKeys(
         self, request: admin_pb2.ListClientKeysRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListClientKeysResponse:
-        authorize(self._service.settings, context, "admin")
+        self._auth.check(context, "admin")
         keys = await self._service.key_store().client_keys(include_revoked=not request.active_only)
         return admin_pb2.ListClientKeysResponse(keys=[_client_key_message(k) for k in keys])
 
@@ -242,7 +278,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def RevokeClientKey(
         self, request: admin_pb2.RevokeClientKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ClientKey:
-        token = authorize(self._service.settings, context, "admin")
+        token = self._auth.check(context, "admin")
         record = await self._service.revoke_client_key(request.name, request.reason, token.name)
         return _client_key_message(record)
 
@@ -250,20 +286,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ListPlans(
         self, request: admin_pb2.ListPlansRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListPlansResponse:
-        authorize(self._service.settings, context, "viewer")
+        self._auth.check(context, "viewer")
         records = await self._service.list_plans(request.active_only)
         return admin_pb2.ListPlansResponse(plans=[_plan_message(r) for r in records])
 
     @grpc_errors
     async def GetPlan(self, request: admin_pb2.GetPlanRequest, context: grpc.aio.ServicerContext) -> admin_pb2.Plan:
-        authorize(self._service.settings, context, "viewer")
+        self._auth.check(context, "viewer")
         return _plan_message(await self._service.get_plan(request.id))
 
     @grpc_errors
     async def CreatePlan(
         self, request: admin_pb2.CreatePlanRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Plan:
-        token = authorize(self._service.settings, context, "admin")
+        token = self._auth.check(context, "admin")
         defaults = Plan(id="", monthly_allowance=0)
         plan = Plan(
             id=request.id.strip(),
@@ -282,7 +318,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def UpdatePlan(
         self, request: admin_pb2.UpdatePlanRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Plan:
-        token = authorize(self._service.settings, context, "admin")
+        token = self._auth.check(context, "admin")
         if request.model_weights and not request.replace_model_weights:
             raise InvalidRequest("model_weights replace the plan's weights: set replace_model_weights too")
         changes = PlanChanges(
@@ -300,7 +336,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def GrantCredits(
         self, request: admin_pb2.GrantCreditsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GrantCreditsResponse:
-        token = authorize(self._service.settings, context, "operator")
+        token = self._auth.check(context, "operator")
         expires_at = datetime_of(request, "expires_at")
         grant_id, balance = await self._service.grant(
             request.user_id, request.amount, request.reason, expires_at, request.source or "admin", token.name
@@ -325,7 +361,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         context: grpc.aio.ServicerContext,
         status: AccountStatus,
     ) -> admin_pb2.Account:
-        token = authorize(self._service.settings, context, "operator")
+        token = self._auth.check(context, "operator")
         await self._service.set_status(request.user_id, status, request.reason, token.name)
         return await self._account(request.user_id)
 
@@ -340,7 +376,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ListPayments(
         self, request: admin_pb2.ListPaymentsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListPaymentsResponse:
-        authorize(self._service.settings, context, "viewer")
+        self._auth.check(context, "viewer")
         size = page_size(request.page_size)
         rows = await self._payments().search(
             request.user_id,
@@ -360,7 +396,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ReconcilePayment(
         self, request: admin_pb2.ReconcilePaymentRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ReconcilePaymentResponse:
-        token = authorize(self._service.settings, context, "operator")
+        token = self._auth.check(context, "operator")
         result = await self._payments().reconcile(request.session_id)
         log.info(
             "payment reconciled",

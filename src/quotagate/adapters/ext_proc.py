@@ -33,6 +33,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
+from quotagate.adapters.credentials import CallerToken
 from quotagate.adapters.wire import read_checked
 from quotagate.core.errors import QuotagateError
 from quotagate.core.model import Balance
@@ -80,6 +81,7 @@ class Exchange:
     request_id: str = ""
     user_id: str = ""
     model: str = ""
+    api: str = ""  # the API Check found (core.estimate.ApiKind); "" when nothing is metered (listing models)
     prompt_chars: int = 0
     learnt: bool = False  # Check's metadata was read (from the first message)
     watching: bool = False  # Envoy's filter in observability mode: it takes no answers and does not wait
@@ -118,10 +120,12 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         self._background: set[asyncio.Task[None]] = set()
         self._notices: NoticeBook = notices if notices is not None else MemoryNoticeBook()
         self._notices_on = service.settings.notices.in_conversation
+        self._callers = CallerToken(service.settings.envoy_token, "ext_proc", "QUOTAGATE_ENVOY_TOKEN", service.metrics)
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> None:
+        await self._callers.require(context)  # Envoy's token, before any message is read
         # Reads and writes through the context (not a generator grpc drives) so that the last write can be
         # shielded from the reset that follows it: see _answer_last.
         exchange = Exchange()
@@ -201,6 +205,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         ex.request_id = fields["request_id"].string_value if "request_id" in fields else ""
         ex.user_id = fields["user_id"].string_value if "user_id" in fields else ""
         ex.model = fields["model"].string_value if "model" in fields else ""
+        ex.api = fields["api"].string_value if "api" in fields else ""
         ex.prompt_chars = int(fields["prompt_chars"].number_value) if "prompt_chars" in fields else 0
         ex.plan = fields["plan"].string_value if "plan" in fields else ""
         ex.estimate = int(fields["estimate"].number_value) if "estimate" in fields else 0
@@ -213,6 +218,10 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
     def _handle(self, ex: Exchange, message: pb.ProcessingRequest) -> tuple[pb.ProcessingResponse, bool]:
         if not ex.learnt:
             self._learn(ex, message)
+            if ex.known:
+                # Envoy went on with the request after Check: its hold is charged if it ever expires unsettled
+                # (one that never gets here is released then). Not waited for: Envoy need not wait for it.
+                self._spawn(self._service.mark_forwarded(ex.request_id))
         kind = message.WhichOneof("request")
         if kind == "request_headers":
             answer = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
@@ -319,7 +328,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         body.header_mutation.set_headers.append(_raw_header("content-length", str(len(changed))))
 
     async def _claimed_notice(self, ex: Exchange, threshold: str) -> str:
-        if not ex.known or not ex.model or ex.status >= 300:
+        if not ex.known or not ex.api or ex.status >= 300:
             return ""
         # A tool call (or anything but a plain answer) is not added to: the next completion carries the notice.
         if ex.reader is not None and (ex.reader.ended_with_tools or not ex.reader.completion_id):
@@ -365,7 +374,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         then the cost replaces the hold in Redis first (one script), so the client's next request already sees
         the charge. Near a threshold the client waits for the ledger (a few milliseconds), so that what the
         ledger decides there (grants drawn, e-mails, notices) is settled before anything else happens."""
-        if not ex.settle_later or not ex.known or not ex.model or ex.status >= 400:
+        if not ex.settle_later or not ex.known or not ex.api or ex.status >= 400:
             return False
         report = self._report(ex)
         cost = weighted_cost(report.prompt_tokens, report.completion_tokens, self._service.weight(ex.plan, ex.model))
@@ -376,7 +385,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
     async def _count_tokens(self, ex: Exchange) -> None:
         """Adds the tokens the completion used to the user's token rate-limit windows. Done here rather than by
         a second rate-limit call from Envoy when the stream is done: that call cost as much as a Check."""
-        if self._count is None or not ex.known or not ex.model or ex.status >= 400:
+        if self._count is None or not ex.known or not ex.api or ex.status >= 400:
             return
         report = self._report(ex)
         tokens = report.prompt_tokens + report.completion_tokens
@@ -388,8 +397,12 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             log.warning("tokens not counted for rate limits: %s", exc, extra={"request_id": ex.request_id})
 
     async def _settle(self, ex: Exchange) -> None:
-        if not ex.known or not ex.model or ex.settled:
-            return  # only completions (a body naming a model) were reserved and are charged
+        if not ex.known or not ex.api or ex.settled:
+            return  # only metered requests (Check named their API) were reserved and are charged
+        if not ex.status:
+            # No answer was seen (the client or Envoy gave up while the upstream worked): nothing tells what it
+            # cost, so the hold stays and is charged its estimate when it expires, never a guess from the prompt.
+            return
         ex.settled = True
         report = self._report(ex)
         try:
@@ -418,6 +431,9 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         streamed = ex.reader.content_chars if ex.reader is not None else _json_content_chars(bytes(ex.json_body))
         prompt = estimate_tokens(ex.prompt_chars, self._chars_per_token)
         completion = max(estimate_tokens(streamed, self._chars_per_token), 0 if prompt else 1)
+        if streamed == 0:
+            # Not a word of the answer understood (a shape quotagate does not read): at least the estimate floor.
+            completion = max(completion, self._service.settings.estimate.minimum - prompt)
         return replace(base, prompt_tokens=prompt, completion_tokens=completion, estimated=True)
 
 

@@ -7,6 +7,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
+from quotagate.adapters.credentials import CallerToken
 from quotagate.adapters.errors import grpc_errors
 from quotagate.adapters.openai_errors import error_body
 from quotagate.config import Settings
@@ -50,9 +51,17 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self._limiter = limiter
         self._settings = settings
         self._metrics = metrics
+        self._callers = CallerToken(settings.envoy_token, "ratelimit", "QUOTAGATE_ENVOY_TOKEN", metrics)
+
+    async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
+    ) -> rls_pb2.RateLimitResponse:
+        # Outside grpc_errors, which would take the abort for an unexpected error.
+        await self._callers.require(context)
+        return await self._should_rate_limit(request, context)
 
     @grpc_errors
-    async def ShouldRateLimit(
+    async def _should_rate_limit(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
         descriptors = [

@@ -1,14 +1,19 @@
 """What a verified Stripe event asks of us, read from its JSON. Pure: no I/O, no Stripe client.
 
-Only the fields used are read, so newer API versions that add fields change nothing here."""
+Only the fields used are read, so newer API versions that add fields change nothing here. A signed event is
+still only a claim: what it names (session, PaymentIntent) is looked up in quotagate's own payment rows, and
+its amounts and metadata are compared with them, never credited from. Fields of the wrong type or shape read
+as empty, so no event can raise here."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "REF_KEY",
     "CheckoutSession",
     "Ignored",
     "PaymentFailed",
@@ -17,7 +22,15 @@ __all__ = [
     "StripeCommand",
     "command_of",
     "session_of",
+    "stripe_id",
 ]
+
+# The metadata key of quotagate's random reference for a checkout (on the session and its PaymentIntent).
+REF_KEY = "checkout_ref"
+# Stripe's ids (cs_..., pi_..., ch_..., evt_...) are short ASCII words; anything else is not one of them, and
+# never reaches PostgreSQL or a log line (NUL bytes, lone surrogates, megabytes).
+_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
+_NOT_TEXT = "\x00not text"
 
 
 @dataclass(frozen=True)
@@ -42,8 +55,13 @@ class CheckoutSession:
 
     @property
     def tokens(self) -> int:
+        """What the metadata says; informative only (the payment row's tokens are what is credited)."""
         raw = self.metadata.get("tokens", "")
-        return int(raw) if raw.isdigit() else 0
+        return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else 0
+
+    @property
+    def ref(self) -> str:
+        return self.metadata.get(REF_KEY, "")
 
     @property
     def paid(self) -> bool:
@@ -61,10 +79,11 @@ class SessionSettled:
 
 @dataclass(frozen=True)
 class PaymentFailed:
+    """A declined card. `ref` (from the PaymentIntent's metadata) finds quotagate's checkout, which names the
+    user; the metadata's own user id is never trusted."""
+
     payment_intent: str
-    user_id: str
-    package_id: str
-    tokens: int
+    ref: str
     amount: int
     currency: str
     message: str
@@ -78,6 +97,7 @@ class Refunded:
     charge_id: str
     amount: int
     amount_refunded: int
+    currency: str = ""
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,18 @@ def _text(data: Mapping[str, Any], key: str) -> str:
     return value if isinstance(value, str) else ""
 
 
+def stripe_id(value: object) -> str:
+    """The value if it looks like a Stripe id, else ""."""
+    return value if isinstance(value, str) and _ID.fullmatch(value) else ""
+
+
+def _id(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    if isinstance(value, Mapping):  # an expanded object: its id
+        value = value.get("id")
+    return stripe_id(value)
+
+
 def _int(data: Mapping[str, Any], key: str) -> int:
     value = data.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
@@ -104,19 +136,20 @@ def _metadata(data: Mapping[str, Any]) -> dict[str, str]:
     raw = data.get("metadata")
     if not isinstance(raw, Mapping):
         return {}
-    return {str(k): str(v) for k, v in raw.items()}
+    # Stripe's metadata values are strings; any other value stays, as text no record ever holds.
+    return {str(k): v if isinstance(v, str) else _NOT_TEXT for k, v in raw.items() if isinstance(k, str)}
 
 
 def session_of(data: Mapping[str, Any]) -> CheckoutSession:
     """A Checkout Session object (from an event or from the API)."""
     return CheckoutSession(
-        id=_text(data, "id"),
+        id=_id(data, "id"),
         url=_text(data, "url"),
         status=_text(data, "status"),
         payment_status=_text(data, "payment_status"),
-        payment_intent=_text(data, "payment_intent"),
+        payment_intent=_id(data, "payment_intent"),
         amount_total=_int(data, "amount_total"),
-        currency=_text(data, "currency"),
+        currency=_text(data, "currency").lower(),
         client_reference_id=_text(data, "client_reference_id"),
         metadata=_metadata(data),
     )
@@ -134,24 +167,22 @@ def command_of(event: Mapping[str, Any]) -> StripeCommand:
     if kind in ("checkout.session.async_payment_failed", "checkout.session.expired"):
         return SessionSettled(session_of(obj), failed=True)
     if kind == "payment_intent.payment_failed":
-        metadata = _metadata(obj)
         error = obj.get("last_payment_error")
         message = _text(error, "message") if isinstance(error, Mapping) else ""
-        tokens = metadata.get("tokens", "")
         return PaymentFailed(
-            payment_intent=_text(obj, "id"),
-            user_id=metadata.get("user_id", ""),
-            package_id=metadata.get("package_id", ""),
-            tokens=int(tokens) if tokens.isdigit() else 0,
+            payment_intent=_id(obj, "id"),
+            ref=stripe_id(_metadata(obj).get(REF_KEY)),
             amount=_int(obj, "amount"),
-            currency=_text(obj, "currency"),
-            message=message,
+            currency=_text(obj, "currency").lower(),
+            # Kept as text in PostgreSQL: no NUL, no lone surrogate, one short line.
+            message=" ".join(message.replace("\x00", "").encode("utf-8", "replace").decode().split())[:500],
         )
     if kind == "charge.refunded":
         return Refunded(
-            payment_intent=_text(obj, "payment_intent"),
-            charge_id=_text(obj, "id"),
+            payment_intent=_id(obj, "payment_intent"),
+            charge_id=_id(obj, "id"),
             amount=_int(obj, "amount"),
             amount_refunded=_int(obj, "amount_refunded"),
+            currency=_text(obj, "currency").lower(),
         )
     return Ignored(kind)

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import stripe
 
-from quotagate.billing.events import CheckoutSession, session_of
+from quotagate.billing.events import REF_KEY, CheckoutSession, session_of
 from quotagate.config import Package, StripeSettings
 
 __all__ = ["CheckoutRequest", "StripeGateway", "StripeUnavailable", "checkout_params"]
@@ -25,12 +25,15 @@ class StripeUnavailable(Exception):
 
 
 class CheckoutRequest:
-    def __init__(self, package: Package, user_id: str, email: str, success_url: str, cancel_url: str) -> None:
+    def __init__(
+        self, package: Package, user_id: str, email: str, success_url: str, cancel_url: str, ref: str = ""
+    ) -> None:
         self.package = package
         self.user_id = user_id
         self.email = email
         self.success_url = success_url
         self.cancel_url = cancel_url
+        self.ref = ref  # quotagate's random reference for this checkout, kept in its payment row
 
 
 def package_name(package: Package) -> str:
@@ -45,10 +48,12 @@ def package_name(package: Package) -> str:
 
 
 def checkout_params(request: CheckoutRequest) -> dict[str, Any]:
-    """The Checkout Session to create: one line item at the package's price, the user and package in metadata
-    (copied to the PaymentIntent too, so a failed-payment event names the user)."""
+    """The Checkout Session to create: one line item at the package's price, the user, package and quotagate's
+    reference in metadata (copied to the PaymentIntent too, so a failed-payment event finds the checkout)."""
     package = request.package
     metadata = {"user_id": request.user_id, "package_id": package.id, "tokens": str(package.tokens)}
+    if request.ref:
+        metadata[REF_KEY] = request.ref
     params: dict[str, Any] = {
         "mode": "payment",
         "client_reference_id": request.user_id,

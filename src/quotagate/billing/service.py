@@ -1,16 +1,24 @@
 """Buying credits: Checkout Sessions out, verified Stripe events in, each paid session credited exactly once.
 
 The webhook and the admin's reconcile take the same path (`_settle`), so a session credited by one is never
-credited by the other."""
+credited by the other.
+
+quotagate's own payment row decides, never the event: a session is credited only when quotagate created it
+(its row, written by `start_checkout`), it is paid (`payment_status == "paid"`) with exactly the row's amount
+and currency, and the event's metadata (user, package, tokens, reference), where present, say what the row
+says; then the row's tokens go to the row's user. Anything else is refused: one warning line with the session
+id and why, nothing changed, and a 200 to Stripe (a redelivery would be refused the same way)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import stripe
 
 from quotagate.billing.events import (
@@ -20,6 +28,7 @@ from quotagate.billing.events import (
     Refunded,
     SessionSettled,
     command_of,
+    stripe_id,
 )
 from quotagate.billing.gateway import CheckoutRequest, StripeGateway, StripeUnavailable, package_name
 from quotagate.billing.store import STATUSES, PaymentRecord, PaymentStore
@@ -46,6 +55,43 @@ class ReconcileResult:
     payment: PaymentRecord | None
     granted: bool
     session: CheckoutSession
+    refused: str = ""  # why the session was not credited although paid (it disagrees with quotagate's row)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    payment: PaymentRecord | None  # None: no checkout session of quotagate's
+    granted: bool
+    refused: str = ""
+
+
+NOT_OURS = "not a checkout session quotagate created"
+
+
+def disagreement(payment: PaymentRecord, session: CheckoutSession) -> str:
+    """Why the session's metadata contradicts quotagate's row for it, or "". Absent fields contradict nothing:
+    the row decides either way."""
+    meta = session.metadata
+    if session.client_reference_id and session.client_reference_id != payment.user_id:
+        return "its client_reference_id names another user than the one quotagate sold it to"
+    if "user_id" in meta and meta["user_id"] != payment.user_id:
+        return "its metadata names another user than the one quotagate sold it to"
+    if "package_id" in meta and meta["package_id"] != payment.package_id:
+        return "its metadata names another package than the one quotagate sold"
+    if "tokens" in meta and meta["tokens"] != str(payment.tokens):
+        return f"its metadata tokens differ from the {payment.tokens} of the package quotagate sold"
+    if payment.checkout_ref and "checkout_ref" in meta and meta["checkout_ref"] != payment.checkout_ref:
+        return "its metadata reference is not quotagate's for this session"
+    return ""
+
+
+def underpaid(payment: PaymentRecord, session: CheckoutSession) -> str:
+    """Why a paid session did not pay the package in full, or ""."""
+    if session.currency != payment.currency:
+        return f"paid in {session.currency[:8]!r}, the package is sold in {payment.currency!r}"
+    if session.amount_total != payment.amount:
+        return f"amount_total is not the package's price {payment.amount} {payment.currency}"
+    return ""
 
 
 class Billing:
@@ -79,12 +125,17 @@ class Billing:
         package = self.package(package_id)
         if not self.gateway.configured:
             raise StripeUnavailable("Stripe's secret key is not configured (QUOTAGATE_STRIPE_SECRET_KEY)")
+        ref = secrets.token_hex(16)
         session = await self.gateway.create_session(
-            CheckoutRequest(package, user_id, email, self.success_url, self.cancel_url)
+            CheckoutRequest(package, user_id, email, self.success_url, self.cancel_url, ref)
         )
         if not session.id or not session.url:
             raise StripeUnavailable("Stripe answered a checkout session without an id or url")
-        await self.store.record_open(session, package.tokens)
+        try:
+            # What quotagate sold, from its own settings: the webhook credits this row, not the event.
+            await self.store.record_open(session.id, session.payment_intent, user_id, package, ref)
+        except asyncpg.UniqueViolationError:
+            raise StripeUnavailable(f"Stripe answered a session id quotagate already has: {session.id}") from None
         log.info(
             "checkout session created",
             extra={"user_id": user_id, "package_id": package.id, "session_id": session.id},
@@ -100,69 +151,102 @@ class Billing:
             raise BadEvent("the webhook secret is not configured (QUOTAGATE_STRIPE_WEBHOOK_SECRET)")
         try:
             text = payload.decode("utf-8")
-            stripe.Webhook.construct_event(text, signature, secret, self.settings.stripe.tolerance_seconds)
+            stripe.WebhookSignature.verify_header(text, signature, secret, self.settings.stripe.tolerance_seconds)
             event = json.loads(text)
-        except (stripe.SignatureVerificationError, ValueError) as exc:
-            raise BadEvent(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        # TypeError: hmac refuses a non-ASCII signature; RecursionError: JSON nested too deep.
+        except (stripe.SignatureVerificationError, ValueError, TypeError, RecursionError) as exc:
+            raise BadEvent(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
         if not isinstance(event, dict):
             raise BadEvent("the event is not a JSON object")
         return event
 
     async def handle(self, event: dict[str, Any]) -> str:
         """Does what the event asks; returns a word on what was done (for the log and the response)."""
-        event_id = str(event.get("id", ""))
+        event_id = stripe_id(event.get("id"))
         command = command_of(event)
         if isinstance(command, Ignored):
-            return f"ignored {command.type or 'event'}"
+            return f"ignored {command.type[:100] or 'event'}"
         if isinstance(command, SessionSettled):
             if command.failed:
                 return await self._session_failed(command.session, event_id)
-            payment, granted = await self._settle(command.session, event_id)
-            if payment is None:
-                return "ignored: not a quotagate checkout session"
-            return "credited" if granted else f"no grant: {payment.status}"
+            settled = await self._settle(command.session, event_id)
+            if settled.payment is None:
+                return f"ignored: {NOT_OURS}"
+            if settled.refused:
+                return f"refused: {settled.refused}"
+            return "credited" if settled.granted else f"no grant: {settled.payment.status}"
         if isinstance(command, PaymentFailed):
             return await self._payment_failed(command, event_id)
         return await self._refunded(command, event_id)
 
-    async def _settle(self, session: CheckoutSession, event_id: str) -> tuple[PaymentRecord | None, bool]:
-        """Credits a paid session once; records an unpaid one. None for sessions quotagate did not create."""
-        if not session.id or not session.user_id or session.tokens <= 0:
-            log.warning("checkout session without quotagate's metadata ignored", extra={"session_id": session.id})
-            return None, False
+    def _refuse(self, session_id: str, why: str) -> None:
+        log.warning("stripe checkout session %s not credited: %s", session_id or "(no id)", why,
+                    extra={"session_id": session_id})  # fmt: skip
+
+    async def _settle(self, session: CheckoutSession, event_id: str) -> Settlement:
+        """Credits a paid session of quotagate's once, as its row says; records an unpaid one."""
+        payment = await self.store.get(session.id) if session.id else None
+        if payment is None:
+            self._refuse(session.id, NOT_OURS)
+            return Settlement(None, False, NOT_OURS)
+        if payment.grant_id is not None:
+            return Settlement(payment, False)  # a redelivery: credited before
+        why = disagreement(payment, session)
+        if why:
+            self._refuse(session.id, why)
+            return Settlement(payment, False, why)
         if not session.paid:
             # Card payments are paid at completion; delayed methods report later (async_payment_succeeded).
             status = {"open": "open", "expired": "expired"}.get(session.status, "unpaid")
-            return await self.store.mark_unpaid(session, status, event_id), False
-        await self.service.ledger.ensure_account(NewAccount(session.user_id), self.settings.default_plan)
+            return Settlement(await self.store.mark_unpaid(payment, status, event_id), False)
+        why = underpaid(payment, session)
+        if why:
+            self._refuse(session.id, why)
+            return Settlement(payment, False, why)
+        await self.service.ledger.ensure_account(NewAccount(payment.user_id), self.settings.default_plan)
         now = self.service.clock.now()
         cycle = self.service.cycle(now)
-        label = self._package_label(session.package_id, session.tokens)
-        reason = f"Bought {label} by card (Stripe Checkout session {session.id})"
-        outcome = await self.store.credit(session, reason, cycle.key, now, event_id)
+        label = self._package_label(payment.package_id, payment.tokens)
+        reason = f"Bought {label} by card (Stripe Checkout session {payment.session_id})"
+        outcome = await self.store.credit(payment, session.payment_intent, reason, cycle.key, now, event_id)
+        if outcome.refused:
+            self._refuse(session.id, outcome.refused)
+            return Settlement(outcome.payment, False, outcome.refused)
         if outcome.granted:
             log.info(
                 "credits bought",
-                extra={"user_id": session.user_id, "session_id": session.id, "tokens": session.tokens},
+                extra={"user_id": payment.user_id, "session_id": payment.session_id, "tokens": payment.tokens},
             )
-        await self._publish(session.user_id)
-        return outcome.payment, outcome.granted
+            await self._publish(payment.user_id)
+        return Settlement(outcome.payment, outcome.granted)
 
     async def _session_failed(self, session: CheckoutSession, event_id: str) -> str:
-        if not session.id or not session.user_id:
-            return "ignored: not a quotagate checkout session"
+        payment = await self.store.get(session.id) if session.id else None
+        if payment is None:
+            self._refuse(session.id, NOT_OURS)
+            return f"ignored: {NOT_OURS}"
+        why = disagreement(payment, session)
+        if why:
+            self._refuse(session.id, why)
+            return f"refused: {why}"
         status = "expired" if session.status == "expired" else "failed"
-        await self.store.mark_unpaid(session, status, event_id)
+        await self.store.mark_unpaid(payment, status, event_id)
         return f"no grant: {status}"
 
     async def _payment_failed(self, failure: PaymentFailed, event_id: str) -> str:
-        if not failure.payment_intent or not failure.user_id:
+        if not failure.payment_intent:
+            return "ignored: not a quotagate payment"
+        # The user told is the one quotagate sold the checkout to, found by quotagate's own reference.
+        checkout = await self.store.checkout_of(failure.ref, failure.payment_intent)
+        if checkout is None:
+            log.warning("stripe payment failure %s ignored: %s", failure.payment_intent,
+                        "no checkout session of quotagate's has its reference or PaymentIntent")  # fmt: skip
             return "ignored: not a quotagate payment"
         cycle = self.service.cycle(self.service.clock.now())
-        recorded = await self.store.record_failure(failure, cycle.key, event_id)
+        recorded = await self.store.record_failure(failure, checkout, cycle.key, event_id)
         log.info(
             "card payment failed",
-            extra={"user_id": failure.user_id, "payment_intent": failure.payment_intent, "first": bool(recorded)},
+            extra={"user_id": checkout.user_id, "payment_intent": failure.payment_intent, "first": bool(recorded)},
         )
         return "payment failed" if recorded else "payment failure seen before"
 
@@ -174,6 +258,10 @@ class Billing:
         outcome = await self.store.refund(refund, cycle.key, now, event_id)
         if outcome is None:
             return "ignored: no credited payment for this charge"
+        if outcome.refused:
+            log.warning("stripe refund of %s (session %s) not applied: %s", refund.payment_intent,
+                        outcome.payment.session_id, outcome.refused)  # fmt: skip
+            return f"refused: {outcome.refused}"
         if outcome.removed:
             await self._publish(outcome.payment.user_id)
         log.info(
@@ -212,10 +300,12 @@ class Billing:
             raise NotFound(str(exc)) from None
         except StripeUnavailable as exc:
             raise StoreUnavailable(str(exc)) from None
-        payment, granted = await self._settle(session, "reconcile")
-        if payment is None:
-            raise InvalidRequest(f"session {session_id!r} was not created by quotagate (no user or package metadata)")
-        return ReconcileResult(payment, granted, session)
+        settled = await self._settle(session, "reconcile")
+        if settled.payment is None:
+            raise InvalidRequest(f"session {session_id!r} was not created by quotagate (no payment row for it)")
+        if settled.refused:
+            raise InvalidRequest(f"session {session_id!r} is not credited: {settled.refused}")
+        return ReconcileResult(settled.payment, settled.granted, session, settled.refused)
 
     async def search(
         self,

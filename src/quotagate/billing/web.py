@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from quotagate.billing.events import stripe_id
 from quotagate.billing.gateway import StripeUnavailable, package_name
 from quotagate.billing.service import CANCELLED_PATH, DONE_PATH, BadEvent, Billing
 from quotagate.config import Package
@@ -133,12 +134,18 @@ def add_billing_routes(app: web.Application, billing: Billing) -> None:
         except BadEvent as exc:
             log.warning("stripe webhook refused: %s", exc)
             return web.json_response({"error": {"message": f"bad webhook: {exc}", "type": "bad_signature"}}, status=400)
+        # Both from the sender: only a Stripe-shaped id and a bounded type reach the log.
+        event_id = stripe_id(event.get("id")) or "(no id)"
+        kind = event.get("type")
+        kind = kind[:100] if isinstance(kind, str) else "(no type)"
         try:
             result = await billing.handle(event)
-        except Exception:  # an answer other than 2xx makes Stripe deliver the event again later
-            log.exception("stripe event %s (%s) failed", event.get("id"), event.get("type"))
+        except Exception:
+            # Only a fault of quotagate's own (PostgreSQL down): no event content gets here, since billing
+            # refuses what it cannot credit with a 200. The 500 makes Stripe deliver the event again later.
+            log.exception("stripe event %s (%s) failed", event_id, kind)
             return web.json_response({"error": {"message": "not processed; retry", "type": "internal"}}, status=500)
-        log.info("stripe event %s (%s): %s", event.get("id"), event.get("type"), result)
+        log.info("stripe event %s (%s): %s", event_id, kind, result)
         return web.json_response({"received": True, "result": result})
 
     app.router.add_get(PURCHASE_PATH, purchase)

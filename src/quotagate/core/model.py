@@ -136,6 +136,9 @@ class Reservation:
     model: str
     expires_at: float  # epoch seconds
     plan_id: str = ""  # the account's plan when it was reserved, which prices the usage that settles it
+    # Envoy went on with the request after Check (ext_proc saw it): an unsettled hold is charged at its expiry
+    # only then; one whose request never left Envoy (Check timed out, the client went away) is released.
+    forwarded: bool = False
 
 
 @dataclass(frozen=True)

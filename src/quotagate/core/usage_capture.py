@@ -2,6 +2,17 @@
 
 Pure functions and a small incremental parser: the ext_proc adapter feeds them request and response bodies;
 nothing here knows about Envoy or gRPC.
+
+Where each API reports its usage (every shape is recognised by its fields, so one reader serves every route):
+
+- OpenAI chat and legacy completions: `usage.prompt_tokens` / `completion_tokens`; streamed, in the last
+  chunk's `usage` (only when asked with `stream_options.include_usage`).
+- embeddings: `usage.prompt_tokens` (and `total_tokens`), no completion tokens: those count 0.
+- OpenAI Responses: `usage.input_tokens` / `output_tokens`; streamed, in `response.usage` of the
+  `response.completed` (or `.incomplete` / `.failed`) event.
+- Anthropic Messages: `usage.input_tokens` (+ `cache_creation_input_tokens`, `cache_read_input_tokens`, which
+  Anthropic counts apart) / `output_tokens`; streamed, the input in `message_start`'s `message.usage`, the output
+  in each `message_delta`'s `usage` (a running total: the last one counts).
 """
 
 from __future__ import annotations
@@ -18,11 +29,33 @@ class Usage:
     completion_tokens: int
 
 
-def _usage(value: Any) -> Usage | None:
+def _count(value: Any) -> int | None:
+    # bool is an int subclass, and JSON true is no token count
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+_ANTHROPIC_CACHE_INPUT = ("cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _counts(value: Any) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens an usage object states, each None when it does not state it."""
     if not isinstance(value, dict):
-        return None
-    prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int) or prompt < 0 or completion < 0:
+        return None, None
+    if "prompt_tokens" in value:  # OpenAI chat, completions, embeddings
+        prompt = _count(value.get("prompt_tokens"))
+        completion = value.get("completion_tokens")
+        # Embeddings have no completion: absent (or LiteLLM's null) counts 0; anything else must be a count.
+        return prompt, 0 if completion is None else _count(completion)
+    prompt = _count(value.get("input_tokens"))  # Responses, Anthropic Messages
+    if prompt is not None:
+        prompt += sum(_count(value.get(name)) or 0 for name in _ANTHROPIC_CACHE_INPUT)
+    return prompt, _count(value.get("output_tokens"))
+
+
+def _usage(value: Any) -> Usage | None:
+    """A complete usage: both counts stated and valid."""
+    prompt, completion = _counts(value)
+    if prompt is None or completion is None:
         return None
     return Usage(prompt, completion)
 
@@ -81,7 +114,8 @@ def append_to_json_content(body: bytes, text: str) -> bytes | None:
 
 
 class SseUsageReader:
-    """Follows an OpenAI-style SSE stream chunk by chunk: counts the content streamed and finds the usage.
+    """Follows an SSE stream chunk by chunk (OpenAI chat or completions, Responses, Anthropic Messages): counts
+    the content streamed and finds the usage.
 
     With `hide_usage` (quotagate asked for the usage itself, the client did not), the usage is taken out of
     what the client receives: an event that only carried usage is dropped, and `usage` is removed from an
@@ -173,6 +207,7 @@ class SseUsageReader:
             return whole
         self.events += 1
         self._remember_stream(event)
+        self._other_apis(event)
         choices = event.get("choices")
         if isinstance(choices, list):
             for choice in choices:
@@ -181,8 +216,13 @@ class SseUsageReader:
                 delta = choice.get("delta")
                 if isinstance(delta, dict) and isinstance(delta.get("content"), str):
                     self.content_chars += len(delta["content"])
+                if isinstance(choice.get("text"), str):  # legacy completions
+                    self.content_chars += len(choice["text"])
                 if choice.get("index", 0) == 0 and isinstance(choice.get("finish_reason"), str):
                     self.finish_reason = choice["finish_reason"]
+        if event.get("type") == "message_delta":  # Anthropic: the output so far, not a whole usage
+            self._merge(event.get("usage"))
+            return whole
         usage = _usage(event.get("usage"))
         if usage is None:
             if self.hide_usage and "usage" in event and event["usage"] is None:
@@ -196,6 +236,35 @@ class SseUsageReader:
             return b""
         del event["usage"]
         return b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
+
+    def _other_apis(self, event: dict[str, Any]) -> None:
+        """The usage and text of the events that are not OpenAI chunks: Anthropic's and the Responses API's."""
+        kind = event.get("type")
+        if not isinstance(kind, str):
+            return
+        delta = event.get("delta")
+        if kind == "content_block_delta" and isinstance(delta, dict) and isinstance(delta.get("text"), str):
+            self.content_chars += len(delta["text"])
+        elif kind == "response.output_text.delta" and isinstance(delta, str):
+            self.content_chars += len(delta)
+        elif kind == "message_start" and isinstance(event.get("message"), dict):
+            self._merge(event["message"].get("usage"))
+        elif kind.startswith("response.") and isinstance(event.get("response"), dict):
+            usage = _usage(event["response"].get("usage"))  # null until the response is done
+            if usage is not None:
+                self.usage = usage
+
+    def _merge(self, value: Any) -> None:
+        """Takes the counts an Anthropic event states, keeping the others: message_start states the input,
+        each message_delta the output so far."""
+        prompt, completion = _counts(value)
+        if prompt is None and completion is None:
+            return
+        known = self.usage or Usage(0, 0)
+        self.usage = Usage(
+            known.prompt_tokens if prompt is None else prompt,
+            known.completion_tokens if completion is None else completion,
+        )
 
     def _remember_stream(self, event: dict[str, Any]) -> None:
         if not self.completion_id and isinstance(event.get("id"), str):

@@ -84,9 +84,10 @@ class MemoryHotState:
             return None
         view = balance.view()
         if reservation.request_id in self._reservations:
-            return ReserveResult(admitted=True, view=view, duplicate=True)
+            return ReserveResult(admitted=False, view=view, duplicate=True)
         left = view.limits.allowance - view.allowance_used + view.credits - view.reserved
-        admitted = admits(view.limits.status, left, reservation.estimate, mode) is Verdict.ALLOW
+        # A free request (estimate 0) is admitted when a 1-token one would be: never for a blocked account.
+        admitted = admits(view.limits.status, left, max(reservation.estimate, 1), mode) is Verdict.ALLOW
         if admitted and reservation.estimate > 0:
             balance.reserved += reservation.estimate
             # Stored under the keys it was reserved for, as reserve.lua does (settle releases from those).
@@ -124,6 +125,13 @@ class MemoryHotState:
         if balance is not None:
             balance.reserved = max(0, balance.reserved - reservation.estimate)
             balance.settling += cost
+        return True
+
+    async def mark_forwarded(self, request_id: str) -> bool:
+        reservation = self._reservations.get(request_id)
+        if reservation is None:
+            return False
+        self._reservations[request_id] = replace(reservation, forwarded=True)
         return True
 
     async def settle(self, request_id: str, snapshot: LedgerSnapshot | None) -> Reservation | None:

@@ -288,7 +288,9 @@ class HotView:
 class ReserveResult:
     admitted: bool
     view: HotView  # before this request's reservation
-    duplicate: bool = False  # a reservation under this request id already existed
+    # A reservation under this request id already existed: never admitted, since a repeated id is someone
+    # reusing a request's key (Envoy makes a new one per request), never a retry that may pass.
+    duplicate: bool = False
 
 
 class HotState(Protocol):
@@ -315,6 +317,10 @@ class HotState(Protocol):
     async def mark_settling(self, request_id: str, cost: int) -> bool:
         """Swaps a finished request's hold for its cost, counted as allowance used until settle(); False when
         the reservation is gone or was swapped already."""
+        ...
+
+    async def mark_forwarded(self, request_id: str) -> bool:
+        """Notes that Envoy sent the request on after Check; False when there is no such reservation."""
         ...
 
     async def settle(self, request_id: str, snapshot: LedgerSnapshot | None) -> Reservation | None:

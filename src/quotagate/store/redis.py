@@ -78,6 +78,7 @@ class RedisHotState:
         # Every request also settles: those scripts and reads take the pipelined connection too.
         self._settle = Script(_script("settle.lua"))
         self._settling = Script(_script("settling.lua"))
+        self._forwarded = Script(_script("forwarded.lua"))
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "qg:") -> RedisHotState:
@@ -135,7 +136,7 @@ class RedisHotState:
             return None
         view = _view(out[1:])
         if verdict == "dup":
-            return ReserveResult(admitted=True, view=view, duplicate=True)
+            return ReserveResult(admitted=False, view=view, duplicate=True)
         return ReserveResult(admitted=verdict == "ok", view=view)
 
     async def view(self, user_id: str, cycle: str, now: float) -> HotView | None:
@@ -183,9 +184,12 @@ class RedisHotState:
 
     async def peek_reservation(self, request_id: str) -> Reservation | None:
         values = await self._hmget(
-            self._reservation_key(request_id), ["user", "cycle", "estimate", "model", "expires_at", "plan"]
+            self._reservation_key(request_id), ["user", "cycle", "estimate", "model", "expires_at", "plan", "fwd"]
         )
         return _reservation(request_id, values)
+
+    async def mark_forwarded(self, request_id: str) -> bool:
+        return bool(await self._eval(self._forwarded, [self._reservation_key(request_id)], []))
 
     async def mark_settling(self, request_id: str, cost: int) -> bool:
         out = await self._eval(self._settling, [self._reservation_key(request_id)], [f"{self._prefix}bal:", cost])
@@ -226,4 +230,5 @@ def _reservation(request_id: str, values: list[Any]) -> Reservation | None:
         model=values[3] or "",
         expires_at=float(values[4]),
         plan_id=(values[5] or "") if len(values) > 5 else "",
+        forwarded=len(values) > 6 and values[6] == "1",
     )

@@ -14,18 +14,21 @@ local next_expiry = tonumber(b[6]) or 0
 if next_expiry > 0 and tonumber(ARGV[3]) >= next_expiry then
   return {'stale'}  -- a credit grant expired: the credits total must be read again from the ledger
 end
+-- A request id that holds already is refused (RedisHotState.reserve): admitting it would let a second request
+-- ride on the first one's hold and settlement.
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {'dup', b[1], b[2], b[3], b[4], b[5], b[7], b[8], b[9]}
 end
 local estimate = tonumber(ARGV[1])
 local left = tonumber(b[2]) - b[3] + tonumber(b[4]) - tonumber(b[5])
+-- A free request (estimate 0: listing models) is admitted when a 1-token one would be: never for a blocked
+-- account, so a blocked user meets 429 on every route.
+local needed = math.max(estimate, 1)
 local verdict
 if b[1] == 'suspended' then
   verdict = 'suspended'
-elseif estimate <= 0 then
-  verdict = 'ok'
 elseif ARGV[2] == '1' then
-  if left >= estimate then verdict = 'ok' else verdict = 'deny' end
+  if left >= needed then verdict = 'ok' else verdict = 'deny' end
 else
   if left > 0 then verdict = 'ok' else verdict = 'deny' end
 end
