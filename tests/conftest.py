@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
+from harness import forget_prefix
 
 from quotagate.procs import free_port, start_embedded_postgres, start_redis, wait_for_port
 
@@ -75,13 +75,7 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
     """A key prefix of this test's own; its keys are deleted afterwards."""
     prefix = f"qgt:{uuid.uuid4().hex[:10]}:"
     yield prefix
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=prefix + "*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await forget_prefix(redis_url, prefix)
 
 
 @pytest.fixture

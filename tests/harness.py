@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import httpx
+import redis.asyncio as aioredis
 
 from quotagate.adapters.credentials import bearer_metadata
 from quotagate.config import Settings, parse_settings
@@ -230,3 +231,14 @@ class Stack:
             response = await client.get(f"http://127.0.0.1:{self.upstream_port}/_demo/requests")
             data: list[dict[str, Any]] = response.json()
             return data
+
+
+async def forget_prefix(redis_url: str, prefix: str) -> None:
+    """Deletes every Redis key under `prefix` (a test's own)."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()

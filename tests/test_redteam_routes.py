@@ -21,9 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 import yaml
-from harness import CLIENT_KEY, Stack, make_settings
+from harness import CLIENT_KEY, Stack, forget_prefix, make_settings
 
 from quotagate.procs import ManagedProcess, free_port, start_litellm, wait_litellm_ready
 from quotagate.reconcile import reconcile
@@ -144,16 +143,6 @@ async def settled(stack: Stack, user: str) -> tuple[admin_pb2.Account, list[dict
         if time.monotonic() > deadline:
             raise AssertionError(f"not settled: {account.balance} {events}")
         await asyncio.sleep(0.05)
-
-
-async def forget_prefix(redis_url: str, prefix: str) -> None:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=prefix + "*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 # -- against the demo upstream: every route, streamed and not, at known usage -------------------------------

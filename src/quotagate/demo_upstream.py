@@ -244,21 +244,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     if include_usage:
         events.append(chunk([], usage))
     events.append("data: [DONE]\n\n")
-
-    response = web.StreamResponse(
-        status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
-    await response.prepare(request)
-    try:
-        for i, event in enumerate(events):
-            if i and delay_ms:
-                await asyncio.sleep(delay_ms / 1000)
-            await response.write(event.encode())
-        await response.write_eof()
-    except ConnectionResetError:
-        # The client (or Envoy) hung up mid-stream; tests do this on purpose.
-        pass
-    return response
+    return await _send_stream(request, events, delay_ms)
 
 
 def _sse(events: list[dict[str, Any]], *, named: bool) -> list[str]:
@@ -278,7 +264,7 @@ async def _send_stream(request: web.Request, events: list[str], delay_ms: int) -
             await response.write(event.encode())
         await response.write_eof()
     except ConnectionResetError:
-        pass  # the client (or Envoy) hung up mid-stream
+        pass  # the client (or Envoy) hung up mid-stream; tests do this on purpose
     return response
 
 

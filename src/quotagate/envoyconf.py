@@ -415,13 +415,6 @@ def _models_route(per_filter: dict[str, Any]) -> dict[str, Any]:
 def _unknown_path_route(opts: EnvoyOptions) -> dict[str, Any]:
     """Envoy's own 404 for every path that is not metered: nothing reaches the upstream, and neither Check nor
     the rate limits are asked (there is nothing to decide)."""
-    disabled = {"@type": _FILTER_CONFIG_TYPE, "disabled": True}
-    per_filter = {"envoy.filters.http.ext_authz": disabled}
-    if opts.ext_proc:
-        per_filter[EXT_PROC_FILTER] = disabled
-        per_filter[WATCH_FILTER] = disabled
-    if opts.rate_limit:
-        per_filter["envoy.filters.http.ratelimit"] = disabled
     return {
         "match": {"prefix": "/"},
         "direct_response": {"status": 404, "body": {"inline_string": UNKNOWN_PATH_BODY}},
@@ -431,8 +424,20 @@ def _unknown_path_route(opts: EnvoyOptions) -> dict[str, Any]:
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
             }
         ],
-        "typed_per_filter_config": per_filter,
+        "typed_per_filter_config": _quotagate_filters_off(opts),
     }
+
+
+def _quotagate_filters_off(opts: EnvoyOptions) -> dict[str, Any]:
+    """Per-route config that turns off Check, both ext_proc filters and the rate limits."""
+    disabled = {"@type": _FILTER_CONFIG_TYPE, "disabled": True}
+    per_filter = {"envoy.filters.http.ext_authz": disabled}
+    if opts.ext_proc:
+        per_filter[EXT_PROC_FILTER] = disabled
+        per_filter[WATCH_FILTER] = disabled
+    if opts.rate_limit:
+        per_filter["envoy.filters.http.ratelimit"] = disabled
+    return per_filter
 
 
 def _upstream_cluster(opts: EnvoyOptions) -> dict[str, Any]:
@@ -493,17 +498,10 @@ def _user_pages_route(opts: EnvoyOptions) -> dict[str, Any]:
     # quotagate identifies the user itself here (client key and x-user-id, or a signed personal link), and
     # nothing is spent, so Check, ext_proc and the rate limits stay out of the way: a blocked user must
     # still see the balance page and buy credits.
-    disabled = {"@type": _FILTER_CONFIG_TYPE, "disabled": True}
-    per_filter = {"envoy.filters.http.ext_authz": disabled}
-    if opts.ext_proc:
-        per_filter[EXT_PROC_FILTER] = disabled
-        per_filter[WATCH_FILTER] = disabled
-    if opts.rate_limit:
-        per_filter["envoy.filters.http.ratelimit"] = disabled
     return {
         "match": {"path_separated_prefix": USER_PAGES_PREFIX},
         "route": {"cluster": HTTP_CLUSTER, "timeout": "30s"},
-        "typed_per_filter_config": per_filter,
+        "typed_per_filter_config": _quotagate_filters_off(opts),
     }
 
 
