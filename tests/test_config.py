@@ -64,6 +64,7 @@ def test_valid_file_reads_every_key() -> None:
     assert s.purchase_url == "https://example.com/comprar"
     assert s.reservation_ttl_seconds == 300
     assert s.on_store_error == "allow"
+    assert s.usage_capture == "callback"
     assert (s.estimate.chars_per_token, s.estimate.prompt_margin) == (3.5, 1.5)
     assert (s.estimate.default_completion_tokens, s.estimate.minimum) == (512, 50)
     assert [p.id for p in s.plans] == ["basic", "pro"]
@@ -112,6 +113,7 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
     assert s.plans == defaults.plans
     assert s.default_plan == defaults.plans[0].id
     assert s.on_store_error == "deny"
+    assert s.usage_capture == "ext_proc"
     assert s.production is False
 
 
@@ -161,6 +163,7 @@ BAD_FILES = [
     ("bad_language.yaml", "language"),
     ("bad_admission_mode.yaml", "admission_mode"),
     ("bad_on_store_error.yaml", "on_store_error"),
+    ("bad_usage_capture.yaml", "usage_capture"),
     ("zero_ttl.yaml", "reservation_ttl_seconds"),
     ("trusted_not_bool.yaml", "clients[0].trusted"),
     ("weight_without_pattern.yaml", "plans[0].model_weights[0].pattern"),
