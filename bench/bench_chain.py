@@ -16,8 +16,9 @@ Phases: 1 connection with sequential requests (plain, chain: the latency quotaga
 --connections connections in a closed loop (chain, LiteLLM direct, chain + LiteLLM: saturation throughput).
 It prints the added p50 at low load (target <= 1 ms) and the chain's saturation throughput over LiteLLM's
 (target >= 3x), both from the same run on the same machine. --breakdown adds Envoys with Check only and with
-Check + ext_proc, the same Envoy with every answer held (the client sends x-quota-settle-first, which routes
-it to the ext_proc whose answers Envoy waits for, as near a threshold), and Check + ext_proc in front of
+Check + ext_proc, the same Envoy with every answer held (its users are on a plan whose thresholds every
+request crosses, so Check routes each to the ext_proc whose answers Envoy waits for, as near a threshold; the
+run checks Envoy's ext_proc stream counters to be sure), and Check + ext_proc in front of
 bench/trivial_authz.py, a server that answers at once: the latency those two filters add whatever the service
 does. --paced RATE measures the same low-load targets again at RATE requests a second on a fixed schedule, so
 that the services are idle between requests (one connection in a closed loop keeps them busy).
@@ -33,22 +34,34 @@ import os
 import secrets
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
 import bench_envoy
 import bench_ratelimit
 import common
+import grpc
 import yaml
 
-from quotagate.envoyconf import EXT_PROC_FILTER, SETTLE_FIRST_HEADER, WATCH_FILTER, EnvoyOptions, build_envoy_config
+from quotagate.config import sha256_hex
+from quotagate.envoyconf import EXT_PROC_FILTER, WATCH_FILTER, EnvoyOptions, build_envoy_config
 from quotagate.procs import free_port, start_litellm, wait_litellm_ready
+from quotagate.v1 import admin_pb2, admin_pb2_grpc
 
 TRIVIAL = "do-nothing Check + ext_proc (trivial_authz.py)"
 HELD = "Check + ext_proc, every answer held"
-# What Check sets near a threshold; sent by the client here, it routes every answer to the held ext_proc (the
-# behaviour before answers were only watched), for a comparison in the same run.
-HELD_HEADER = f"{SETTLE_FIRST_HEADER}: 1\r\n"
+# The HELD target's users are on this plan (Admin.UpsertAccount): the first reservation already takes them past
+# both thresholds, so no decision settles unseen (core.decide.Decision.settles_unseen) and Check routes every
+# answer to the held ext_proc (the behaviour before answers were only watched), for a comparison in the same
+# run. The allowance is never used up. A client can no longer choose that route itself: Check removes the
+# x-quota-* headers it sends.
+NEAR_PLAN = {"id": "bench-near", "monthly_allowance": 10**9, "warn_threshold": 1e-9, "critical_threshold": 2e-9}
+HELD_USERS = "bench-near-user"
+ADMIN_TOKEN = "bench-admin-" + secrets.token_hex(16)
+# Envoy's counters of the streams each ext_proc filter opened (stat prefixes "ingress" and "watch").
+HELD_STREAMS = "http.ingress.ext_proc.streams_started"
+WATCHED_STREAMS = "http.ingress.ext_proc.watch.streams_started"
 FILTERS_OFF = ("envoy.filters.http.ext_authz", EXT_PROC_FILTER, WATCH_FILTER, "envoy.filters.http.ratelimit")
 LITELLM_CONFIG = {
     "model_list": [
@@ -116,14 +129,44 @@ async def paced_load(
         await asyncio.gather(*(c.close() for c in connections))
 
 
+def envoy_admin_port(config: dict[str, Any]) -> int:
+    return int(config["admin"]["address"]["socket_address"]["port_value"])
+
+
+def ext_proc_streams(admin_port: int) -> tuple[int, int]:
+    """The streams Envoy opened so far on its held and on its watching ext_proc filter (blocking)."""
+    url = f"http://{common.HOST}:{admin_port}/stats?filter=streams_started"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    stats = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    return int(stats.get(HELD_STREAMS, 0)), int(stats.get(WATCHED_STREAMS, 0))
+
+
+async def put_on_plan(grpc_target: str, users: int, plan_id: str) -> None:
+    """The HELD target's accounts, on `plan_id`, before they are first used."""
+    metadata = [("authorization", f"Bearer {ADMIN_TOKEN}")]
+    async with grpc.aio.insecure_channel(grpc_target) as channel:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        for i in range(users):
+            await admin.UpsertAccount(
+                admin_pb2.UpsertAccountRequest(
+                    user_id=f"{HELD_USERS}-{i:04d}", plan=plan_id, reason="Benchmark of held answers."
+                ),
+                metadata=metadata,
+                timeout=30,
+            )
+
+
 @dataclass
 class Target:
     name: str
     port: int
     key: str
     pids: dict[str, int]
-    extra_headers: str = ""
+    user_prefix: str = "bench-user"
+    admin_port: int | None = None  # Envoy's, for its ext_proc stream counters
     results: dict[int, common.LoadResult] = field(default_factory=dict)
+    streams: dict[int, tuple[int, int]] = field(default_factory=dict)  # per load: (held, watched), warm-up included
     cpu: dict[int, dict[str, float]] = field(default_factory=dict)
     checks: dict[int, float] = field(default_factory=dict)
 
@@ -141,7 +184,11 @@ async def main_async(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             rate_limits=rate_limits,
             workers=args.workers,
-            extra_config={"upstream": {"api_key": master_key}},
+            extra_config={
+                "upstream": {"api_key": master_key},
+                "plans": [*common.quotagate_config(stores, "")["plans"], NEAR_PLAN],
+                "admin_tokens": [{"name": "bench-admin", "token_sha256": sha256_hex(ADMIN_TOKEN), "role": "admin"}],
+            },
         )
         upstream, upstream_port = await bench_envoy.start_upstream(bench)
 
@@ -165,15 +212,15 @@ async def main_async(args: argparse.Namespace) -> int:
 
         plain_cfg = without_filters(build_envoy_config(options(upstream_port)), FILTERS_OFF)
         plain, plain_port = await bench_envoy.start_envoy_target(bench, "plain", plain_cfg, args.envoy_concurrency)
-        chain, chain_port = await bench_envoy.start_envoy_target(
-            bench, "chain", build_envoy_config(options(upstream_port)), args.envoy_concurrency
-        )
+        chain_cfg = build_envoy_config(options(upstream_port))
+        chain, chain_port = await bench_envoy.start_envoy_target(bench, "chain", chain_cfg, args.envoy_concurrency)
+        chain_ll_cfg = build_envoy_config(options(litellm_port))
         chain_ll, chain_ll_port = await bench_envoy.start_envoy_target(
-            bench, "chain-litellm", build_envoy_config(options(litellm_port)), args.envoy_concurrency
+            bench, "chain-litellm", chain_ll_cfg, args.envoy_concurrency
         )
         base = {"quotagate": qg.proc.pid}
         breakdown: list[str] = []
-        started: dict[str, tuple[int, int]] = {}
+        started: dict[str, tuple[int, int, int]] = {}
         if args.breakdown:
             # The chain's filters one step at a time, to see what each adds at low load; and the same two
             # filters in front of a server that does nothing (bench/trivial_authz.py --unary: Check and ext_proc on
@@ -191,32 +238,47 @@ async def main_async(args: argparse.Namespace) -> int:
                     bench, name.split(" (")[0].replace(" ", "").replace("+", "-"), cfg, args.envoy_concurrency
                 )
                 breakdown.append(name)
-                started[name] = (proc.pid, port)
+                started[name] = (proc.pid, port, envoy_admin_port(cfg))
         targets = {
             "plain": Target("plain Envoy -> demo", plain_port, qg.client_key, {"envoy": plain.pid, "up": upstream.pid}),
             "chain": Target(
-                "chain -> demo", chain_port, qg.client_key, {"envoy": chain.pid, "up": upstream.pid} | base
+                "chain -> demo",
+                chain_port,
+                qg.client_key,
+                {"envoy": chain.pid, "up": upstream.pid} | base,
+                admin_port=envoy_admin_port(chain_cfg),
             ),
             "litellm": Target("LiteLLM direct", litellm_port, master_key, {"up": litellm.pid}),
             "chain_ll": Target(
-                "chain -> LiteLLM", chain_ll_port, qg.client_key, {"envoy": chain_ll.pid, "up": litellm.pid} | base
+                "chain -> LiteLLM",
+                chain_ll_port,
+                qg.client_key,
+                {"envoy": chain_ll.pid, "up": litellm.pid} | base,
+                admin_port=envoy_admin_port(chain_ll_cfg),
             ),
         }
         for name in breakdown:
-            envoy_pid, envoy_port = started[name]
+            envoy_pid, envoy_port, admin_port = started[name]
             pids = {"envoy": envoy_pid, "up": upstream.pid} | (base if name != TRIVIAL else {})
-            targets[name] = Target(f"{name} -> demo", envoy_port, qg.client_key, pids)
+            targets[name] = Target(f"{name} -> demo", envoy_port, qg.client_key, pids, admin_port=admin_port)
         if args.breakdown:
-            envoy_pid, envoy_port = started["Check + ext_proc"]
+            envoy_pid, envoy_port, admin_port = started["Check + ext_proc"]
             pids = {"envoy": envoy_pid, "up": upstream.pid} | base
-            targets[HELD] = Target(f"{HELD} -> demo", envoy_port, qg.client_key, pids, HELD_HEADER)
+            targets[HELD] = Target(
+                f"{HELD} -> demo", envoy_port, qg.client_key, pids, user_prefix=HELD_USERS, admin_port=admin_port
+            )
             breakdown.insert(breakdown.index("Check + ext_proc") + 1, HELD)
+            await put_on_plan(qg.grpc_target, args.users, NEAR_PLAN["id"])
 
-        # Every account exists and sits in Redis before measuring; LiteLLM answers once before it is timed.
-        for target in (targets["chain"], targets["litellm"]):
+        # Every account exists and sits in Redis before measuring; LiteLLM answers once before it is timed. The
+        # HELD users' first answers also carry the in-conversation notices of the thresholds they cross (settings
+        # notices.in_conversation), here rather than in the measured phase; a notice adds one text chunk to the
+        # answer and would be harmless there anyway.
+        priming = [targets["chain"], targets["litellm"]] + ([targets[HELD]] if args.breakdown else [])
+        for target in priming:
             conn = bench_envoy.Connection(target.port)
             try:
-                for request in bench_envoy.build_requests(target.port, target.key, args.users):
+                for request in bench_envoy.build_requests(target.port, target.key, args.users, target.user_prefix):
                     await conn.request(request)
             finally:
                 await conn.close()
@@ -249,7 +311,8 @@ async def measure(
     def mark_start() -> None:
         marks.append(probe.snapshot())
 
-    requests = bench_envoy.build_requests(target.port, target.key, args.users, target.extra_headers)
+    requests = bench_envoy.build_requests(target.port, target.key, args.users, target.user_prefix)
+    streams_before = await asyncio.to_thread(ext_proc_streams, target.admin_port) if target.admin_port else None
     if level == PACED:
         paced = PacedPayload(target.port, requests, rate=args.paced)
         result = await asyncio.to_thread(
@@ -261,6 +324,12 @@ async def measure(
             common.run_load, bench_envoy.http_load, payload, level, args.clients, args.seconds, args.warmup, mark_start
         )
     after = probe.snapshot()
+    streams = ""
+    if target.admin_port and streams_before is not None:
+        held, watched = await asyncio.to_thread(ext_proc_streams, target.admin_port)
+        held_sum, watched_sum = target.streams.get(level, (0, 0))
+        target.streams[level] = (held_sum + held - streams_before[0], watched_sum + watched - streams_before[1])
+        streams = f", ext_proc streams held {held - streams_before[0]}, watched {watched - streams_before[1]}"
     before = marks[0]
     wall = after.wall - before.wall
     cpu = {k: 100 * (after.cpu[k] - before.cpu[k]) / wall for k in after.cpu}
@@ -281,7 +350,7 @@ async def measure(
     load = f"{args.paced:g} req/s paced" if level == PACED else f"{level} conn"
     common.log(
         f"round {round_no + 1}, {load}, {target.name}: {result.rate:,.0f} req/s, p50 {p50:.2f} ms, "
-        f"p99 {p99:.2f} ms, errors {result.errors}"
+        f"p99 {p99:.2f} ms, errors {result.errors}{streams}"
     )
 
 
@@ -302,8 +371,21 @@ def report(targets: dict[str, Target], args: argparse.Namespace) -> int:
                          cpu.get("redis", math.nan), cpu["client"], cpu["machine"]])  # fmt: skip
             if result.errors:
                 problems.append(f"{target.name}, {level} conns: {result.errors} errors, first: {result.first_error}")
+    if HELD in targets:  # the phase measures the held path only if Check routed every answer there
+        for level, (held, watched) in targets[HELD].streams.items():
+            if held == 0 or watched:
+                problems.append(
+                    f"{HELD}, load {level}: {held} held ext_proc streams, {watched} watched, expected only held"
+                )
     common.print_table(headers, rows, title="Through the chain and LiteLLM (req/s = successful requests / seconds)")
     print("machine CPU%: all of the machine's busy time (2 cores = 200%), ours and anything else running.")
+    print("ext_proc streams Envoy opened per target and load (held: Envoy waits for the answers; watched: it does")
+    print("not), warm-up included:")
+    for target in targets.values():
+        for level, (held, watched) in target.streams.items():
+            if held or watched:
+                load = f"{args.paced:g}/s" if level == PACED else f"{level} conn"
+                print(f"  {target.name}, {load}: held {held}, watched {watched}")
 
     plain50 = targets["plain"].results[1].summary()[0]
     chain50 = targets["chain"].results[1].summary()[0]

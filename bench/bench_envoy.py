@@ -113,17 +113,16 @@ class Connection:
         raise HttpError("too many chunks")
 
 
-def build_requests(port: int, client_key: str, users: int, extra_headers: str = "") -> tuple[bytes, ...]:
-    """One chat completion request per user; `extra_headers` ("name: value\r\n" lines) go into each."""
+def build_requests(port: int, client_key: str, users: int, user_prefix: str = "bench-user") -> tuple[bytes, ...]:
+    """One chat completion request per user, the users named `user_prefix`-NNNN."""
     requests = []
     for i in range(users):
         head = (
             f"POST /v1/chat/completions HTTP/1.1\r\n"
             f"host: {common.HOST}:{port}\r\n"
             f"authorization: Bearer {client_key}\r\n"
-            f"x-user-id: bench-user-{i:04d}\r\n"
+            f"x-user-id: {user_prefix}-{i:04d}\r\n"
             f"x-demo-completion-tokens: 1\r\n"
-            f"{extra_headers}"
             f"content-type: application/json\r\n"
             f"content-length: {len(CHAT_BODY)}\r\n\r\n"
         )
