@@ -168,6 +168,10 @@ BAD_FILES = [
     ("trusted_not_bool.yaml", "clients[0].trusted"),
     ("weight_without_pattern.yaml", "plans[0].model_weights[0].pattern"),
     ("unknown_upstream_key.yaml", "upstream.url"),
+    ("decision_tls_missing_file.yaml", "decision.tls.cert"),
+    ("decision_tls_without_key.yaml", "decision.tls.key"),
+    ("decision_tls_missing_client_ca.yaml", "decision.tls.client_ca"),
+    ("decision_tls_unknown_key.yaml", "decision.tls.ca"),
 ]
 
 

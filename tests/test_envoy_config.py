@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -11,6 +12,7 @@ from typing import Any
 import certifi
 import pytest
 import yaml
+from test_admin_mtls import _issue
 
 from quotagate.core.estimate import ApiKind, api_of
 from quotagate.envoyconf import (
@@ -29,6 +31,7 @@ from quotagate.envoyconf import (
     USER_PAGES_PREFIX,
     WATCH_FILTER,
     EnvoyOptions,
+    build_envoy_config,
     main,
     render_envoy_config,
     tokens_descriptor,
@@ -243,6 +246,15 @@ def test_invalid_options_rejected() -> None:
         EnvoyOptions(upstream_host="x", upstream_port=1, status_on_error=599)
     with pytest.raises(ValueError, match="upstream_port"):
         EnvoyOptions(upstream_host="x", upstream_port=0)
+    tls: dict[str, Any] = {"upstream_host": "x", "upstream_port": 1, "decision_tls": True, "decision_port": 50053}
+    with pytest.raises(ValueError, match="decision_ca_file"):
+        EnvoyOptions(**tls)
+    with pytest.raises(ValueError, match="decision_port"):
+        EnvoyOptions(**{**tls, "decision_port": 0, "decision_ca_file": CA_BUNDLE})
+    with pytest.raises(ValueError, match="go together"):
+        EnvoyOptions(**tls, decision_ca_file=CA_BUNDLE, decision_client_cert=CA_BUNDLE)
+    with pytest.raises(ValueError, match="need decision_tls"):
+        EnvoyOptions(upstream_host="x", upstream_port=1, decision_ca_file=CA_BUNDLE)
 
 
 def test_production_yaml_validates() -> None:
@@ -260,6 +272,8 @@ def test_production_yaml_is_up_to_date(capsys: pytest.CaptureFixture[str]) -> No
     for name in (AUTHZ_CLUSTER, RATELIMIT_CLUSTER, EXTPROC_CLUSTER):
         assert endpoint(cluster(config, name)) == {"address": "quotagate", "port_value": 50053}
     assert endpoint(cluster(config, UPSTREAM_CLUSTER)) == {"address": "litellm", "port_value": 4000}
+    # Inside the compose network the decision port stays plaintext unless decision TLS is turned on.
+    assert not any("transport_socket" in cluster(config, name) for name in (AUTHZ_CLUSTER, EXTPROC_CLUSTER))
 
 
 def test_cli_overrides_and_output_file(tmp_path: pathlib.Path) -> None:
@@ -366,3 +380,43 @@ def test_rate_limits_count_requests_and_tokens_per_authenticated_user() -> None:
     kind, user = token_check["actions"]
     assert (kind["generic_key"]["descriptor_key"], kind["generic_key"]["descriptor_value"]) == tokens_descriptor("u")[0]
     assert user["request_headers"]["descriptor_key"] == tokens_descriptor("u")[1][0]
+
+
+def test_decision_tls_encrypts_every_call_to_the_decision_port_and_envoy_accepts_it(tmp_path: pathlib.Path) -> None:
+    ca = _issue("quotagate test CA", None, ca=True)
+    files = {"ca.pem": ca.cert}
+    client = _issue("envoy", ca)
+    files.update({"client.pem": client.cert, "client.key": client.key})
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    out = tmp_path / "envoy.yaml"
+    flags = ["--decision-tls", "--decision-ca-file", str(tmp_path / "ca.pem"), "--decision-client-cert"]
+    flags += [str(tmp_path / "client.pem"), "--decision-client-key", str(tmp_path / "client.key")]
+    assert main(["--production", *flags, "-o", str(out)]) == 0
+    assert_valid(out)  # Envoy loads the certificate and key, and knows every field
+    config = yaml.safe_load(out.read_text())
+    for name in (AUTHZ_CLUSTER, EXTPROC_CLUSTER, RATELIMIT_CLUSTER):
+        tls = cluster(config, name)["transport_socket"]["typed_config"]
+        assert tls["sni"] == "quotagate"
+        context = tls["common_tls_context"]
+        assert context["alpn_protocols"] == ["h2"]
+        validation = context["validation_context"]
+        assert validation["trusted_ca"] == {"filename": str(tmp_path / "ca.pem")}
+        assert validation["match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": "quotagate"}}]
+        (certificate,) = context["tls_certificates"]
+        assert certificate["certificate_chain"] == {"filename": str(tmp_path / "client.pem")}
+        assert certificate["private_key"] == {"filename": str(tmp_path / "client.key")}
+    # The LLM upstream and quotagate's HTTP port are not the decision port.
+    assert "transport_socket" not in cluster(config, UPSTREAM_CLUSTER)
+    assert "transport_socket" not in cluster(config, HTTP_CLUSTER)
+
+
+def test_decision_tls_to_an_address_pins_the_ip_and_sends_no_sni() -> None:
+    opts = EnvoyOptions("127.0.0.1", 8000, decision_port=50053, decision_tls=True, decision_ca_file=CA_BUNDLE)
+    tls = cluster(build_envoy_config(opts), AUTHZ_CLUSTER)["transport_socket"]["typed_config"]
+    assert "sni" not in tls and "tls_certificates" not in tls["common_tls_context"]
+    san = tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
+    assert san == [{"san_type": "IP_ADDRESS", "matcher": {"exact": "127.0.0.1"}}]
+    named = dataclasses.replace(opts, decision_sni="decisions.internal")
+    tls = cluster(build_envoy_config(named), AUTHZ_CLUSTER)["transport_socket"]["typed_config"]
+    assert tls["sni"] == "decisions.internal"

@@ -182,9 +182,7 @@ COMPLETIONS_STREAM = (
     [(RESPONSES_STREAM, Usage(36, 87)), (ANTHROPIC_STREAM, Usage(2095, 503)), (COMPLETIONS_STREAM, Usage(11, 4))],
     ids=["responses", "anthropic", "completions"],
 )
-def test_every_apis_stream_cut_anywhere_gives_its_usage_and_content(
-    stream: bytes, expected: Usage, size: int
-) -> None:
+def test_every_apis_stream_cut_anywhere_gives_its_usage_and_content(stream: bytes, expected: Usage, size: int) -> None:
     reader = read_stream(stream, size)
     assert reader.usage == expected
     assert reader.content_chars == len("Olá mundo")

@@ -18,6 +18,7 @@ import yaml
 from quotagate.core.estimate import EstimateSettings
 from quotagate.core.messages import Language
 from quotagate.core.model import AdmissionMode, ModelWeight, Plan
+from quotagate.unary.limits import DecisionLimits, DecisionTls
 
 DEFAULT_LINK_SECRET = "quotagate-development-link-secret"  # refused in production, like the admin token
 DEFAULT_ADMIN_TOKEN = "change-me"  # accepted only outside production, so a demo works out of the box
@@ -170,6 +171,10 @@ class Settings:
     grpc_listen: str = "127.0.0.1:50051"
     # What Envoy calls (Check, ShouldRateLimit, ext_proc) on a lean HTTP/2 server (quotagate.unary); "" is off.
     decision_listen: str = "127.0.0.1:50053"
+    # `decision:` what the decision port takes from a peer (connections, streams, bytes, timeouts).
+    decision_limits: DecisionLimits = field(default_factory=DecisionLimits)
+    # `decision.tls`: TLS (and with client_ca mutual TLS) on the decision port; None: plaintext.
+    decision_tls: DecisionTls | None = None
     http_listen: str = "127.0.0.1:8080"
     production: bool = False
     # envoyproxy/ratelimit-format files (or folders); empty: the built-in default (60 requests a minute a user).
@@ -416,16 +421,51 @@ def _decision_listen(top: _Section, env: Mapping[str, str], default: str) -> str
     return listen.strip()
 
 
+def _decision_limits(section: _Section) -> DecisionLimits:
+    """`decision:` limits; the caller reads `decision.tls` and calls done()."""
+    d = DecisionLimits()
+    limits = DecisionLimits(
+        max_connections=_positive_int(section, "max_connections", d.max_connections, 1),
+        max_concurrent_streams=_positive_int(section, "max_concurrent_streams", d.max_concurrent_streams, 1),
+        max_header_list_bytes=_positive_int(section, "max_header_list_bytes", d.max_header_list_bytes, 1024),
+        max_message_bytes=_positive_int(section, "max_message_bytes", d.max_message_bytes, 1024),
+        max_buffered_in_bytes=_positive_int(section, "max_buffered_in_bytes", d.max_buffered_in_bytes, 16384),
+        max_buffered_out_bytes=_positive_int(section, "max_buffered_out_bytes", d.max_buffered_out_bytes, 16384),
+        idle_timeout_seconds=section.take("idle_timeout_seconds", float, d.idle_timeout_seconds),
+        header_read_timeout_seconds=section.take("header_read_timeout_seconds", float, d.header_read_timeout_seconds),
+    )
+    for name in ("idle_timeout_seconds", "header_read_timeout_seconds"):
+        if getattr(limits, name) <= 0:
+            raise section.fail(name, "must be positive")
+    return limits
+
+
+def _tls_file(tls: _Section, name: str, base: Path) -> Path | None:
+    """A PEM file named in a `tls:` section, relative to the config file; None when not given."""
+    raw = tls.take(name, str, "")
+    path = None if not raw else (Path(raw) if Path(raw).is_absolute() else base / raw)
+    if path is not None and not path.is_file():
+        raise tls.fail(name, f"no such file: {path}")
+    return path
+
+
+def _decision_tls(tls: _Section, base: Path) -> DecisionTls | None:
+    """`decision.tls`: cert and key for TLS; with client_ca also mutual TLS. None (plaintext) when empty."""
+    cert, key, client_ca = (_tls_file(tls, name, base) for name in ("cert", "key", "client_ca"))
+    tls.done()
+    if cert is None and key is None and client_ca is None:
+        return None
+    if cert is None or key is None:
+        raise tls.fail("key" if key is None else "cert", "required: TLS needs both cert and key")
+    return DecisionTls(cert, key, client_ca)
+
+
 def _admin_listener(section: _Section, env: Mapping[str, str], base: Path) -> AdminListener:
     listen = env.get("QUOTAGATE_ADMIN_LISTEN", section.take("listen", str, ""))
     tls = section.sub("tls")
     files: dict[str, Path | None] = {}
     for name in ("cert", "key", "client_ca"):
-        raw = tls.take(name, str, "")
-        path = None if not raw else (Path(raw) if Path(raw).is_absolute() else base / raw)
-        if path is not None and not path.is_file():
-            raise tls.fail(name, f"no such file: {path}")
-        files[name] = path
+        files[name] = _tls_file(tls, name, base)
     tls.done()
     given = [name for name, path in files.items() if path is not None]
     if given and len(given) < 3:
@@ -514,6 +554,10 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
     admin_failed_auth = _failed_auth(admin_section.sub("failed_auth"))
     admin = _admin_listener(admin_section, env, Path(source).parent)
     stripe = _stripe(top.sub("stripe"), env)
+    decision_section = top.sub("decision")
+    decision_limits = _decision_limits(decision_section)
+    decision_tls = _decision_tls(decision_section.sub("tls"), Path(source).parent)
+    decision_section.done()
     packages = _packages(top)
     notices = _notices(top.sub("notices"))
     settings = Settings(
@@ -541,6 +585,8 @@ def parse_settings(data: Any, source: str, env: Mapping[str, str]) -> Settings:
         redis_prefix=top.take("redis_prefix", str, defaults.redis_prefix),
         grpc_listen=env.get("QUOTAGATE_GRPC_LISTEN", top.take("grpc_listen", str, defaults.grpc_listen)),
         decision_listen=_decision_listen(top, env, defaults.decision_listen),
+        decision_limits=decision_limits,
+        decision_tls=decision_tls,
         http_listen=env.get("QUOTAGATE_HTTP_LISTEN", top.take("http_listen", str, defaults.http_listen)),
         production=top.take("production", bool, False) or env.get("QUOTAGATE_ENV", "") == "production",
         rate_limit_files=_paths(top, "rate_limits", Path(source).parent),

@@ -143,6 +143,14 @@ class EnvoyOptions:
     http_host: str = ""
     # quotagate's envoy_token (QUOTAGATE_ENVOY_TOKEN), sent on every gRPC call Envoy makes to it.
     envoy_token: str = DEFAULT_ENVOY_TOKEN
+    # TLS to the decision port (quotagate's decision.tls): the CA that signed quotagate's certificate, and for
+    # mutual TLS (decision.tls.client_ca) Envoy's own certificate and key, all PEM files as Envoy sees them.
+    decision_tls: bool = False
+    decision_ca_file: str | None = None
+    decision_client_cert: str | None = None
+    decision_client_key: str | None = None
+    # The name quotagate's certificate must carry (and the SNI sent); default authz_host.
+    decision_sni: str = ""
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "admin_port", "authz_port", "upstream_port", "http_port"):
@@ -160,6 +168,22 @@ class EnvoyOptions:
             raise ValueError("authz_timeout_ms must be positive")
         if not self.envoy_token or not all("!" <= c <= "~" for c in self.envoy_token):
             raise ValueError("envoy_token must be printable ASCII without spaces (it is sent as a header)")
+        self._check_decision_tls()
+
+    def _check_decision_tls(self) -> None:
+        tls_files = (self.decision_ca_file, self.decision_client_cert, self.decision_client_key, self.decision_sni)
+        if not self.decision_tls:
+            if any(tls_files):
+                raise ValueError("decision_ca_file, decision_client_cert/key and decision_sni need decision_tls")
+            return
+        if not self.decision_port:
+            # With decision_port 0 every call goes to the grpc.aio port, which decision.tls does not cover.
+            raise ValueError("decision_tls needs decision_port (quotagate's decision_listen port)")
+        if not self.decision_ca_file:
+            # Without it Envoy would send its token to whoever answers on the port.
+            raise ValueError("decision_tls needs decision_ca_file, the CA that signed quotagate's certificate")
+        if (self.decision_client_cert is None) != (self.decision_client_key is None):
+            raise ValueError("decision_client_cert and decision_client_key go together (mutual TLS)")
 
 
 # docker-compose: quotagate and LiteLLM are reached by their service names.
@@ -239,7 +263,35 @@ def _grpc_cluster(name: str, opts: EnvoyOptions, limit: int) -> dict[str, Any]:
             }
         ]
     }
+    if opts.decision_tls:
+        cluster["transport_socket"] = _decision_transport_socket(opts)
     return cluster
+
+
+def _decision_transport_socket(opts: EnvoyOptions) -> dict[str, Any]:
+    """TLS to quotagate's decision port: ALPN h2 (gRPC over TLS needs it), quotagate's certificate verified
+    against decision_ca_file and pinned to its name, and Envoy's certificate when quotagate asks for one."""
+    name = opts.decision_sni or opts.authz_host
+    san_type = "IP_ADDRESS" if _is_ip_literal(name) else "DNS"
+    context: dict[str, Any] = {
+        "alpn_protocols": ["h2"],
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        "validation_context": {
+            "trusted_ca": {"filename": opts.decision_ca_file},
+            "match_typed_subject_alt_names": [{"san_type": san_type, "matcher": {"exact": name}}],
+        },
+    }
+    if opts.decision_client_cert is not None and opts.decision_client_key is not None:
+        context["tls_certificates"] = [
+            {
+                "certificate_chain": {"filename": opts.decision_client_cert},
+                "private_key": {"filename": opts.decision_client_key},
+            }
+        ]
+    tls: dict[str, Any] = {"@type": _TLS_TYPE, "common_tls_context": context}
+    if san_type == "DNS":
+        tls["sni"] = name
+    return {"name": "envoy.transport_sockets.tls", "typed_config": tls}
 
 
 def _authz_cluster(opts: EnvoyOptions) -> dict[str, Any]:
@@ -622,6 +674,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate-limit-timeout-ms", type=int)
     parser.add_argument("--http-host", help="quotagate's HTTP port host (default: the authz host)")
     parser.add_argument("--http-port", type=int, help="quotagate's HTTP port (balance and purchase pages)")
+    parser.add_argument(
+        "--decision-tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TLS to the decision port (quotagate's decision.tls); needs --decision-ca-file",
+    )
+    parser.add_argument("--decision-ca-file", help="PEM CA that signed quotagate's decision port certificate")
+    parser.add_argument("--decision-client-cert", help="Envoy's certificate for mutual TLS (decision.tls.client_ca)")
+    parser.add_argument("--decision-client-key", help="the private key of --decision-client-cert")
+    parser.add_argument("--decision-sni", help="the name on quotagate's certificate (default: the authz host)")
     parser.add_argument(
         "--envoy-token",
         help=f"quotagate's envoy_token, sent on Envoy's gRPC calls (--production: {ENVOY_TOKEN_PLACEHOLDER}, "

@@ -88,6 +88,27 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.decision_limit_hits = Counter(
+            "quotagate_decision_limit_hits_total",
+            "Decision-port limits reached, by limit (max_connections, max_concurrent_streams, "
+            "max_header_list_bytes, max_message_bytes, max_buffered_in_bytes, max_buffered_out_bytes, "
+            "header_read_timeout).",
+            ["limit"],
+            registry=self.registry,
+        )
+        self.decision_connections_closed = Counter(
+            "quotagate_decision_connections_closed_total",
+            "Decision-port connections closed by quotagate for a cause: a limit, a timeout (idle_timeout, "
+            "header_read_timeout, write_stalled), a flood (ping_flood, settings_flood, empty_frames, rapid_reset, "
+            "header_bomb), a protocol error (its RFC 9113 code in lower case) or tls_handshake (decision.tls).",
+            ["cause"],
+            registry=self.registry,
+        )
+        self.decision_connections = Gauge(
+            "quotagate_decision_connections",
+            "Open connections to this process's decision port.",
+            registry=self.registry,
+        )
         self.worker_info = Gauge(
             "quotagate_worker_info",
             "1, labelled with this serving process's worker index and pid (one series per process: with "

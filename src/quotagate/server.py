@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from ssl import CERT_REQUIRED, SSLContext
 
 import grpc
 from aiohttp import web
@@ -46,6 +47,8 @@ from quotagate.store.postgres import PostgresLedger
 from quotagate.store.redis import RedisHotState
 from quotagate.store.resp import PipelinedRedis
 from quotagate.unary import UnaryServer
+from quotagate.unary.limits import DecisionLimits, DecisionTls
+from quotagate.unary.tls import server_context
 from quotagate.v1 import admin_pb2, admin_pb2_grpc, usage_pb2, usage_pb2_grpc
 from quotagate.web.quota import add_quota_routes
 from quotagate.workers import WorkerRole
@@ -86,6 +89,8 @@ async def start(
     settings: Settings, clock: Clock | None = None, migrate: bool = True, role: WorkerRole | None = None
 ) -> Running:
     role = role or WorkerRole()
+    # Before anything opens: certificate files that do not load stop the start with nothing to clean up.
+    decision_ssl = decision_ssl_context(settings.decision_tls)
     metrics = Metrics()
     metrics.worker_info.labels(str(role.index), str(os.getpid())).set(1)
     service_box: list[QuotaService] = []
@@ -111,7 +116,14 @@ async def start(
     await service.refresh_plans()
     await service.refresh_client_keys()
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # The decision port's stream limit here too: a peer's streams past it are refused, not queued.
+            ("grpc.max_concurrent_streams", settings.decision_limits.max_concurrent_streams),
+        ]
+    )
     # Requests that do not parse (invalid UTF-8, truncated) get INVALID_ARGUMENT, not grpcio's UNKNOWN.
     authorization = AuthorizationService(service)
     add_guarded(server, external_auth_pb2_grpc.add_AuthorizationServicer_to_server, authorization)
@@ -156,8 +168,9 @@ async def start(
     decisions, decision_port = None, 0
     if settings.decision_listen:
         decisions, decision_port = await _start_decision_server(
-            settings.decision_listen, authorization, rate_limit_service, ext_proc, health_servicer
-        )
+            settings.decision_listen, authorization, rate_limit_service, ext_proc, health_servicer,
+            limits=settings.decision_limits, observer=DecisionMetrics(metrics), ssl=decision_ssl,
+        )  # fmt: skip
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -222,23 +235,56 @@ async def start(
     )
 
 
+class DecisionMetrics:
+    """The unary server's limits.Observer, counted in Metrics (the unary package knows nothing of prometheus)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def limit_hit(self, limit: str) -> None:
+        self._metrics.decision_limit_hits.labels(limit).inc()
+
+    def closed_for_cause(self, cause: str) -> None:
+        self._metrics.decision_connections_closed.labels(cause).inc()
+
+    def connections(self, open_connections: int) -> None:
+        self._metrics.decision_connections.set(open_connections)
+
+
+def decision_ssl_context(tls: DecisionTls | None) -> SSLContext | None:
+    """The decision port's SSLContext from `decision.tls`; None for plaintext."""
+    if tls is None:
+        return None
+    try:
+        return server_context(tls)
+    except OSError as exc:  # ssl.SSLError included: a key not the certificate's, a file that is not PEM
+        raise OSError(f"cannot use decision.tls ({tls.cert}, {tls.key}, {tls.client_ca}): {exc}") from exc
+
+
 async def _start_decision_server(
     listen: str,
     authorization: AuthorizationService,
     rate_limits: RateLimitService,
     ext_proc: ExternalProcessorService,
     health_servicer: health.aio.HealthServicer,
+    limits: DecisionLimits | None = None,
+    observer: DecisionMetrics | None = None,
+    ssl: SSLContext | None = None,
 ) -> tuple[UnaryServer, int]:
     """Check, ShouldRateLimit, ext_proc's streams and health's Check on the unary server: what Envoy asks on
     every request."""
-    decisions = UnaryServer(max_message_bytes=MAX_MESSAGE_BYTES)
+    decisions = UnaryServer(limits=limits or DecisionLimits(), observer=observer)
     decisions.add_servicer(external_auth_pb2_grpc.add_AuthorizationServicer_to_server, authorization)
     decisions.add_servicer(rls_pb2_grpc.add_RateLimitServiceServicer_to_server, rate_limits)
     decisions.add_servicer(external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server, ext_proc)
     decisions.add_servicer(health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
     host, port = split_listen(listen)
     try:
-        return decisions, await decisions.start(host, port)
+        port_taken = await decisions.start(host, port, ssl=ssl)
+        if ssl is not None:
+            log.info("quotagate serving Envoy's calls on %s (port %d) over %s", listen, port_taken,
+                     "mutual TLS" if ssl.verify_mode == CERT_REQUIRED else "TLS")  # fmt: skip
+        return decisions, port_taken
     except OSError as exc:
         raise OSError(f"cannot listen for Envoy's calls (decision_listen) on {listen}: {exc}") from exc
 

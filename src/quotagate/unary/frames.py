@@ -88,9 +88,10 @@ class Status(IntEnum):
 class ProtocolViolation(Exception):
     """The peer broke the protocol: the connection ends with GOAWAY and this code."""
 
-    def __init__(self, code: ErrorCode, reason: str) -> None:
+    def __init__(self, code: ErrorCode, reason: str, cause: str = "") -> None:
         super().__init__(reason)
-        self.code = code
+        # `cause` names a flood or limit (metrics' `cause` label); a plain protocol error goes by its code.
+        self.code, self.cause = code, cause or code.name.lower()
 
 
 def frame(kind: FrameType, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
