@@ -278,6 +278,32 @@ async def send_for(peer: Peer, batches: Callable[[], bytes], seconds: float, sto
     return sent
 
 
+class CheckFlood:
+    """Checks one after another on one connection: the first header block indexes the headers, the others refer
+    to them, so a batch of 250 costs the attacker a few bytes each. With `reset`, each is cancelled at once."""
+
+    def __init__(self, peer: Peer, *, reset: bool) -> None:
+        self._peer, self._reset = peer, reset
+        self._fields = grpc_headers(CHECK_PATH)
+        self._body = check_message()
+        self._again = b""  # the header block of every Check after the first
+        self.stream = 1
+
+    async def start(self) -> None:
+        first = headers(1, self._peer.block(self._fields)) + data(1, self._body, end_stream=True)
+        assert await self._peer.send(first)
+        self._again = self._peer.block(self._fields)
+
+    def batch(self) -> bytes:
+        out = []
+        for _ in range(250):
+            self.stream += 2
+            out.append(headers(self.stream, self._again) + data(self.stream, self._body, end_stream=True))
+            if self._reset:
+                out.append(rst_stream(self.stream, ErrorCode.CANCEL))
+        return b"".join(out)
+
+
 def goaway_seen(peer: Peer) -> Callable[[], bool]:
     return lambda: peer.seen.goaway is not None or peer.seen.closed
 
@@ -473,26 +499,15 @@ async def test_rapid_reset(server: Server, target: str, uid: str) -> None:
     before = await metrics_before(server, target)
     async with attacked(server, target, uid) as attack:
         peer = await attack.connect()
-        fields = grpc_headers(CHECK_PATH)
-        body = check_message()
-        stream = 1
-        assert await peer.send(headers(stream, peer.block(fields)) + data(stream, body, end_stream=True))
-        again = peer.block(fields)
-
-        def batch() -> bytes:
-            nonlocal stream
-            out = []
-            for _ in range(250):
-                stream += 2
-                out.append(headers(stream, again) + data(stream, body, end_stream=True))
-                out.append(rst_stream(stream, ErrorCode.CANCEL))
-            return b"".join(out)
-
+        flood = CheckFlood(peer, reset=True)
+        await flood.start()
         started = time.monotonic()
         reading = asyncio.create_task(peer.read(timeout=3.0, until=lambda seen: seen.goaway is not None))
-        await send_for(peer, batch, 2.5, goaway_seen(peer))
+        await send_for(peer, flood.batch, 2.5, goaway_seen(peer))
         await reading
-        attack.notes.append(f"{stream // 2} streams in {time.monotonic() - started:.2f}s, {peer.seen.goaway_name()}")
+        attack.notes.append(
+            f"{flood.stream // 2} streams in {time.monotonic() - started:.2f}s, {peer.seen.goaway_name()}"
+        )
     if target == "decision":
         assert peer.seen.goaway == CALM, attack.notes
         await counters_moved(server, before, ("connections_closed", "rapid_reset"))
@@ -561,23 +576,11 @@ async def test_zero_window_peer_with_many_checks(server: Server, target: str, ui
     before = await metrics_before(server, target)
     async with attacked(server, target, uid) as attack:
         peer = await attack.connect(settings={Setting.INITIAL_WINDOW_SIZE: 0}, rcvbuf=4096)
-        fields = grpc_headers(CHECK_PATH)
-        body = check_message()
-        stream = 1
-        assert await peer.send(headers(stream, peer.block(fields)) + data(stream, body, end_stream=True))
-        again = peer.block(fields)
-
-        def batch() -> bytes:
-            nonlocal stream
-            out = []
-            for _ in range(250):
-                stream += 2
-                out.append(headers(stream, again) + data(stream, body, end_stream=True))
-            return b"".join(out)
-
-        await send_for(peer, batch, 3.0, lambda: stream >= 2 * 5000 - 1)
+        flood = CheckFlood(peer, reset=False)
+        await flood.start()
+        await send_for(peer, flood.batch, 3.0, lambda: flood.stream >= 2 * 5000 - 1)
         await asyncio.sleep(0.5)  # the Checks run; their answers wait on the window
-        attack.notes.append(f"{(stream + 1) // 2} Checks sent, stalled={peer.send_stalled}")
+        attack.notes.append(f"{(flood.stream + 1) // 2} Checks sent, stalled={peer.send_stalled}")
     if target == "decision":
         await counters_moved(
             server, before, ("limit_hits", "max_buffered_out_bytes"), ("limit_hits", "max_concurrent_streams")
