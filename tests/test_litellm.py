@@ -23,9 +23,8 @@ import asyncpg
 import httpx
 import openai
 import pytest
-import redis.asyncio as aioredis
 import yaml
-from harness import CLIENT_KEY, USAGE_AUTH, Stack, make_settings
+from harness import CLIENT_KEY, USAGE_AUTH, Stack, forget_prefix, make_settings
 
 from quotagate.procs import ManagedProcess, free_port, start_litellm, wait_litellm_ready
 from quotagate.up import LITELLM_MISSING
@@ -117,13 +116,7 @@ async def litellm(
             yield LiteLLM(stack, port, master_key, process, database_url, both)
     finally:
         process.stop()
-        client = aioredis.Redis.from_url(redis_url)
-        try:
-            keys = [k async for k in client.scan_iter(match=prefix + "*", count=1000)]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
+        await forget_prefix(redis_url, prefix)
 
 
 async def test_non_streaming_completion_is_charged_litellms_usage_through_the_callback(
