@@ -51,16 +51,23 @@ def make_settings(database_url: str, redis_url: str, prefix: str, **overrides: A
         # tests share one database: a test with plans of its own gives them their own ids, the first the default.
         data["default_plan"] = overrides["plans"][0]["id"]
     env = {
+        **deploy_env(database_url, redis_url),
+        "QUOTAGATE_ENVOY_TOKEN": ENVOY_TOKEN,
+        "QUOTAGATE_USAGE_TOKEN": USAGE_TOKEN,
+    }
+    return parse_settings(data, "<test>", env)
+
+
+def deploy_env(database_url: str, redis_url: str) -> dict[str, str]:
+    """The deploy-time environment of a test's quotagate: its stores, free ports and the admin token."""
+    return {
         "QUOTAGATE_DATABASE_URL": database_url,
         "QUOTAGATE_REDIS_URL": redis_url,
         "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
         "QUOTAGATE_DECISION_LISTEN": f"127.0.0.1:{free_port()}",
         "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
         "QUOTAGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "QUOTAGATE_ENVOY_TOKEN": ENVOY_TOKEN,
-        "QUOTAGATE_USAGE_TOKEN": USAGE_TOKEN,
     }
-    return parse_settings(data, "<test>", env)
 
 
 @dataclass

@@ -51,6 +51,16 @@ class StripeStandIn:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def settings(self, **extra: Any) -> dict[str, Any]:
+        """quotagate's `stripe` config section for this stand-in (test keys), with `extra` keys added."""
+        return {
+            "enabled": True,
+            "secret_key": SECRET_KEY,
+            "webhook_secret": WEBHOOK_SECRET,
+            "api_base": self.base_url,
+            **extra,
+        }
+
     async def start(self) -> StripeStandIn:
         app = web.Application()
         app.router.add_post("/v1/checkout/sessions", self._create)

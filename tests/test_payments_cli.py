@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from harness import CLIENT_KEY, make_settings
-from stripe_standin import SECRET_KEY, WEBHOOK_SECRET, StripeStandIn
+from stripe_standin import StripeStandIn
 from test_admin_cli import admin
 
 from quotagate.config import AdminToken, sha256_hex
@@ -25,12 +25,7 @@ async def server(database_url: str, redis_url: str, redis_prefix: str) -> AsyncI
         database_url,
         redis_url,
         redis_prefix,
-        stripe={
-            "enabled": True,
-            "secret_key": SECRET_KEY,
-            "webhook_secret": WEBHOOK_SECRET,
-            "api_base": standin.base_url,
-        },
+        stripe=standin.settings(),
         packages=[{"id": "tokens_500k", "tokens": 500_000, "price": 12000}],
         admin_tokens=[{"name": "viewer", "token_sha256": sha256_hex(VIEWER_TOKEN), "role": "viewer"}],
     )

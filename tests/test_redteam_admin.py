@@ -12,13 +12,12 @@ from typing import Any
 
 import grpc
 import httpx
-from harness import ADMIN_TOKEN, make_settings
+from harness import ADMIN_TOKEN, deploy_env, make_settings
 
 from quotagate.config import DEFAULT_LINK_SECRET, load_settings, sha256_hex
 from quotagate.core.clock import FixedClock
 from quotagate.core.model import Plan
 from quotagate.links import BALANCE_PATH, LinkSigner
-from quotagate.procs import free_port
 from quotagate.server import Running, start
 from quotagate.up import demo_config_path, with_own_link_secret
 from quotagate.v1 import admin_pb2, admin_pb2_grpc
@@ -132,15 +131,7 @@ async def test_a_balance_link_forged_with_the_public_default_secret_is_refused_b
     # Settings as `quotagate up` makes them: the demo config, deploy-time values from the environment.
     state = tmp_path / "state"
     state.mkdir()
-    env = {
-        "QUOTAGATE_DATABASE_URL": database_url,
-        "QUOTAGATE_REDIS_URL": redis_url,
-        "QUOTAGATE_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
-        "QUOTAGATE_DECISION_LISTEN": f"127.0.0.1:{free_port()}",
-        "QUOTAGATE_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
-        "QUOTAGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-    }
-    loaded = load_settings(demo_config_path(state), env)
+    loaded = load_settings(demo_config_path(state), deploy_env(database_url, redis_url))
     assert loaded.link_secret == DEFAULT_LINK_SECRET  # what `up` used to run with
     # (The tests share one database, which keeps the first definition of a plan id: the harness's plan, not the
     # demo's, so this test seeds nothing another test could trip on.)

@@ -18,7 +18,7 @@ import grpc
 import httpx
 import pytest
 from harness import ADMIN_TOKEN, CLIENT_KEY, make_settings
-from stripe_standin import SECRET_KEY, WEBHOOK_SECRET, StripeStandIn, event, sign
+from stripe_standin import StripeStandIn, event, sign
 
 from quotagate.server import Running, start
 from quotagate.v1 import admin_pb2, admin_pb2_grpc
@@ -35,12 +35,7 @@ async def server(database_url: str, redis_url: str, redis_prefix: str) -> AsyncI
         database_url,
         redis_url,
         redis_prefix,
-        stripe={
-            "enabled": True,
-            "secret_key": SECRET_KEY,
-            "webhook_secret": WEBHOOK_SECRET,
-            "api_base": standin.base_url,
-        },
+        stripe=standin.settings(),
         packages=[PACKAGE, {"id": "tokens_1m", "tokens": 1_000_000, "price": 23000, "currency": "BRL"}],
     )
     running = await start(settings)

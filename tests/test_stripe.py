@@ -16,7 +16,7 @@ import grpc
 import httpx
 import pytest
 from harness import ADMIN_TOKEN, CLIENT_KEY, Stack, make_settings
-from stripe_standin import SECRET_KEY, WEBHOOK_SECRET, StripeStandIn, event, sign
+from stripe_standin import SECRET_KEY, StripeStandIn, event, sign
 
 from quotagate.v1 import admin_pb2
 
@@ -43,14 +43,9 @@ def stripe_settings(database_url: str, redis_url: str, prefix: str, standin: Str
         prefix,
         link_secret="test-link-secret",
         public_url="https://chat.example.com",
-        stripe={
-            "enabled": True,
-            "secret_key": SECRET_KEY,
-            "webhook_secret": WEBHOOK_SECRET,
-            "api_base": standin.base_url,
-            "success_url": "https://chat.example.com/paid",
-            "cancel_url": "https://chat.example.com/cancelled",
-        },
+        stripe=standin.settings(
+            success_url="https://chat.example.com/paid", cancel_url="https://chat.example.com/cancelled"
+        ),
         packages=PACKAGES,
         **extra,
     )

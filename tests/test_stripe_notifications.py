@@ -11,7 +11,7 @@ import grpc
 import httpx
 import pytest
 from harness import ADMIN_TOKEN, make_settings
-from stripe_standin import SECRET_KEY, WEBHOOK_SECRET, StripeStandIn, event, sign
+from stripe_standin import StripeStandIn, event, sign
 from test_notifications import Inbox, Mail, smtp_notifications
 
 from quotagate.core.messages import Language
@@ -41,12 +41,7 @@ async def running(
         redis_prefix,
         language="pt-BR",
         notifications=smtp_notifications(mail),
-        stripe={
-            "enabled": True,
-            "secret_key": SECRET_KEY,
-            "webhook_secret": WEBHOOK_SECRET,
-            "api_base": standin.base_url,
-        },
+        stripe=standin.settings(),
         packages=[{"id": "tokens_200k", "tokens": 200_000, "price": 5000}],
     )
     started = await start(settings)

@@ -278,14 +278,20 @@ async def _read_other_api(request: web.Request, *, needs_model: bool = True) -> 
     return body, str(model or "")
 
 
+async def _read_generation(request: web.Request) -> tuple[dict[str, Any], str, int, int, int]:
+    """What a request that generates text asks for: body, model, prompt and completion tokens, chunk delay (ms)."""
+    body, model = await _read_other_api(request)
+    prompt_tokens, completion_tokens = _body_prompt_tokens(body), _completion_tokens(request, body)
+    delay_ms = _int_header(request, "x-demo-chunk-delay-ms", minimum=0) or 0
+    return body, model, prompt_tokens, completion_tokens, delay_ms
+
+
 async def _completions(request: web.Request) -> web.StreamResponse:
     """OpenAI's legacy completions: `prompt` in, `choices[].text` out."""
     try:
-        body, model = await _read_other_api(request)
-        prompt_tokens, completion_tokens = _body_prompt_tokens(body), _completion_tokens(request, body)
+        body, model, prompt_tokens, completion_tokens, delay_ms = await _read_generation(request)
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        delay_ms = _int_header(request, "x-demo-chunk-delay-ms", minimum=0) or 0
     except _RequestError as exc:
         return _error_response(exc.status, exc.message)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model}
@@ -322,9 +328,7 @@ async def _embeddings(request: web.Request) -> web.Response:
 async def _responses(request: web.Request) -> web.StreamResponse:
     """OpenAI's Responses API: usage as input_tokens / output_tokens, streamed in `response.completed`."""
     try:
-        body, model = await _read_other_api(request)
-        prompt_tokens, completion_tokens = _body_prompt_tokens(body), _completion_tokens(request, body)
-        delay_ms = _int_header(request, "x-demo-chunk-delay-ms", minimum=0) or 0
+        body, model, prompt_tokens, completion_tokens, delay_ms = await _read_generation(request)
     except _RequestError as exc:
         return _error_response(exc.status, exc.message)
     words = _words(completion_tokens)
@@ -363,9 +367,7 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     """Anthropic's Messages API: usage as input_tokens / output_tokens; streamed, the input in `message_start`
     and the output so far in `message_delta`."""
     try:
-        body, model = await _read_other_api(request)
-        prompt_tokens, completion_tokens = _body_prompt_tokens(body), _completion_tokens(request, body)
-        delay_ms = _int_header(request, "x-demo-chunk-delay-ms", minimum=0) or 0
+        body, model, prompt_tokens, completion_tokens, delay_ms = await _read_generation(request)
     except _RequestError as exc:
         return _error_response(exc.status, exc.message)
     words = _words(completion_tokens)
